@@ -1,0 +1,3 @@
+from plugtune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""The ``plugtune`` command line.
+
+    plugtune train RECIPE [--set key=value ...] [--resume]
+    plugtune prepare RECIPE [--set ...]           data statistics without training
+    plugtune generate RUN_DIR --prompt TEXT [--max-new-tokens N]
+    plugtune eval RUN_DIR [--data FILE --type T]  loss + generation metrics
+    plugtune plugins [--json]
+    plugtune recipes
+
+``RECIPE`` is a path or the name of a bundled recipe (``plugtune recipes``). Known errors
+(bad recipe, bad data, missing plugin, non-finite loss) print one clear message and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from plugtune.config import RecipeError
+    from plugtune.data.loading import DataError
+    from plugtune.data.templates import TemplateError
+    from plugtune.data.tokenize import TemplateRenderError
+    from plugtune.modeling import ModelLoadError
+    from plugtune.plugins import PluginError
+    from plugtune.runs import RunDirError
+    from plugtune.train import TrainingError
+
+    return (RecipeError, DataError, TemplateError, TemplateRenderError, ModelLoadError,
+            PluginError, RunDirError, TrainingError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="plugtune", description="Plugin-based instruction tuning for LLMs")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune from a recipe")
+    t.add_argument("recipe", help="recipe file or bundled recipe name")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (dotted paths: datasets.0.path=...)")
+    t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+
+    pr = sub.add_parser("prepare", help="run the data pipeline and print its statistics")
+    pr.add_argument("recipe")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pr.add_argument("--show", type=int, default=1, help="print N rendered samples with labels")
+
+    g = sub.add_parser("generate", help="generate with a trained run")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--image", action="append", default=None, help="image path (vision families)")
+
+    e = sub.add_parser("eval", help="evaluate a trained run on its eval set or --data")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="dataset file (default: the recipe's test_datasets)")
+    e.add_argument("--type", default=None, help="dataset type of --data (default: the recipe's)")
+    e.add_argument("--max-samples", type=int, default=None)
+
+    pl = sub.add_parser("plugins", help="list installed plugins")
+    pl.add_argument("--json", action="store_true")
+
+    sub.add_parser("recipes", help="list bundled example recipes")
+    return p
+
+
+def cmd_train(args, console: Console) -> int:
+    from plugtune.config import load_recipe
+    from plugtune.train import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = train(recipe, resume=args.resume, console=console)
+    m = result.metrics
+    if m.get("before") or m.get("after"):
+        tab = Table(title="held-out metrics")
+        tab.add_column("metric")
+        tab.add_column("before")
+        tab.add_column("after")
+        keys = [k for k in (m.get("after") or {}) if k not in ("samples", "n")]
+        for k in keys:
+            tab.add_row(k, str((m.get("before") or {}).get(k, "-")), str(m["after"].get(k)))
+        console.print(tab)
+    console.print(f"train_loss={m.get('train_loss'):.4f} steps={m.get('global_step')} "
+                  f"eval_loss={m.get('eval_loss')} -> {result.output_dir}")
+    return 0
+
+
+def cmd_prepare(args, console: Console) -> int:
+    from plugtune.config import load_recipe
+    from plugtune.data import prepare
+    from plugtune.plugins import get_plugin_manager
+    from plugtune.train import build_spec
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    pm = get_plugin_manager()
+    spec = build_spec(recipe, pm)
+    from plugtune.modeling import load_tokenizer
+
+    tok = load_tokenizer(spec)
+    data = prepare(spec.recipe, tok, spec.task)
+    stats = {k: v for k, v in data.stats.items() if k != "per_dataset"}
+    tab = Table(title=f"plugtune prepare: {args.recipe}")
+    tab.add_column("statistic")
+    tab.add_column("train")
+    tab.add_column("eval")
+    ev = stats.pop("eval", {})
+    for k, v in stats.items():
+        tab.add_row(k, str(v), str(ev.get(k, "")))
+    console.print(tab)
+    for i in range(min(args.show, len(data.train))):
+        row = data.train[i]
+        console.rule(f"row {i}")
+        console.print(tok.decode(row["input_ids"]), markup=False)
+        trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+        console.rule("trained labels")
+        console.print(tok.decode(trained), markup=False)
+    return 0
+
+
+def cmd_generate(args, console: Console) -> int:
+    from plugtune.runs import load_run
+
+    spec, loaded, pm = load_run(args.run_dir)
+    n = args.max_new_tokens or spec.recipe.generation.max_new_tokens
+    outs = pm.hook.plugtune_generate(spec=spec, model=loaded.model, tokenizer=loaded.tokenizer,
+                                     prompts=args.prompt, max_new_tokens=n, images=args.image)
+    for prompt, out in zip(args.prompt, outs):
+        if len(args.prompt) > 1:
+            console.rule(prompt[:60])
+        print(out)
+    return 0
+
+
+def cmd_eval(args, console: Console) -> int:
+    from plugtune.config import DatasetConfig
+    from plugtune.data import prepare
+    from plugtune.evaluate import evaluate_generation
+    from plugtune.runs import load_run
+
+    spec, loaded, pm = load_run(args.run_dir)
+    recipe = spec.recipe
+    if args.data:
+        dtype = args.type or recipe.datasets[0].type
+        test = [DatasetConfig(path=args.data, type=dtype, columns=recipe.datasets[0].columns)]
+    elif recipe.test_datasets:
+        test = recipe.test_datasets
+    else:
+        console.print("error: no --data and the recipe has no test_datasets")
+        return 2
+    rec = recipe.model_copy(update={"datasets": test, "test_datasets": test, "sample_packing": False,
+                                    "eval_max_samples": args.max_samples or recipe.eval_max_samples})
+    data = prepare(rec, loaded.tokenizer, spec.task)
+    import math
+
+    import torch
+
+    collate = pm.hook.plugtune_collate(spec=spec, tokenizer=loaded.tokenizer)
+    tot, n = 0.0, 0
+    rows = data.eval if data.eval is not None else data.train
+    limit = min(len(rows), args.max_samples or len(rows))
+    with torch.no_grad():
+        for k in range(0, limit, 8):
+            batch = collate([rows[i] for i in range(k, min(k + 8, limit))])
+            ntok = int((batch["labels"] != -100).sum())
+            loss = pm.hook.plugtune_train_step(spec=spec, model=loaded.model, batch=batch,
+                                               num_items_in_batch=None)
+            tot += float(loss) * ntok
+            n += ntok
+    res = {"eval_loss": round(tot / max(n, 1), 4), "perplexity": round(math.exp(min(tot / max(n, 1), 50)), 3)}
+    metrics = [m for m in recipe.eval_metrics if m in ("exact_match", "rouge")] or ["exact_match"]
+    res.update(evaluate_generation(pm, spec, loaded.model, loaded.tokenizer, data.eval_examples,
+                                   metrics, recipe.generation.max_new_tokens))
+    console.print_json(json.dumps(res, default=str))
+    return 0
+
+
+def cmd_plugins(args, console: Console) -> int:
+    from plugtune.plugins import describe_plugins, get_plugin_manager
+
+    info = describe_plugins(get_plugin_manager())
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    tab = Table(title="plugtune plugins")
+    for col in ("name", "version", "families (model types)", "hooks"):
+        tab.add_column(col)
+    for p in info:
+        fams = "; ".join(f"{f['name']} ({', '.join(f['model_types'])})" for f in p["families"])
+        tab.add_row(p["name"], str(p["version"]), fams, ", ".join(h.replace("plugtune_", "") for h in p["hooks"]))
+    console.print(tab)
+    return 0
+
+
+def cmd_recipes(args, console: Console) -> int:
+    import yaml
+
+    from plugtune.config import list_bundled_recipes
+
+    tab = Table(title="bundled recipes (plugtune train NAME)")
+    tab.add_column("name")
+    tab.add_column("base_model")
+    tab.add_column("adapter")
+    tab.add_column("datasets")
+    for name, path in list_bundled_recipes().items():
+        d = yaml.safe_load(path.read_text()) or {}
+        ds = ", ".join(f"{x.get('type')}:{x.get('path')}" for x in d.get("datasets", []))
+        tab.add_row(name, str(d.get("base_model")), str(d.get("adapter", "lora")), ds)
+    console.print(tab)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
+            "plugins": cmd_plugins, "recipes": cmd_recipes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console = Console(stderr=False)
+    try:
+        return COMMANDS[args.command](args, console)
+    except _known_errors() as exc:
+        Console(stderr=True).print(f"error: {exc}", style="bold red", markup=False, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; the last complete checkpoint is intact")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The recipe: one YAML file that describes a run, validated with pydantic.
+
+Key names follow axolotl (``base_model``, ``adapter``, ``lora_r``, ``sequence_len``,
+``sample_packing``, ``micro_batch_size``, ``num_epochs`` ...) so recipes read like what users
+already know. Unknown keys and wrong types raise :class:`RecipeError`, naming the key path and
+the closest valid name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATASET_TYPES = (
+    "alpaca",
+    "dolly",
+    "sharegpt",
+    "messages",
+    "completion",
+    "seq2seq",
+    "text",
+    "preference",
+)
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid: the message names the file, the key path and what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DatasetConfig(_Strict):
+    """One dataset of the recipe's ``datasets`` (or ``test_datasets``) list."""
+
+    path: str = Field(description="local file (jsonl/json/csv/parquet), local folder or hub id")
+    type: Literal[DATASET_TYPES] = Field(description="record format")  # type: ignore[valid-type]
+    split: str = "train"
+    name: str | None = Field(None, description="hub dataset config name")
+    data_files: str | list[str] | None = None
+    field: str | None = Field(None, description="JSON key holding the records, if nested")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="map canonical field -> column name, e.g. {instruction: question}",
+    )
+    system_prompt: str | None = None
+    max_samples: int | None = Field(None, ge=1)
+    on_bad_row: Literal["error", "skip"] = "error"
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class Recipe(_Strict):
+    """A validated plugtune recipe. See ``examples/recipes`` and ``plugtune recipes``."""
+
+    # model
+    base_model: str
+    tokenizer: str | None = Field(None, description="tokenizer path if not base_model's")
+    model_type: str | None = Field(None, description="override config.model_type routing")
+    trust_remote_code: bool = False
+    revision: str | None = None
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    flash_attention: bool = False
+    attn_implementation: str | None = None
+    # adapter
+    adapter: Literal["none", "lora", "qlora"] = "lora"
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: str | list[str] = "auto"
+    lora_modules_to_save: list[str] | None = None
+    # data
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    test_datasets: list[DatasetConfig] = Field(default_factory=list)
+    val_set_size: float = Field(0.0, ge=0)
+    chat_template: str | None = None
+    train_on_inputs: bool = False
+    sequence_len: int = Field(512, ge=8)
+    truncation: Literal["prompt_then_drop", "drop"] = "prompt_then_drop"
+    sample_packing: bool = False
+    eval_sample_packing: bool | None = None
+    group_by_length: bool = True
+    dataset_num_proc: int | None = Field(None, ge=1)
+    dataset_seed: int = 42
+    # optimisation
+    micro_batch_size: int = Field(4, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: str = "adamw_torch"
+    max_grad_norm: float = Field(1.0, ge=0)
+    num_epochs: float = Field(1, gt=0)
+    max_steps: int = -1
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    # alignment
+    rl: Literal["dpo"] | None = None
+    dpo_beta: float = Field(0.1, gt=0)
+    dpo_loss_type: str = "sigmoid"
+    # scale
+    deepspeed: str | None = None
+    # bookkeeping
+    output_dir: str = "./out"
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    report_to: str | list[str] = "none"
+    # evaluation
+    eval_metrics: list[Literal["loss", "exact_match", "rouge", "perplexity"]] = Field(
+        default_factory=lambda: ["loss"]
+    )
+    eval_before_training: bool = False
+    eval_max_samples: int | None = Field(64, ge=1)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list wraps nothing: use auto, all-linear or module names")
+        return v
+
+    @model_validator(mode="after")
+    def _consistency(self) -> Recipe:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are exclusive")
+        if self.adapter == "qlora" and self.load_in_8bit:
+            raise ValueError("adapter: qlora loads the base in 4-bit; drop load_in_8bit")
+        if self.adapter == "none" and (self.load_in_4bit or self.load_in_8bit):
+            raise ValueError(
+                "a quantized base cannot be fully fine-tuned: set adapter: lora or qlora"
+            )
+        return self
+
+    @property
+    def quantization(self) -> str | None:
+        """``"4bit"`` (qlora or load_in_4bit), ``"8bit"`` or ``None``."""
+        if self.adapter == "qlora" or self.load_in_4bit:
+            return "4bit"
+        if self.load_in_8bit:
+            return "8bit"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, overrides and error messages
+
+
+def _all_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel]:
+    """The pydantic model that owns the last key of ``path`` (for 'did you mean')."""
+    model: type[BaseModel] = Recipe
+    for part in path[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        ann = field.annotation
+        for cand in (DatasetConfig, GenerationConfig):
+            if ann is cand or cand in getattr(ann, "__args__", ()) or (
+                getattr(ann, "__origin__", None) is list and cand in ann.__args__
+            ):
+                model = cand
+    return model
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Render a pydantic ``ValidationError`` as one line per problem: ``source: key.path: why``."""
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        loc = e["loc"]
+        path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        if e["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            valid = _all_keys(_model_at(loc))
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"  {path}: unknown key{hint}")
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            lines.append(f"  {path or '<root>'}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse a ``--set`` value with YAML rules (``true``, ``3``, ``2e-4``, ``[q, v]``)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads 2e-4 as a string; accept it as a float.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key=value`` overrides with dotted paths (``datasets.0.path=x``) to a raw recipe.
+
+    Raises:
+        RecipeError: an override without ``=`` or a path through a non-container.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set max_steps=10")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(node, list):
+                try:
+                    node = node[int(part)]
+                except (ValueError, IndexError) as exc:
+                    raise RecipeError(f"--set {key}: no list item {part!r}") from exc
+                continue
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
+            node = node.setdefault(part, [] if nxt.isdigit() else {})
+        last = parts[-1]
+        value = _parse_scalar(raw)
+        if isinstance(node, list):
+            try:
+                node[int(last)] = value
+            except (ValueError, IndexError) as exc:
+                raise RecipeError(f"--set {key}: no list item {last!r}") from exc
+        else:
+            node[last] = value
+    return data
+
+
+def bundled_recipes_dir() -> Path:
+    return Path(__file__).parent / "recipes"
+
+
+def list_bundled_recipes() -> dict[str, Path]:
+    """Bundled example recipes: name (file stem) -> path."""
+    return {p.stem: p for p in sorted(bundled_recipes_dir().glob("*.yaml"))}
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A recipe path, or the name of a bundled recipe (``plugtune recipes`` lists them)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    bundled = list_bundled_recipes()
+    if name_or_path in bundled:
+        return bundled[name_or_path]
+    close = difflib.get_close_matches(name_or_path, list(bundled), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise RecipeError(
+        f"recipe {name_or_path!r} is neither a file nor a bundled recipe "
+        f"(bundled: {', '.join(bundled)}).{hint}"
+    )
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe.
+
+    Relative dataset and model paths in a recipe file are resolved against the current
+    directory first, then against the recipe file's folder.
+
+    Raises:
+        RecipeError: unreadable YAML, unknown keys, wrong types (message names the key path).
+    """
+    path = resolve_recipe_path(str(name_or_path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    return validate_recipe(data, source=str(path))
+
+
+def validate_recipe(data: dict, source: str = "<recipe>") -> Recipe:
+    """Validate a raw mapping. Raises :class:`RecipeError` with key paths and hints."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (saved into the run directory)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,181 @@
+"""Load the recipe's datasets with ``datasets`` and turn them into canonical examples.
+
+Files (jsonl, json, csv, parquet, txt), local folders and hub ids all go through
+``datasets.load_dataset``. When a file cannot be parsed, :func:`diagnose_file` re-reads it only
+to name the first bad line (non-UTF-8 bytes, malformed JSON) so the user gets
+``file:line: why`` instead of an Arrow traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import datasets
+
+from plugtune.config import DatasetConfig
+from plugtune.data.formats import ADAPTERS, BadRecord
+
+log = logging.getLogger(__name__)
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+             ".txt": "text", ".arrow": "arrow"}
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the line or record, and the field."""
+
+
+def diagnose_file(path: Path) -> str | None:
+    """Find the first line of ``path`` that is not UTF-8 or not valid JSON; ``None`` if fine.
+
+    Only called after ``datasets`` failed, to turn its error into ``file:line: why``.
+    """
+    raw = path.read_bytes()
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl", ".csv", ".txt"):
+        for i, line in enumerate(raw.split(b"\n"), start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"{path}:{i}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})"
+    if suffix == ".jsonl" or (suffix == ".json" and not raw.lstrip().startswith(b"[")
+                              and not raw.lstrip().startswith(b"{\n") and b"\n{" in raw):
+        for i, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"{path}:{i}: malformed JSON line ({exc.msg} at column {exc.colno})"
+            if not isinstance(value, dict):
+                return f"{path}:{i}: expected a JSON object per line, got {type(value).__name__}"
+    elif suffix == ".json":
+        try:
+            json.loads(raw.decode("utf-8"))
+        except json.JSONDecodeError as exc:
+            return f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
+    return None
+
+
+def _line_hint(path: Path | None, row: int) -> str:
+    if path is None:
+        return f"row {row}"
+    if path.suffix.lower() == ".jsonl":
+        return f"{path}:{row + 1} (record {row})"
+    if path.suffix.lower() == ".csv":
+        return f"{path}:{row + 2} (row {row})"
+    return f"{path} record {row}"
+
+
+def load_raw(cfg: DatasetConfig) -> tuple[datasets.Dataset, Path | None]:
+    """Load one recipe dataset as a ``datasets.Dataset`` (no format applied yet).
+
+    Returns:
+        ``(dataset, local_file)`` where ``local_file`` is the file path when the dataset is a
+        single local file (used for line numbers in errors), else ``None``.
+
+    Raises:
+        DataError: missing path, unreadable file (with the first bad line), unknown split.
+    """
+    from plugtune.demo import materialize
+
+    p = Path(os.path.expanduser(materialize(cfg.path)))
+    local_file: Path | None = None
+    try:
+        if p.is_file():
+            builder = _BUILDERS.get(p.suffix.lower())
+            if builder is None:
+                raise DataError(f"{p}: unsupported file type {p.suffix!r}; "
+                                f"expected one of {', '.join(_BUILDERS)}")
+            local_file = p
+            kwargs = {"field": cfg.field} if cfg.field and builder == "json" else {}
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kwargs)
+        elif p.is_dir():
+            if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
+                loaded = datasets.load_from_disk(str(p))
+                ds = loaded[cfg.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+            else:
+                ds = datasets.load_dataset(str(p), data_files=cfg.data_files, split=cfg.split)
+        elif cfg.path.startswith((".", "/", "~")) or p.suffix.lower() in _BUILDERS:
+            raise DataError(f"dataset path {cfg.path!r} does not exist")
+        else:
+            ds = datasets.load_dataset(cfg.path, cfg.name, data_files=cfg.data_files,
+                                       split=cfg.split)
+    except DataError:
+        raise
+    except Exception as exc:  # turn library errors into file:line messages
+        why = diagnose_file(p) if p.is_file() else None
+        if why:
+            raise DataError(why) from None
+        raise DataError(f"could not load dataset {cfg.path!r}: {type(exc).__name__}: {exc}") from exc
+    if cfg.max_samples is not None and len(ds) > cfg.max_samples:
+        ds = ds.select(range(cfg.max_samples))
+    return ds, local_file
+
+
+def to_canonical(cfg: DatasetConfig, num_proc: int | None = None) -> tuple[datasets.Dataset, int]:
+    """Load one dataset and apply its format adapter.
+
+    Returns:
+        ``(dataset_of_canonical_examples, skipped_rows)``.
+
+    Raises:
+        DataError: a bad record, naming file, line and field (unless ``on_bad_row: skip``).
+    """
+    ds, local_file = load_raw(cfg)
+    adapter = ADAPTERS[cfg.type]
+    cols, system = dict(cfg.columns), cfg.system_prompt
+
+    def convert(batch: dict, idx: list[int]) -> dict:
+        keys = list(batch)
+        out: dict[str, list] = {"example": [], "_error": []}
+        for j, row in enumerate(idx):
+            rec = {k: batch[k][j] for k in keys}
+            try:
+                out["example"].append(json.dumps(adapter(rec, cols, system)))
+                out["_error"].append("")
+            except BadRecord as exc:
+                out["example"].append("")
+                out["_error"].append(f"{_line_hint(local_file, row)}: {exc}")
+        return out
+
+    conv = ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names,
+                  num_proc=num_proc if num_proc and len(ds) > 1000 else None,
+                  desc=f"format {cfg.type}")
+    errors = [e for e in conv["_error"] if e]
+    if errors and cfg.on_bad_row == "error":
+        more = f" (and {len(errors) - 1} more bad rows; set on_bad_row: skip to skip them)" \
+            if len(errors) > 1 else " (set on_bad_row: skip to skip bad rows)"
+        raise DataError(f"{errors[0]}{more}")
+    if errors:
+        log.warning("%s: skipped %d bad rows, first: %s", cfg.path, len(errors), errors[0])
+        conv = conv.filter(lambda e: not e, input_columns="_error")
+    conv = conv.map(lambda b: json.loads(b["example"]), remove_columns=["example", "_error"])
+    return conv, len(errors)
+
+
+def load_datasets(cfgs: list[DatasetConfig], num_proc: int | None = None,
+                  seed: int = 42) -> tuple[datasets.Dataset, dict]:
+    """Load, convert and mix several datasets (multi-task); returns ``(dataset, stats)``.
+
+    Mixed datasets must share one kind (all chat, or all text ...). The mix is shuffled with
+    ``seed`` so one task does not fill whole optimizer steps.
+    """
+    parts, stats = [], {"skipped_bad_rows": 0, "per_dataset": {}}
+    for cfg in cfgs:
+        ds, skipped = to_canonical(cfg, num_proc=num_proc)
+        stats["skipped_bad_rows"] += skipped
+        stats["per_dataset"][cfg.path] = len(ds)
+        parts.append(ds)
+    if len(parts) == 1:
+        return parts[0], stats
+    try:
+        mixed = datasets.concatenate_datasets(parts)
+    except Exception as exc:
+        raise DataError(
+            "datasets in one recipe must share a kind (chat formats mix with each other; text, "
+            f"seq2seq and preference only with their own kind): {exc}") from exc
+    return mixed.shuffle(seed=seed), stats

@@ -1,0 +1,220 @@
+"""From recipe to training rows: load -> format -> render -> tokenize + mask -> length -> pack.
+
+Tokenization runs in ``datasets.map`` (batched, ``num_proc``), which caches its results between
+runs keyed on the data and the function fingerprint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+
+from plugtune.config import Recipe
+from plugtune.data.formats import kind_of
+from plugtune.data.loading import DataError, load_datasets
+from plugtune.data.packing import pack_rows
+from plugtune.data.templates import ensure_chat_template
+from plugtune.data.tokenize import (
+    TemplateInfo,
+    probe_template,
+    tokenize_chat,
+    tokenize_seq2seq,
+    tokenize_text,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """Tokenized (and maybe packed) train/eval rows plus what was done to get them.
+
+    Attributes:
+        train: rows with ``input_ids``, ``labels``, ``length`` (+ ``position_ids`` if packed).
+        eval: the same for evaluation, or ``None``.
+        eval_examples: canonical eval examples (``prompt`` messages / ``reference`` text) for
+            generation metrics (exact match, ROUGE).
+        kind: ``"chat"``, ``"text"``, ``"seq2seq"`` or ``"preference"``.
+        template: the probed chat template (``None`` for text-free kinds).
+        stats: counts: samples, kept, truncated, dropped, rows, real_tokens, pad_fraction ...
+        added_tokens: tokens the chat template added to the vocabulary.
+    """
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    eval_examples: list[dict]
+    kind: str
+    template: TemplateInfo | None
+    stats: dict[str, Any] = field(default_factory=dict)
+    added_tokens: list[str] = field(default_factory=list)
+    raw_train: datasets.Dataset | None = None
+    raw_eval: datasets.Dataset | None = None
+
+
+def _num_proc(recipe: Recipe, n: int) -> int | None:
+    if recipe.dataset_num_proc:
+        return recipe.dataset_num_proc if n > 1 else None
+    return min(4, os.cpu_count() or 1) if n >= 5000 else None
+
+
+def _seq2seq_view(ex: dict) -> tuple[str, str]:
+    if "source" in ex:
+        return ex["source"], ex["target"]
+    msgs = ex["messages"]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    source = "\n\n".join(m["content"] for m in msgs[:last] if m["role"] != "assistant")
+    return source, msgs[last]["content"]
+
+
+def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
+                     info: TemplateInfo | None) -> datasets.Dataset:
+    """Tokenize canonical examples with ``datasets.map``; returns rows with a ``status`` column."""
+    max_len, policy, toi = recipe.sequence_len, recipe.truncation, recipe.train_on_inputs
+
+    def fn(batch: dict) -> dict:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": []}
+        keys = list(batch)
+        for j in range(len(batch[keys[0]])):
+            ex = {k: batch[k][j] for k in keys if batch[k][j] is not None}
+            if task == "seq2seq":
+                rows = [tokenize_seq2seq(tokenizer, *_seq2seq_view(ex), max_len)]
+            elif "messages" in ex:
+                rows = [tokenize_chat(tokenizer, ex["messages"], info, max_len, toi, policy)]
+            elif "text" in ex:
+                rows = tokenize_text(tokenizer, ex["text"], max_len, info)
+            else:
+                raise DataError(f"cannot tokenize example with keys {sorted(ex)} for task {task}")
+            for r in rows:
+                for k in out:
+                    out[k].append(r[k])
+        return out
+
+    return ds.map(fn, batched=True, batch_size=256, remove_columns=ds.column_names,
+                  num_proc=_num_proc(recipe, len(ds)), desc="tokenize")
+
+
+def _pad_fraction(lengths: list[int], batch_size: int, grouped: bool, seed: int) -> float:
+    """Expected share of pad tokens when rows are batched and padded to the longest in batch.
+
+    ``grouped`` mimics transformers' ``LengthGroupedSampler`` (mega-batches of 50 batches
+    sorted by length); otherwise batches are random.
+    """
+    if not lengths:
+        return 0.0
+    idx = list(range(len(lengths)))
+    random.Random(seed).shuffle(idx)
+    if grouped:
+        mega = batch_size * 50
+        idx = [i for k in range(0, len(idx), mega)
+               for i in sorted(idx[k:k + mega], key=lambda i: -lengths[i])]
+    padded = 0
+    for k in range(0, len(idx), batch_size):
+        chunk = [lengths[i] for i in idx[k:k + batch_size]]
+        padded += max(chunk) * len(chunk)
+    return 1 - sum(lengths) / padded
+
+
+def finalize(tok: datasets.Dataset, recipe: Recipe, packing: bool) -> tuple[datasets.Dataset, dict]:
+    """Drop rows the length policy dropped, pack if asked, and compute the stats."""
+    status = tok["status"]
+    stats = {
+        "samples": sum(1 for s in status if s != "chunked"),
+        "kept": status.count("kept"),
+        "truncated": status.count("truncated"),
+        "dropped": status.count("dropped"),
+        "chunked_extra_rows": status.count("chunked"),
+    }
+    tok = tok.filter(lambda s: s != "dropped", input_columns="status").remove_columns("status")
+    if packing and len(tok):
+        rows = pack_rows(tok["input_ids"], tok["labels"], recipe.sequence_len)
+        tok = datasets.Dataset.from_dict(rows)
+    lengths = tok["length"] if len(tok) else []
+    real = sum(lengths)
+    stats.update(
+        rows=len(tok),
+        real_tokens=real,
+        trained_tokens=sum(sum(1 for x in lab if x != -100) for lab in tok["labels"]) if len(tok) else 0,
+        packed=packing,
+        pad_fraction=round(_pad_fraction(lengths, recipe.micro_batch_size,
+                                         recipe.group_by_length and not packing,
+                                         recipe.seed), 4),
+    )
+    return tok, stats
+
+
+def _eval_examples(ds: datasets.Dataset | None, limit: int | None) -> list[dict]:
+    if ds is None:
+        return []
+    out = []
+    for ex in ds.select(range(min(len(ds), limit or len(ds)))):
+        ex = {k: v for k, v in ex.items() if v is not None}
+        if "messages" in ex:
+            msgs = ex["messages"]
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            out.append({"prompt": msgs[:last], "reference": msgs[last]["content"]})
+        elif "source" in ex:
+            out.append({"prompt": [{"role": "user", "content": ex["source"]}],
+                        "source": ex["source"], "reference": ex["target"]})
+        elif "text" in ex:
+            out.append({"text": ex["text"]})
+    return out
+
+
+def prepare(recipe: Recipe, tokenizer, task: str = "causal") -> PreparedData:
+    """Build train/eval rows for a run (see module docstring).
+
+    Args:
+        recipe: the validated recipe.
+        tokenizer: a fast ``transformers`` tokenizer (modified in place: chat template, pad).
+        task: ``"causal"`` or ``"seq2seq"`` (from the model's family).
+
+    Raises:
+        DataError: bad input (names file, line, field) or no sample left after the length policy.
+    """
+    train_raw, load_stats = load_datasets(recipe.datasets, recipe.dataset_num_proc, recipe.dataset_seed)
+    eval_raw = None
+    if recipe.test_datasets:
+        eval_raw, _ = load_datasets(recipe.test_datasets, recipe.dataset_num_proc, recipe.dataset_seed)
+    elif recipe.val_set_size > 0:
+        n = recipe.val_set_size if recipe.val_set_size >= 1 else max(1, int(recipe.val_set_size * len(train_raw)))
+        split = train_raw.train_test_split(test_size=int(n), seed=recipe.dataset_seed)
+        train_raw, eval_raw = split["train"], split["test"]
+    kind = kind_of(train_raw[0]) if len(train_raw) else "chat"
+    if kind == "preference":
+        return PreparedData(train=train_raw, eval=eval_raw, eval_examples=[], kind=kind,
+                            template=None, stats={"samples": len(train_raw), **load_stats},
+                            raw_train=train_raw, raw_eval=eval_raw)
+    info = None
+    added: list[str] = []
+    if task != "seq2seq" and kind == "chat":
+        added = ensure_chat_template(tokenizer, recipe.chat_template)
+        info = probe_template(tokenizer)
+    elif task != "seq2seq":
+        info = TemplateInfo(stop_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [],
+                            end_of_turn=None, bos_in_template=False,
+                            add_bos=tokenizer.bos_token_id is not None, bos_id=tokenizer.bos_token_id,
+                            eos_token=tokenizer.eos_token)
+    train_tok = tokenize_dataset(train_raw, tokenizer, recipe, task, info)
+    train, stats = finalize(train_tok, recipe, recipe.sample_packing and task != "seq2seq")
+    stats["skipped_bad_rows"] = load_stats["skipped_bad_rows"]
+    stats["per_dataset"] = load_stats["per_dataset"]
+    if stats["rows"] == 0:
+        raise DataError(
+            f"no training sample left: {stats['dropped']} of {stats['samples']} samples are longer "
+            f"than sequence_len={recipe.sequence_len} even with the prompt truncated; raise "
+            "sequence_len or shorten the data")
+    evald = None
+    if eval_raw is not None and len(eval_raw):
+        pack_eval = recipe.eval_sample_packing if recipe.eval_sample_packing is not None else recipe.sample_packing
+        eval_tok = tokenize_dataset(eval_raw, tokenizer, recipe, task, info)
+        evald, estats = finalize(eval_tok, recipe, pack_eval and task != "seq2seq")
+        stats["eval"] = estats
+    return PreparedData(train=train, eval=evald,
+                        eval_examples=_eval_examples(eval_raw, recipe.eval_max_samples),
+                        kind=kind, template=info, stats=stats, added_tokens=added,
+                        raw_train=train_raw, raw_eval=eval_raw)

@@ -1,0 +1,1 @@
+"""Plugins that ship with core: generic ``trylast`` fallbacks for any causal LM."""

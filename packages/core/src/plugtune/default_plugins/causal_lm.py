@@ -1,0 +1,69 @@
+"""Generic ``trylast`` fallbacks that serve any ``AutoModelForCausalLM``.
+
+Family plugins answer first; these run only when every plugin passed. They also own the
+pseudo model type ``causal_lm``: a recipe that sets ``model_type: causal_lm`` routes any
+decoder-only model to these defaults (the bundled demo does).
+"""
+
+from __future__ import annotations
+
+from plugtune.data.collate import Collator
+from plugtune.hookspecs import hookimpl
+from plugtune.modeling import (
+    check_target_modules,
+    generate_causal,
+    linear_module_names,
+    load_model,
+    load_tokenizer,
+    loss_from_batch,
+    peft_default_targets,
+)
+from plugtune.spec import Family, Loaded
+
+GENERIC = Family(
+    name="causal_lm",
+    model_types=("causal_lm",),
+    task="causal",
+    description="generic decoder-only fallback (any AutoModelForCausalLM)",
+)
+
+
+@hookimpl
+def plugtune_families():
+    return [GENERIC]
+
+
+@hookimpl(trylast=True)
+def plugtune_load(spec):
+    if spec.task != "causal":
+        return None
+    tok = load_tokenizer(spec)
+    model = load_model(spec)
+    return Loaded(model=model, tokenizer=tok)
+
+
+@hookimpl(trylast=True)
+def plugtune_target_modules(spec, model, method):
+    if method == "all-linear":
+        return linear_module_names(model)
+    if method == "auto":
+        found = peft_default_targets(getattr(model.config, "model_type", spec.model_type))
+        return found or linear_module_names(model)
+    targets = list(method) if not isinstance(method, str) else [method]
+    check_target_modules(model, targets)
+    return targets
+
+
+@hookimpl(trylast=True)
+def plugtune_collate(spec, tokenizer):
+    return Collator(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+@hookimpl(trylast=True)
+def plugtune_train_step(spec, model, batch, num_items_in_batch):
+    return loss_from_batch(model, batch, num_items_in_batch)
+
+
+@hookimpl(trylast=True)
+def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens):
+    return generate_causal(model, tokenizer, prompts, max_new_tokens)

@@ -1,0 +1,116 @@
+"""The plugtune hook specifications.
+
+Every hook is prefixed ``plugtune_``. Family hooks are *claim or pass*: they are
+``firstresult=True``, so a plugin returns ``None`` unless the model belongs to one of its
+families, and core's generic fallbacks (``plugtune.default_plugins``) are ``trylast=True``.
+An implementation may accept any subset of a hook's arguments (pluggy passes only those it
+names), so core can add arguments later without breaking published plugins.
+
+The ``spec`` argument is a :class:`plugtune.spec.ModelSpec`: the resolved family, model type,
+path, dtype, quantization and the validated recipe.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable, Sequence
+
+    import torch
+
+    from plugtune.spec import Family, Loaded, ModelSpec
+
+hookspec = pluggy.HookspecMarker("plugtune")
+hookimpl = pluggy.HookimplMarker("plugtune")
+
+
+@hookspec
+def plugtune_families() -> Sequence[Family]:
+    """Declare the model families this plugin owns (1:N: every plugin answers).
+
+    Returns:
+        A sequence of :class:`plugtune.spec.Family`, each naming the family and the
+        ``config.model_type`` values (``transformers`` ``PretrainedConfig.model_type``) it
+        claims. Core builds a routing table from all answers; two plugins claiming one
+        ``model_type`` raise :class:`plugtune.plugins.PluginConflictError` naming both.
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_load(spec: ModelSpec) -> Loaded | None:
+    """Load the model and its tokenizer (or processor) for training.
+
+    Apply the family's loading quirks here: dtype policy, attention implementation,
+    quantization (``spec.quantization`` is ``None``, ``"4bit"`` or ``"8bit"``), pad token,
+    padding side, remote-code mapping. Must honour ``spec.trust_remote_code`` (off unless the
+    recipe turns it on) and load safetensors by default.
+
+    Returns:
+        :class:`plugtune.spec.Loaded` ``(model, tokenizer, processor)``, or ``None`` to pass.
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_target_modules(spec: ModelSpec, model: Any, method: str) -> list[str] | str | None:
+    """Name the modules an adapter wraps.
+
+    Args:
+        spec: the resolved model spec.
+        model: the loaded (possibly quantized) model, before PEFT wrapping.
+        method: ``"auto"`` (the family's default, e.g. ``["q", "v"]`` for T5) or
+            ``"all-linear"`` (every ``nn.Linear`` of the language model except ``lm_head``).
+
+    Returns:
+        A list of module-name suffixes or a regex string, as ``peft.LoraConfig.target_modules``
+        accepts; ``None`` to pass.
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_collate(spec: ModelSpec, tokenizer: Any) -> Callable[[list[dict]], dict] | None:
+    """Return the collate function used for every batch of the run.
+
+    Called once per run. The function must be picklable (dataloader workers) and turn a list
+    of tokenized features (``input_ids``, ``labels`` and optionally ``position_ids``, each a
+    list of ints) into a dict of tensors of shape ``(batch, seq)``. Labels are padded with
+    ``-100``, never with the pad id.
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_train_step(
+    spec: ModelSpec, model: Any, batch: dict, num_items_in_batch: int | None
+) -> torch.Tensor | None:
+    """Compute the loss of one micro-batch (called from ``Trainer.compute_loss``).
+
+    Args:
+        batch: the collated tensors, shape ``(batch, seq)`` each.
+        num_items_in_batch: number of label tokens (``labels != -100``) over the whole
+            gradient-accumulation step, from ``transformers.Trainer``; divide the summed token
+            loss by it so the loss is normalised per label token across micro-batches.
+
+    Returns:
+        A scalar loss tensor, or ``None`` to pass.
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_generate(
+    spec: ModelSpec,
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    images: Sequence[Any] | None,
+) -> list[str] | None:
+    """Generate one completion per prompt (greedy unless the plugin says otherwise).
+
+    ``prompts`` are user messages; the implementation renders them with the run's chat template
+    or prompt format. Stops on the end-of-sequence *and* end-of-turn tokens.
+
+    Returns:
+        A list of strings, ``len(prompts)`` long, without the prompt; ``None`` to pass.
+    """

@@ -1,0 +1,246 @@
+"""Model-side helpers shared by the default plugin and family plugins (public API for plugins).
+
+Plugins compose these with their family's quirks instead of re-implementing loading,
+quantization, target discovery or generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from plugtune.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer cannot be loaded; the message says which path and why."""
+
+
+def attn_implementation(spec: ModelSpec) -> str | None:
+    """``flash_attention_2`` when asked for and usable (CUDA + flash_attn installed), else sdpa.
+
+    Prints a one-line notice when ``flash_attention: true`` cannot be honoured.
+    """
+    rec = spec.recipe
+    if rec.attn_implementation:
+        return rec.attn_implementation
+    if rec.flash_attention:
+        import importlib.util
+
+        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        why = "no CUDA device" if not torch.cuda.is_available() else "flash-attn is not installed"
+        log.warning("flash_attention: true but %s; using sdpa (pip install 'plugtune[flash-attn]')", why)
+    return "sdpa"
+
+
+def quantization_config(spec: ModelSpec):
+    """A ``BitsAndBytesConfig`` for ``spec.quantization`` or ``None``.
+
+    4-bit is NF4 with double quantization and bf16 compute (QLoRA, Dettmers et al. 2023,
+    arXiv:2305.14314). Raises :class:`ModelLoadError` when bitsandbytes is missing.
+    """
+    if spec.quantization is None:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"adapter {spec.recipe.adapter!r} / load_in_{spec.quantization} needs bitsandbytes: "
+            "pip install 'plugtune[quant]'") from exc
+    if spec.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_tokenizer(spec: ModelSpec, padding_side: str = "right", **kwargs: Any):
+    """``AutoTokenizer`` for the recipe's ``tokenizer`` (or ``base_model``), with a pad token.
+
+    A tokenizer without a pad token gets ``pad = unk`` when it has one, else ``pad = eos``.
+    With plugtune's collator this never stops EOS from being learned: labels are padded with
+    -100 from the features, not derived from ``input_ids == pad``.
+    """
+    from transformers import AutoTokenizer
+
+    src = spec.recipe.tokenizer or spec.path
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            src, trust_remote_code=spec.trust_remote_code, revision=spec.recipe.revision, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load tokenizer from {src!r}: {exc}") from exc
+    if tok.pad_token is None:
+        if tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        elif tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(spec: ModelSpec, auto_class=None, **kwargs: Any):
+    """Load ``spec.path`` with the dtype policy, attention implementation and quantization.
+
+    Safetensors only unless the folder has no ``*.safetensors`` (then a warning: pickles can
+    run code). ``trust_remote_code`` comes from the recipe (off by default).
+    """
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    qc = quantization_config(spec)
+    p = Path(spec.path)
+    use_safetensors = True
+    if p.is_dir() and not any(p.glob("*.safetensors")):
+        if not spec.recipe.trust_remote_code:
+            raise ModelLoadError(
+                f"{spec.path} has no *.safetensors weights; plugtune does not load pickled "
+                "weights (they can run code). Convert the checkpoint to safetensors, or set "
+                "trust_remote_code: true if you trust this folder.")
+        use_safetensors = None
+    args: dict[str, Any] = dict(
+        dtype=spec.torch_dtype,
+        trust_remote_code=spec.trust_remote_code,
+        revision=spec.recipe.revision,
+        use_safetensors=use_safetensors,
+    )
+    impl = attn_implementation(spec)
+    if impl:
+        args["attn_implementation"] = impl
+    if qc is not None:
+        args["quantization_config"] = qc
+        args["dtype"] = torch.bfloat16 if spec.quantization == "4bit" else spec.torch_dtype
+    args.update(kwargs)
+    try:
+        return auto_class.from_pretrained(spec.path, **args)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {spec.path!r} with {auto_class.__name__}: {exc}") from exc
+
+
+def linear_module_names(model: nn.Module, exclude: Iterable[str] = ("lm_head",),
+                        within: str | None = None) -> list[str]:
+    """Distinct leaf names of every ``nn.Linear`` (incl. bitsandbytes 4/8-bit) in ``model``.
+
+    Args:
+        exclude: leaf names to skip (the output head; embeddings are not Linear).
+        within: only modules whose full name matches this regex (e.g. the language model of a
+            vision-language model).
+    """
+    names: set[str] = set()
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for full, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or mod is out_emb:
+            continue
+        if within and not re.search(within, full):
+            continue
+        leaf = full.rsplit(".", 1)[-1]
+        if leaf not in exclude:
+            names.add(leaf)
+    return sorted(names)
+
+
+def check_target_modules(model: nn.Module, targets: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the targets not in ``model`` and the Linear names it has."""
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaves and not any(n.endswith(t) for n, _ in model.named_modules())]
+    if missing:
+        raise ValueError(
+            f"lora_target_modules {missing} not found in the model; its Linear modules are: "
+            f"{', '.join(linear_module_names(model, exclude=()))}")
+
+
+def peft_default_targets(model_type: str) -> list[str] | None:
+    """peft's default LoRA targets for ``model_type`` (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as M
+
+    found = M.get(model_type)
+    return list(found) if found else None
+
+
+def prompt_texts(tokenizer, prompts: Sequence[str | list[dict]]) -> list[str]:
+    """Render user prompts (or message lists) with the chat template + generation prompt."""
+    out = []
+    for p in prompts:
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        if getattr(tokenizer, "chat_template", None):
+            out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        else:
+            out.append("\n\n".join(m["content"] for m in msgs))
+    return out
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """EOS plus the chat template's end-of-turn token (e.g. ``<|im_end|>``, ``<|eot_id|>``)."""
+    ids: list[int] = []
+    if getattr(tokenizer, "chat_template", None):
+        from plugtune.data.tokenize import TemplateRenderError, probe_template
+
+        try:
+            ids = list(probe_template(tokenizer).stop_token_ids)
+        except TemplateRenderError:
+            ids = []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
+        if e not in ids:
+            ids.append(e)
+    return ids
+
+
+@torch.no_grad()
+def generate_causal(model, tokenizer, prompts: Sequence[str | list[dict]], max_new_tokens: int,
+                    do_sample: bool = False, batch_size: int = 8, **gen_kwargs: Any) -> list[str]:
+    """Batched generation for decoder-only models: left padding, stop on EOS/end-of-turn.
+
+    Returns one completion per prompt, without the prompt, special tokens skipped.
+    """
+    texts = prompt_texts(tokenizer, prompts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    stops = stop_token_ids(tokenizer, model)
+    device = next(model.parameters()).device
+    outs: list[str] = []
+    try:
+        for k in range(0, len(texts), batch_size):
+            chunk = texts[k:k + batch_size]
+            has_bos = tokenizer.bos_token and all(t.startswith(tokenizer.bos_token) for t in chunk)
+            enc = tokenizer(chunk, return_tensors="pt", padding=True,
+                            add_special_tokens=not has_bos).to(device)
+            gen = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                eos_token_id=stops or None, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            outs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [o.strip() for o in outs]
+
+
+def loss_from_batch(model, batch: dict, num_items_in_batch=None, **extra: Any) -> torch.Tensor:
+    """Forward with ``use_cache=False`` (required for packed rows: see FINDINGS.md) and return
+    the model's loss, normalised by ``num_items_in_batch`` label tokens when given."""
+    kwargs = dict(batch)
+    if num_items_in_batch is not None:
+        kwargs["num_items_in_batch"] = num_items_in_batch
+    cfg = getattr(model, "config", None)
+    if cfg is not None and not getattr(cfg, "is_encoder_decoder", False):
+        kwargs.setdefault("use_cache", False)
+    kwargs.update(extra)
+    out = model(**kwargs)
+    return out.loss

@@ -1,0 +1,90 @@
+"""Value types passed to and returned from hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from plugtune.config import Recipe
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family a plugin owns.
+
+    Attributes:
+        name: family name, e.g. ``"llama"``.
+        model_types: ``transformers`` ``config.model_type`` values it claims (``"llama"``,
+            ``"qwen2"`` ...). Two plugins claiming one value is an error.
+        task: ``"causal"``, ``"seq2seq"`` or ``"vision"`` (selects the Trainer and data path).
+        description: one line shown by ``plugtune plugins``.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    task: str = "causal"
+    description: str = ""
+
+
+@dataclass
+class Loaded:
+    """What ``plugtune_load`` returns: the model, its tokenizer and, for vision, a processor."""
+
+    model: Any
+    tokenizer: Any
+    processor: Any = None
+
+
+@dataclass
+class ModelSpec:
+    """Everything a family hook needs to know about the model of this run.
+
+    Attributes:
+        path: ``base_model`` (local folder or hub id).
+        model_type: routed ``config.model_type``.
+        family: the claiming :class:`Family`.
+        plugin: name of the plugin that claimed it.
+        hf_config: the ``transformers`` config (``PretrainedConfig``) when known.
+        recipe: the validated recipe.
+        torch_dtype: compute/weight dtype chosen by the dtype policy.
+        quantization: ``None``, ``"4bit"`` (NF4, double quant) or ``"8bit"``.
+    """
+
+    path: str
+    model_type: str
+    family: Family
+    plugin: str
+    recipe: Recipe
+    hf_config: Any = None
+    torch_dtype: torch.dtype = torch.float32
+    quantization: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.family.task
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return self.recipe.trust_remote_code
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def cuda_supports_bf16() -> bool:
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def resolve_dtype(requested: str) -> torch.dtype:
+    """The dtype policy for ``dtype: auto | fp32 | bf16 | fp16``.
+
+    ``auto`` picks bf16 on CUDA devices that support it and fp32 elsewhere: on CPUs without AMX
+    bf16 matmuls are ~22x slower than fp32 (measured, ../shared/FINDINGS.md).
+    """
+    if requested == "auto":
+        return torch.bfloat16 if cuda_supports_bf16() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
