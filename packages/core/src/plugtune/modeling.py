@@ -82,13 +82,22 @@ def load_tokenizer(spec: ModelSpec, padding_side: str = "right", **kwargs: Any):
             src, trust_remote_code=spec.trust_remote_code, revision=spec.recipe.revision, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot load tokenizer from {src!r}: {exc}") from exc
+    ensure_pad_token(tok)
+    tok.padding_side = padding_side
+    return tok
+
+
+def ensure_pad_token(tok) -> None:
+    """Give a tokenizer without a pad token one: ``unk`` if it has one, else ``eos``.
+
+    Safe for EOS learning with plugtune's collator: labels are padded with -100 from the
+    features, never derived from ``input_ids == pad_token_id``.
+    """
     if tok.pad_token is None:
         if tok.unk_token is not None:
             tok.pad_token = tok.unk_token
         elif tok.eos_token is not None:
             tok.pad_token = tok.eos_token
-    tok.padding_side = padding_side
-    return tok
 
 
 def load_model(spec: ModelSpec, auto_class=None, **kwargs: Any):
@@ -208,6 +217,7 @@ def generate_causal(model, tokenizer, prompts: Sequence[str | list[dict]], max_n
     Returns one completion per prompt, without the prompt, special tokens skipped.
     """
     texts = prompt_texts(tokenizer, prompts)
+    ensure_pad_token(tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training

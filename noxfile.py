@@ -1,0 +1,71 @@
+"""Tasks for the plugtune monorepo (pip + venv: nox's default backend).
+
+    nox -t tests            core, every plugin alone, integration, lint (what CI runs)
+    nox -s demo             the embedded default run (plugtune train demo)
+    nox -s bench            throughput / padding / memory benchmark
+    nox -s "plugin(name='llama')"   one plugin in a venv with only core + that plugin
+
+torch is installed first from the local CPU wheel and pinned by constraints.txt, so no
+dependency can pull a CUDA build.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PLUGINS = ["t5", "llama", "falcon", "mistral", "vision"]
+CONSTRAINTS = ("-c", os.path.join(ROOT, "constraints.txt"))
+PYTEST = ("pytest", "-q", "-ra", "-p", "no:cacheprovider")
+
+
+def _install(session: nox.Session, *pkgs: str) -> None:
+    session.install("torch==2.13.0", *CONSTRAINTS)
+    session.install(*CONSTRAINTS, *pkgs)
+
+
+def _core(extras: str = "test,eval,quant") -> str:
+    return f"{ROOT}/packages/core[{extras}]"
+
+
+@nox.session(tags=["tests"])
+def core(session: nox.Session) -> None:
+    """Core tests with no family plugin installed."""
+    _install(session, _core())
+    session.run(*PYTEST, "packages/core/tests", *session.posargs)
+
+
+@nox.session(tags=["tests"])
+@nox.parametrize("name", PLUGINS)
+def plugin(session: nox.Session, name: str) -> None:
+    """One plugin's tests in a venv holding only core + that plugin."""
+    extra = ",vision" if name == "vision" else ""
+    _install(session, _core("test,eval,quant" + extra), f"{ROOT}/packages/plugin-{name}")
+    session.run(*PYTEST, f"packages/plugin-{name}/tests", *session.posargs)
+
+
+@nox.session(tags=["tests"])
+def integration(session: nox.Session) -> None:
+    """End-to-end tests with every plugin installed (real inputs from ../shared/data)."""
+    _install(session, _core("test,eval,quant,vision"),
+             *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS])
+    session.run(*PYTEST, "tests", *session.posargs)
+
+
+@nox.session(tags=["tests"])
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "packages", "tests", "noxfile.py")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The embedded default: a tiny model learns a synthetic task; prints before/after."""
+    _install(session, _core("eval"), *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS])
+    session.run("plugtune", "train", "demo", "--set", "output_dir=runs/demo", *session.posargs)
+    session.run("plugtune", "generate", "runs/demo", "--prompt", "reverse abcdef =")

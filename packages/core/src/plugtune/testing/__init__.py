@@ -1,0 +1,230 @@
+"""The plugin contract test suite (in the style of ``langchain-tests``).
+
+A plugin's tests subclass :class:`PluginContract` and set a few attributes; pytest then runs
+every contract test against the plugin with a tiny random-weight model::
+
+    from plugtune.testing import PluginContract
+
+    class TestLlamaContract(PluginContract):
+        plugin_name = "plugtune-llama"
+        model_type = "llama"
+
+        def make_model(self):            # tiny config, random weights
+            ...
+        def make_tokenizer(self):        # a real tokenizer from ../shared/data/tokenizers
+            ...
+
+The contract checks: the plugin is discoverable through the ``plugtune`` entry point, it claims
+its model type (and no other plugin does), its target modules exist in the model, its collate
+function is picklable, one train step gives a finite loss and non-zero gradients on the LoRA
+adapter, and generation returns one string per prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from plugtune.config import validate_recipe
+from plugtune.plugins import get_plugin_manager, resolve_family
+from plugtune.spec import ModelSpec
+
+
+
+def shared_dir() -> Path:
+    """``../shared`` beside the repository (or ``$PLUGTUNE_SHARED``); tests skip without it."""
+    import os
+
+    env = os.environ.get("PLUGTUNE_SHARED")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent.parent / "shared" / "data"
+        if cand.is_dir():
+            return cand.parent
+    return Path(os.getcwd()).parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ``../shared/data``; ``pytest.skip`` when it is absent."""
+    p = shared_dir().joinpath("data", *parts)
+    if not p.exists():
+        pytest.skip(f"{p} not available (../shared/data is absent)")
+    return p
+
+
+# Special tokens of the real tokenizers in ../shared/data/tokenizers whose folder has only a
+# converted tokenizer.json (no tokenizer_config.json): values from each model's official config.
+_SPECIALS = {
+    "llama2": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True),
+    "mistral_v1": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True),
+    "t5": dict(eos_token="</s>", unk_token="<unk>", pad_token="<pad>"),
+    "falcon": dict(eos_token="<|endoftext|>", bos_token=None),
+}
+
+
+def load_shared_tokenizer(name: str):
+    """A real tokenizer from ``../shared/data/tokenizers/<name>`` (skips when absent).
+
+    Handles the layouts found there: ``tokenizer.json`` + ``tokenizer_config.json`` (xz
+    compressed for qwen2_5 / llama3_2), a bare ``tokenizer.json`` (falcon) and sentencepiece
+    models with a ``tokenizer.converted.json`` (llama2, mistral_v1, t5).
+    """
+    import lzma
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    src = shared_path("tokenizers", name)
+    tmp = Path(tempfile.mkdtemp(prefix=f"plugtune-tok-{name}-"))
+    for f in src.iterdir():
+        if f.name.endswith(".xz"):
+            (tmp / f.name[:-3]).write_bytes(lzma.decompress(f.read_bytes()))
+        elif f.name == "tokenizer.converted.json":
+            shutil.copy(f, tmp / "tokenizer.json")
+        elif f.is_file():
+            shutil.copy(f, tmp / f.name)
+    if (tmp / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(tmp)
+    if (tmp / "tokenizer.json").exists():
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp / "tokenizer.json"),
+                                      **_SPECIALS.get(name, {}))
+        return tok
+    raise FileNotFoundError(f"no tokenizer.json in {src}")
+
+
+def make_spec(model_type: str, path: str = "tiny", pm=None, **recipe: Any) -> tuple[ModelSpec, Any]:
+    """A :class:`ModelSpec` for an in-memory tiny model, routed through the plugin manager."""
+    pm = pm or get_plugin_manager()
+    route = resolve_family(pm, model_type)
+    data = {"base_model": path, "datasets": [{"path": "unused.jsonl", "type": "alpaca"}],
+            "adapter": "lora", **recipe}
+    rec = validate_recipe(data)
+    return ModelSpec(path=path, model_type=model_type, family=route.family, plugin=route.plugin,
+                     recipe=rec, torch_dtype=torch.float32, quantization=rec.quantization), pm
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital of France."}]
+
+
+class PluginContract:
+    """Subclass in a plugin's tests; set :attr:`plugin_name`, :attr:`model_type` and implement
+    :meth:`make_model` / :meth:`make_tokenizer`."""
+
+    plugin_name: str = ""
+    model_type: str = ""
+    #: extra recipe keys for the spec (e.g. ``{"chat_template": "chatml"}``)
+    recipe: dict = {}
+
+    # -- to implement -------------------------------------------------------------------------
+    def make_model(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def make_tokenizer(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample_features(self, spec, tokenizer) -> list[dict]:
+        """Two tokenized training features (override for vision or seq2seq families)."""
+        from plugtune.data.templates import ensure_chat_template
+        from plugtune.data.tokenize import probe_template, tokenize_chat, tokenize_seq2seq
+
+        if spec.task == "seq2seq":
+            return [tokenize_seq2seq(tokenizer, "Summarize: the cat sat on the mat.", "cat sat", 64),
+                    tokenize_seq2seq(tokenizer, "Summarize: dogs bark loudly at night.", "dogs bark", 64)]
+        ensure_chat_template(tokenizer, spec.recipe.chat_template)
+        info = probe_template(tokenizer)
+        short = [CHAT[0], {"role": "assistant", "content": "Paris."}]
+        return [tokenize_chat(tokenizer, m, info, 128) for m in (CHAT, short)]
+
+    # -- fixtures -----------------------------------------------------------------------------
+    @pytest.fixture
+    def setup(self):
+        torch.manual_seed(0)
+        spec, pm = make_spec(self.model_type, **self.recipe)
+        tok = self.make_tokenizer()
+        model = self.make_model()
+        return spec, pm, model, tok
+
+    def _lora(self, spec, pm, model):
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        targets = pm.hook.plugtune_target_modules(spec=spec, model=model, method="auto")
+        task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
+        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                task_type=task, lora_dropout=0.0))
+
+    # -- the contract -------------------------------------------------------------------------
+    def test_discoverable(self):
+        pm = get_plugin_manager()
+        assert pm.has_plugin(self.plugin_name), (
+            f"{self.plugin_name} is not registered through the 'plugtune' entry-point group; "
+            f"registered: {[n for n, _ in pm.list_name_plugin()]}")
+
+    def test_claims_its_model_type(self):
+        pm = get_plugin_manager()
+        route = resolve_family(pm, self.model_type)
+        assert route.plugin == self.plugin_name
+        plugin = pm.get_plugin(self.plugin_name)
+        for fam in plugin.plugtune_families():
+            assert fam.model_types, f"family {fam.name} claims no model type"
+            assert fam.task in ("causal", "seq2seq", "vision")
+
+    def test_target_modules_exist(self, setup):
+        spec, pm, model, tok = setup
+        for method in ("auto", "all-linear"):
+            targets = pm.hook.plugtune_target_modules(spec=spec, model=model, method=method)
+            assert targets, f"no targets for {method}"
+            if isinstance(targets, str):
+                import re
+
+                assert any(re.fullmatch(targets, n) for n, _ in model.named_modules())
+                continue
+            names = [n for n, _ in model.named_modules()]
+            for t in targets:
+                assert any(n == t or n.endswith("." + t) for n in names), f"{t} not in model"
+            assert "lm_head" not in targets
+
+    def test_collate_is_picklable(self, setup):
+        spec, pm, model, tok = setup
+        collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tok)
+        again = pickle.loads(pickle.dumps(collate))
+        feats = self.sample_features(spec, tok)
+        a, b = collate(feats), again(feats)
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], torch.Tensor):
+                assert torch.equal(a[k], b[k])
+        assert (a["labels"] == -100).any(), "labels must be padded/masked with -100"
+
+    def test_train_step_finite_loss_and_adapter_grads(self, setup):
+        spec, pm, model, tok = setup
+        model = self._lora(spec, pm, model)
+        collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tok)
+        batch = collate(self.sample_features(spec, tok))
+        n = int((batch["labels"] != -100).sum())
+        loss = pm.hook.plugtune_train_step(spec=spec, model=model, batch=batch, num_items_in_batch=n)
+        assert loss is not None and math.isfinite(float(loss.detach()))
+        loss.backward()
+        grads = [p.grad for name, p in model.named_parameters() if "lora_" in name and p.requires_grad]
+        assert grads, "no LoRA parameters"
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), "LoRA got no gradient"
+
+    def test_generate_one_string_per_prompt(self, setup):
+        spec, pm, model, tok = setup
+        from plugtune.data.templates import ensure_chat_template
+
+        if spec.task != "seq2seq":
+            ensure_chat_template(tok, spec.recipe.chat_template)
+        prompts = ["Hello there", "Name a colour."]
+        outs = pm.hook.plugtune_generate(spec=spec, model=model, tokenizer=tok, prompts=prompts,
+                                         max_new_tokens=4, images=None)
+        assert isinstance(outs, list) and len(outs) == len(prompts)
+        assert all(isinstance(o, str) for o in outs)
