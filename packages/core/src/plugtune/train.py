@@ -125,7 +125,14 @@ try:  # seq2seq variant for encoder-decoder families (T5)
     from transformers import Seq2SeqTrainer
 
     class PlugtuneSeq2SeqTrainer(Seq2SeqTrainer):  # type: ignore[misc]
-        __init__ = PlugtuneTrainer.__init__
+        """``Seq2SeqTrainer`` with :class:`PlugtuneTrainer`'s hook-driven ``compute_loss``."""
+
+        def __init__(self, *args, plugin_manager=None, spec: ModelSpec | None = None, **kwargs):
+            # not PlugtuneTrainer.__init__: its zero-argument super() is bound to PlugtuneTrainer
+            super().__init__(*args, **kwargs)
+            self.pm = plugin_manager
+            self.spec = spec
+
         compute_loss = PlugtuneTrainer.compute_loss
 except ImportError:  # pragma: no cover
     PlugtuneSeq2SeqTrainer = PlugtuneTrainer  # type: ignore[misc,assignment]
