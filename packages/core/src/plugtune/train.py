@@ -169,33 +169,52 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 # adapters
 
 
+def prepare_base(spec: ModelSpec, model, gradient_checkpointing: bool | None = None):
+    """Prepare a k-bit base for training (``prepare_model_for_kbit_training``) and turn on
+    gradient checkpointing when the recipe asks for it. Returns the model."""
+    recipe = spec.recipe
+    gc = recipe.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    if spec.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def lora_config(spec: ModelSpec, model, pm):
+    """The ``peft.LoraConfig`` of the recipe, with targets from ``plugtune_target_modules``.
+
+    Raises:
+        TrainingError: no plugin names target modules for the model.
+    """
+    from peft import LoraConfig, TaskType
+
+    recipe = spec.recipe
+    targets = pm.hook.plugtune_target_modules(spec=spec, model=model, method=recipe.lora_target_modules)
+    if not targets:
+        raise TrainingError(f"no plugin named LoRA target modules for {spec.model_type!r}")
+    task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
+    return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                      target_modules=targets, modules_to_save=recipe.lora_modules_to_save,
+                      bias="none", task_type=task)
+
+
 def apply_adapter(spec: ModelSpec, model, pm):
     """Wrap ``model`` with LoRA (peft) per the recipe; prepare k-bit bases for training.
 
     Returns the (possibly wrapped) model. Full fine-tuning returns ``model`` unchanged.
     """
     recipe = spec.recipe
-    if spec.quantization is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif recipe.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_base(spec, model)
     if recipe.adapter == "none":
         return model
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import get_peft_model
 
-    method = recipe.lora_target_modules
-    targets = pm.hook.plugtune_target_modules(spec=spec, model=model, method=method)
-    if not targets:
-        raise TrainingError(f"no plugin named LoRA target modules for {spec.model_type!r}")
-    task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
-    cfg = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                     target_modules=targets, modules_to_save=recipe.lora_modules_to_save,
-                     bias="none", task_type=task)
-    model = get_peft_model(model, cfg)
+    model = get_peft_model(model, lora_config(spec, model, pm))
     if recipe.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return model
@@ -223,8 +242,14 @@ class RunResult:
 
 def training_arguments(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bool):
     """``TrainingArguments`` (or ``Seq2SeqTrainingArguments``) from the recipe."""
-    dtype = spec.torch_dtype
     cls = transformers.Seq2SeqTrainingArguments if seq2seq else transformers.TrainingArguments
+    return cls(**training_kwargs(recipe, spec, has_eval, seq2seq))
+
+
+def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bool = False) -> dict:
+    """The keyword arguments of ``TrainingArguments`` from the recipe (also fed to TRL configs,
+    which subclass ``TrainingArguments``)."""
+    dtype = spec.torch_dtype
     kwargs: dict[str, Any] = dict(
         output_dir=recipe.output_dir,
         per_device_train_batch_size=recipe.micro_batch_size,
@@ -264,7 +289,7 @@ def training_arguments(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq:
     if seq2seq:
         kwargs["predict_with_generate"] = False
         kwargs["generation_max_length"] = recipe.generation.max_new_tokens
-    return cls(**kwargs)
+    return kwargs
 
 
 def _deepspeed_config(value: str | None):
@@ -284,13 +309,20 @@ def _atomic_write(path: Path, data: str | bytes) -> None:
 
 
 def save_run(output_dir: Path, model, tokenizer, recipe: Recipe, spec: ModelSpec, metrics: dict,
-             log_history: list[dict], stats: dict) -> None:
+             log_history: list[dict], stats: dict, state_dict: dict | None = None) -> None:
     """Write the run directory atomically: everything goes to a temp folder, then each file is
-    moved into place with ``os.replace`` (a crash never leaves a half-written adapter)."""
+    moved into place with ``os.replace`` (a crash never leaves a half-written adapter).
+
+    ``state_dict``: the full (gathered) weights when the live parameters are sharded, e.g.
+    under DeepSpeed ZeRO-3 (see :func:`plugtune.scale.gathered_state_dict`); ``None`` saves the
+    model's own parameters."""
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".staging-"))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        if state_dict is not None:
+            model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "recipe.yaml").write_text(dump_recipe(recipe))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
@@ -336,8 +368,9 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
     model, tokenizer = loaded.model, loaded.tokenizer
     data = prepare(recipe, tokenizer, spec.task)
     if data.kind == "preference" or recipe.rl == "dpo":
-        raise TrainingError("preference data / rl: dpo needs the DPO trainer, which this build "
-                            "does not include yet")
+        from plugtune.dpo import train_dpo
+
+        return train_dpo(recipe, spec, pm, model, tokenizer, data, resume=resume, console=console)
     if data.added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     prep_s = time.perf_counter() - t0
@@ -393,6 +426,9 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
                                                recipe.eval_metrics, gen_cfg.max_new_tokens)
         say(f"plugtune: after training: {metrics['after']}")
     out_dir = Path(recipe.output_dir)
-    save_run(out_dir, model, tokenizer, recipe, spec, metrics, trainer.state.log_history, data.stats)
+    from plugtune.scale import gathered_state_dict
+
+    save_run(out_dir, model, tokenizer, recipe, spec, metrics, trainer.state.log_history, data.stats,
+             state_dict=gathered_state_dict(trainer))
     say(f"plugtune: run saved to {out_dir}")
     return RunResult(output_dir=out_dir, metrics=metrics, log_history=trainer.state.log_history)
