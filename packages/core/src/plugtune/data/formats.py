@@ -37,7 +37,7 @@ def _get(rec: Mapping, cols: Mapping[str, str], name: str, required: bool = True
     value = rec[key]
     if value is None:
         if required:
-            raise BadRecord(key, "is None; expected a string")
+            raise BadRecord(key, "is missing or None; expected a string")
         return ""
     if not isinstance(value, str):
         raise BadRecord(key, f"expected a string, got {type(value).__name__}")

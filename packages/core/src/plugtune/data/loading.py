@@ -28,19 +28,35 @@ class DataError(ValueError):
     """Bad input data: the message names the file, the line or record, and the field."""
 
 
+def check_utf8(path: Path) -> None:
+    """Raise :class:`DataError` naming the first line of a text file that is not UTF-8.
+
+    Arrow reads such bytes without complaint and fails later, far from the file, so text
+    files are checked before loading (one decode pass; no parsing).
+    """
+    if path.suffix.lower() not in (".json", ".jsonl", ".csv", ".txt"):
+        return
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+        return
+    except UnicodeDecodeError:
+        pass
+    for i, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{i}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at "
+                            f"column {exc.start + 1}); re-encode the file as UTF-8") from None
+
+
 def diagnose_file(path: Path) -> str | None:
-    """Find the first line of ``path`` that is not UTF-8 or not valid JSON; ``None`` if fine.
+    """Find the first line of ``path`` that is not valid JSON; ``None`` if fine.
 
     Only called after ``datasets`` failed, to turn its error into ``file:line: why``.
     """
     raw = path.read_bytes()
     suffix = path.suffix.lower()
-    if suffix in (".json", ".jsonl", ".csv", ".txt"):
-        for i, line in enumerate(raw.split(b"\n"), start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                return f"{path}:{i}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})"
     if suffix == ".jsonl" or (suffix == ".json" and not raw.lstrip().startswith(b"[")
                               and not raw.lstrip().startswith(b"{\n") and b"\n{" in raw):
         for i, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
@@ -91,6 +107,7 @@ def load_raw(cfg: DatasetConfig) -> tuple[datasets.Dataset, Path | None]:
                 raise DataError(f"{p}: unsupported file type {p.suffix!r}; "
                                 f"expected one of {', '.join(_BUILDERS)}")
             local_file = p
+            check_utf8(p)
             kwargs = {"field": cfg.field} if cfg.field and builder == "json" else {}
             ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kwargs)
         elif p.is_dir():
