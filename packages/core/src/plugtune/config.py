@@ -24,6 +24,7 @@ DATASET_TYPES = (
     "seq2seq",
     "text",
     "preference",
+    "vision",
 )
 
 
@@ -51,6 +52,9 @@ class DatasetConfig(_Strict):
     system_prompt: str | None = None
     max_samples: int | None = Field(None, ge=1)
     on_bad_row: Literal["error", "skip"] = "error"
+    image_dir: str | None = Field(
+        None, description="folder that relative image paths of a vision dataset are resolved "
+        "against (default: the dataset file's folder)")
 
 
 class GenerationConfig(_Strict):
@@ -81,6 +85,9 @@ class Recipe(_Strict):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target_modules: str | list[str] = "auto"
     lora_modules_to_save: list[str] | None = None
+    lora_target_cross_attention: bool = Field(
+        False, description="vision families with cross-attention layers (Llama 3.2 Vision): "
+        "adapt those layers too (default: self-attention/MLP of the language model only)")
     # data
     datasets: list[DatasetConfig] = Field(min_length=1)
     test_datasets: list[DatasetConfig] = Field(default_factory=list)

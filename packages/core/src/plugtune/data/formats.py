@@ -6,7 +6,9 @@ Canonical examples (plain dicts, so ``datasets.map`` can carry them):
   (alpaca, dolly, sharegpt, messages, completion),
 * ``{"text": str}`` (raw text, unsupervised causal-LM fine-tuning),
 * ``{"source": str, "target": str}`` (seq2seq, e.g. SAMSum dialogue -> summary),
-* ``{"prompt": [messages], "chosen": str, "rejected": str}`` (preference pairs, DPO).
+* ``{"prompt": [messages], "chosen": str, "rejected": str}`` (preference pairs, DPO),
+* vision chat: ``{"messages": [...], "images": [absolute image paths]}`` whose message
+  contents hold one :data:`IMAGE_PLACEHOLDER` per image, in order (``type: vision``).
 
 Every adapter raises :class:`BadRecord` naming the field and what was expected; the loader adds
 the file and line.
@@ -15,7 +17,14 @@ the file and line.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
+
+#: the placeholder for one image inside a vision example's message text (LLaMA-Factory's
+#: ``mllm_demo.json`` layout); vision plugins replace it with their model's image tokens.
+IMAGE_PLACEHOLDER = "<image>"
+#: default user turn for image/caption pairs without a ``prompt`` column
+CAPTION_PROMPT = "Describe this image."
 
 
 class BadRecord(ValueError):
@@ -171,6 +180,88 @@ def preference(rec: Mapping, cols: Mapping[str, str], system: str | None = None)
     }
 
 
+def _image_path(value: Any, key: str, base_dir: str | Path | None) -> str:
+    """Resolve one image path against ``base_dir`` and check it is a readable image (Pillow)."""
+    if not isinstance(value, str) or not value.strip():
+        raise BadRecord(key, f"expected an image path string, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    path = path.resolve()
+    if not path.is_file():
+        raise BadRecord(key, f"image file {str(path)!r} does not exist")
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - pillow is the 'vision' extra
+        raise BadRecord(key, "reading images needs Pillow: pip install 'plugtune[vision]'") from exc
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:
+        raise BadRecord(key, f"image file {str(path)!r} is not a readable image ({exc})") from None
+    return str(path)
+
+
+def vision(rec: Mapping, cols: Mapping[str, str], system: str | None = None,
+           base_dir: str | Path | None = None) -> dict:
+    """Images + chat, in three layouts detected per record.
+
+    * ``messages`` (role/content) + ``images``: LLaMA-Factory's ``mllm_demo.json`` layout; each
+      ``<image>`` in the message texts stands for the next path of ``images``;
+    * ``conversations`` (ShareGPT from/value) + ``images``: the same with ShareGPT turns;
+    * ``image`` + ``caption`` (+ optional ``prompt``): an image/caption pair becomes
+      ``user: <image>{prompt}`` / ``assistant: {caption}`` (default prompt
+      :data:`CAPTION_PROMPT`).
+
+    A record without ``images`` (or with an empty list) is a text-only sample. Relative image
+    paths are resolved against ``base_dir`` (the dataset's ``image_dir``, else its folder) and
+    each file is checked with Pillow, so a missing or unreadable image names the record and
+    the path. The number of ``<image>`` placeholders must equal the number of images.
+    """
+    c = dict(cols)
+    img_key, cap_key = c.get("image", "image"), c.get("caption", "caption")
+    if c.get("messages", "messages") in rec:
+        msgs = messages(rec, cols, system)["messages"]
+    elif c.get("conversations", "conversations") in rec:
+        msgs = sharegpt(rec, cols, system)["messages"]
+    elif img_key in rec and cap_key in rec:
+        prompt = _get(rec, c, "prompt", required=False) or CAPTION_PROMPT
+        caption = _get(rec, c, "caption")
+        msgs = _with_system([{"role": "user", "content": IMAGE_PLACEHOLDER + prompt},
+                             {"role": "assistant", "content": caption}], system)
+        return {"messages": msgs, "images": [_image_path(rec[img_key], img_key, base_dir)]}
+    else:
+        raise BadRecord(c.get("messages", "messages"),
+                        "missing: a vision record has messages (or conversations) + images, "
+                        f"or image + caption (columns present: {', '.join(map(str, rec))})")
+    key = c.get("images", "images")
+    raw = rec.get(key)
+    if raw is None:
+        raw = []
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise BadRecord(key, f"expected a list of image paths, got {type(raw).__name__}")
+    images = [_image_path(v, f"{key}[{i}]", base_dir) for i, v in enumerate(raw)]
+    n_tags = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in msgs)
+    if n_tags != len(images):
+        raise BadRecord(key, f"{len(images)} image(s) but {n_tags} {IMAGE_PLACEHOLDER} "
+                        "placeholder(s) in the messages; put one placeholder per image")
+    return {"messages": msgs, "images": images}
+
+
+def vision_features():
+    """``datasets.Features`` of canonical vision examples (fixed, so text-only and image
+    samples mix: an all-empty ``images`` batch would otherwise be typed ``null``)."""
+    import datasets
+
+    return datasets.Features({
+        "messages": datasets.List({"role": datasets.Value("string"),
+                                   "content": datasets.Value("string")}),
+        "images": datasets.List(datasets.Value("string")),
+    })
+
+
 ADAPTERS: dict[str, Callable[..., dict]] = {
     "alpaca": alpaca,
     "dolly": dolly,
@@ -180,6 +271,7 @@ ADAPTERS: dict[str, Callable[..., dict]] = {
     "text": text,
     "seq2seq": seq2seq,
     "preference": preference,
+    "vision": vision,
 }
 
 

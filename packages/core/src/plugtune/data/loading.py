@@ -8,6 +8,7 @@ to name the first bad line (non-UTF-8 bytes, malformed JSON) so the user gets
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 import datasets
 
 from plugtune.config import DatasetConfig
-from plugtune.data.formats import ADAPTERS, BadRecord
+from plugtune.data.formats import ADAPTERS, BadRecord, vision_features
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,14 @@ def to_canonical(cfg: DatasetConfig, num_proc: int | None = None) -> tuple[datas
     ds, local_file = load_raw(cfg)
     adapter = ADAPTERS[cfg.type]
     cols, system = dict(cfg.columns), cfg.system_prompt
+    features = None
+    if cfg.type == "vision":  # image paths resolve against image_dir, else the data's folder
+        from plugtune.demo import materialize
+
+        where = Path(os.path.expanduser(materialize(cfg.path)))
+        base = cfg.image_dir or (local_file.parent if local_file else where if where.is_dir() else None)
+        adapter = functools.partial(adapter, base_dir=base)
+        features = vision_features()
 
     def convert(batch: dict, idx: list[int]) -> dict:
         keys = list(batch)
@@ -170,7 +179,8 @@ def to_canonical(cfg: DatasetConfig, num_proc: int | None = None) -> tuple[datas
     if errors:
         log.warning("%s: skipped %d bad rows, first: %s", cfg.path, len(errors), errors[0])
         conv = conv.filter(lambda e: not e, input_columns="_error")
-    conv = conv.map(lambda b: json.loads(b["example"]), remove_columns=["example", "_error"])
+    conv = conv.map(lambda b: json.loads(b["example"]), remove_columns=["example", "_error"],
+                    features=features)
     return conv, len(errors)
 
 
