@@ -1,0 +1,197 @@
+"""DPO: tokenization of preference pairs (one template pass, one BOS, shared boundary) and short
+runs on the real stories260K model with the real preference sets in ../shared/data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from plugtune.config import RecipeError, validate_recipe
+from plugtune.data.templates import ensure_chat_template
+from plugtune.data.tokenize import probe_template, tokenize_chat
+from plugtune.dpo import dpo_config, tokenize_pair
+from plugtune.testing import load_shared_tokenizer, make_spec, shared_path
+
+PROMPT = [{"role": "system", "content": "Be brief."},
+          {"role": "user", "content": "Name a primary colour."}]
+CHOSEN = "Red is a primary colour."
+REJECTED = "Bananas are yellow and tasty, I think."
+
+
+def _stories_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(shared_path("models", "stories260K", "hf"))
+
+
+@pytest.mark.parametrize("source,template", [
+    ("stories", "alpaca"), ("stories", "zephyr"), ("llama2", "llama2"), ("mistral_v1", "zephyr"),
+    ("llama3_2", None), ("qwen2_5", None)])
+def test_pair_tokens_one_bos_and_same_boundary_as_sft(source, template):
+    tok = _stories_tokenizer() if source == "stories" else load_shared_tokenizer(source)
+    ensure_chat_template(tok, template)
+    info = probe_template(tok)
+    row = tokenize_pair(tok, info, PROMPT, CHOSEN, REJECTED, max_len=4096)
+    p, c, r = row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]
+    assert row["status"] == "kept" and c != r
+    bos = tok.bos_token_id
+    if bos is not None:
+        # exactly one BOS, at the very start, never in front of an answer
+        assert (p + c).count(bos) == (1 if p[0] == bos else 0)
+        assert (p + r).count(bos) == (p + r)[:1].count(bos)
+        assert c[0] != bos and r[0] != bos
+    # each answer ends with a stop token of the template
+    assert c[-1] in info.stop_token_ids and r[-1] in info.stop_token_ids
+    # the same sequence SFT trains on, with the answer starting at the same token
+    for answer, ids in ((CHOSEN, c), (REJECTED, r)):
+        sft = tokenize_chat(tok, [*PROMPT, {"role": "assistant", "content": answer}], info, 4096)
+        first_label = next(i for i, lab in enumerate(sft["labels"]) if lab != -100)
+        assert first_label == len(p), "prompt/answer boundary differs from SFT's label mask"
+        assert sft["input_ids"][: len(p) + len(ids)] == p + ids
+    # and the rendered text is the chat template's, rendered once
+    text = tok.decode(p + c)
+    assert text.count(CHOSEN) == 1 and text.count(PROMPT[1]["content"]) == 1
+
+
+def test_length_policy_cuts_prompt_from_left_and_keeps_bos():
+    tok = _stories_tokenizer()
+    ensure_chat_template(tok, "alpaca")
+    info = probe_template(tok)
+    long_prompt = [{"role": "user", "content": "Once upon a time there was a cat. " * 40}]
+    row = tokenize_pair(tok, info, long_prompt, CHOSEN, REJECTED, max_len=64)
+    full = tokenize_pair(tok, info, long_prompt, CHOSEN, REJECTED, max_len=10_000)
+    assert row["status"] == "truncated" and row["length"] <= 64
+    assert row["prompt_ids"][0] == tok.bos_token_id
+    # the end of the prompt (the generation prompt "### Response:") survives, answers are whole
+    assert row["prompt_ids"][-8:] == full["prompt_ids"][-8:]
+    assert row["chosen_ids"] == full["chosen_ids"] and row["rejected_ids"] == full["rejected_ids"]
+
+
+def test_real_preference_files_become_canonical_pairs():
+    from plugtune.config import DatasetConfig
+    from plugtune.data.loading import load_datasets
+
+    for path in (shared_path("llama_factory", "dpo_en_demo.json"),
+                 shared_path("torchtune_assets", "stack_exchange_paired_tiny.json")):
+        ds, _ = load_datasets([DatasetConfig(path=str(path), type="preference", max_samples=4)])
+        ex = ds[0]
+        assert isinstance(ex["prompt"], list) and ex["prompt"][-1]["role"] == "user"
+        assert isinstance(ex["chosen"], str) and isinstance(ex["rejected"], str)
+        assert ex["chosen"] != ex["rejected"]
+
+
+def test_dpo_config_follows_recipe_not_trl_defaults():
+    spec, _ = make_spec("causal_lm", dpo_beta=0.25, dpo_loss_type="ipo", learning_rate=3e-4,
+                        sequence_len=96, output_dir="/tmp/unused")
+    cfg = dpo_config(spec.recipe, spec, has_eval=False)
+    assert cfg.beta == 0.25 and cfg.loss_type == ["ipo"] and cfg.max_length == 96
+    assert cfg.learning_rate == 3e-4
+    assert cfg.bf16 is False and cfg.gradient_checkpointing is False  # fp32 on this CPU
+    bad, _ = make_spec("causal_lm", dpo_loss_type="sigmoidd", output_dir="/tmp/unused")
+    with pytest.raises(RecipeError, match="dpo_loss_type"):
+        dpo_config(bad.recipe, bad, has_eval=False)
+
+
+def _recipe(tmp_path, adapter, dataset, **kw):
+    data = dict(
+        base_model=str(shared_path("models", "stories260K", "hf")), adapter=adapter, rl="dpo",
+        chat_template="alpaca",
+        datasets=[dict(path=str(dataset), type="preference", max_samples=8)],
+        sequence_len=128, micro_batch_size=4, lr_scheduler="constant", logging_steps=1,
+        lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules="all-linear",
+        dpo_beta=0.1, output_dir=str(tmp_path / "run"), save_total_limit=1)
+    data.update(kw)
+    return validate_recipe(data)
+
+
+def _check_rising(res):
+    hist = [h for h in res.log_history if "rewards/accuracies" in h]
+    assert len(hist) >= 4
+    # step 1: policy == reference, so the loss is log 2 and no pair is preferred yet
+    assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert hist[0]["rewards/accuracies"] == 0.0
+    accs = [h["rewards/accuracies"] for h in hist]
+    margins = [h["rewards/margins"] for h in hist]
+    assert max(accs[-2:]) >= 0.75 and accs[-1] > accs[0]
+    assert margins[-1] > margins[0] + 0.5
+    m = res.metrics
+    assert m["last_rewards_accuracies"] == accs[-1] and m["global_step"] == len(hist)
+    saved = json.loads((res.output_dir / "metrics.json").read_text())
+    assert saved["last_rewards_margins"] == pytest.approx(margins[-1])
+
+
+@pytest.mark.slow
+def test_dpo_lora_rewards_rise_reference_is_adapter_disabled(tmp_path):
+    from peft import PeftModel
+    from plugtune.train import train
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    data = shared_path("llama_factory", "dpo_en_demo.json")
+    res = train(_recipe(tmp_path, "lora", data, learning_rate=5e-3, max_steps=6))
+    _check_rising(res)
+    assert res.metrics["reference"] == "base model with the adapter disabled"
+    base = AutoModelForCausalLM.from_pretrained(shared_path("models", "stories260K", "hf"))
+    n_base = sum(p.numel() for p in base.parameters())
+    # the trainer's model is base + adapter, no second copy of the base
+    assert res.metrics["total_params"] == n_base + res.metrics["trainable_params"]
+    model = PeftModel.from_pretrained(base, str(res.output_dir))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "saved adapter is untrained"
+
+
+@pytest.mark.slow
+def test_dpo_full_weights_rewards_rise_with_frozen_reference(tmp_path):
+    from plugtune.train import train
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    data = shared_path("torchtune_assets", "stack_exchange_paired_tiny.json")
+    res = train(_recipe(tmp_path, "none", data, learning_rate=1e-3, max_steps=6))
+    _check_rising(res)
+    assert res.metrics["reference"] == "frozen copy of the initial model"
+    base = load_file(shared_path("models", "stories260K", "hf", "model.safetensors"))
+    tuned = load_file(res.output_dir / "model.safetensors")
+    assert any(not torch.equal(base[k], tuned[k]) for k in base), "weights did not change"
+
+
+def test_dpo_needs_preference_data(tmp_path):
+    from plugtune.train import TrainingError, train
+
+    recipe = validate_recipe(dict(
+        base_model=str(shared_path("models", "stories260K", "hf")), rl="dpo",
+        datasets=[dict(path=str(shared_path("dolly", "dolly_validation_151.instruction_context_response.jsonl")),
+                       type="dolly", max_samples=4)], output_dir=str(tmp_path / "run")))
+    with pytest.raises(TrainingError, match="preference data"):
+        train(recipe)
+
+
+def test_dpo_stops_on_nan_loss_naming_the_step(tmp_path, monkeypatch):
+    import trl
+    from plugtune.train import TrainingError, train
+
+    def nan_loss(self, model, inputs, return_outputs):
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        return out.logits.sum() * float("nan")
+
+    monkeypatch.setattr(trl.DPOTrainer, "_compute_loss", nan_loss)
+    data = shared_path("llama_factory", "dpo_en_demo.json")
+    with pytest.raises(TrainingError, match="at step 1"):
+        train(_recipe(tmp_path, "lora", data, learning_rate=1e-3, max_steps=2))
+
+
+@pytest.mark.slow
+def test_dpo_resume_from_checkpoint(tmp_path):
+    from plugtune.train import train
+
+    torch.set_num_threads(1)
+    data = shared_path("llama_factory", "dpo_en_demo.json")
+    first = train(_recipe(tmp_path, "lora", data, learning_rate=1e-3, max_steps=2, save_steps=2))
+    assert first.metrics["global_step"] == 2
+    assert (tmp_path / "run" / "checkpoint-2" / "plugtune_checkpoint_complete").exists()
+    res = train(_recipe(tmp_path, "lora", data, learning_rate=1e-3, max_steps=3, save_steps=2),
+                resume=True)
+    steps = [h["step"] for h in res.log_history if "rewards/accuracies" in h]
+    assert res.metrics["global_step"] == 3 and steps[-1] == 3
