@@ -70,13 +70,45 @@ def plugtune_target_modules(spec: ModelSpec, model: Any, method: str) -> list[st
 
 
 @hookspec(firstresult=True)
-def plugtune_collate(spec: ModelSpec, tokenizer: Any) -> Callable[[list[dict]], dict] | None:
+def plugtune_encode(
+    spec: ModelSpec, processor: Any, tokenizer: Any, example: dict, max_len: int,
+    template: Any,
+) -> dict | None:
+    """Tokenize one canonical example of a processor-based (``task: "vision"``) family.
+
+    Called by the data pipeline (inside ``datasets.map``) for every train/eval example when the
+    family's task is ``"vision"``; text families never see it.
+
+    Args:
+        processor: ``Loaded.processor`` (e.g. a ``transformers`` ``ProcessorMixin``).
+        tokenizer: ``Loaded.tokenizer`` (its chat template is already set).
+        example: a canonical chat example, ``{"messages": [...], "images": [paths]}``, whose
+            message texts hold one ``plugtune.data.formats.IMAGE_PLACEHOLDER`` per image;
+            ``images`` may be empty (a text-only sample).
+        max_len: ``sequence_len``: the most tokens a row may have *after* image expansion.
+        template: the probed :class:`plugtune.data.tokenize.TemplateInfo`.
+
+    Returns:
+        ``{"input_ids": list[int], "labels": list[int], "length": int, "status": str,
+        "images": list[str]}``: ids with every image placeholder already expanded to the
+        model's image tokens; labels ``-100`` on prompt and image tokens; ``status`` one of
+        ``"kept"``, ``"truncated"`` (prompt text cut, never inside an image's tokens) or
+        ``"dropped"`` (over-long; counted by the pipeline); ``None`` to pass.
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_collate(
+    spec: ModelSpec, tokenizer: Any, processor: Any = None
+) -> Callable[[list[dict]], dict] | None:
     """Return the collate function used for every batch of the run.
 
     Called once per run. The function must be picklable (dataloader workers) and turn a list
     of tokenized features (``input_ids``, ``labels`` and optionally ``position_ids``, each a
     list of ints) into a dict of tensors of shape ``(batch, seq)``. Labels are padded with
-    ``-100``, never with the pad id.
+    ``-100``, never with the pad id. ``processor`` is ``Loaded.processor`` (default ``None``:
+    text families); vision features also carry ``images`` (paths), which the collate function turns
+    into the model's pixel inputs.
     """
 
 
@@ -105,11 +137,17 @@ def plugtune_generate(
     prompts: Sequence[str],
     max_new_tokens: int,
     images: Sequence[Any] | None,
+    processor: Any = None,
 ) -> list[str] | None:
     """Generate one completion per prompt (greedy unless the plugin says otherwise).
 
     ``prompts`` are user messages; the implementation renders them with the run's chat template
     or prompt format. Stops on the end-of-sequence *and* end-of-turn tokens.
+
+    ``images`` (vision families): ``None``, or one entry per prompt (an image path or PIL image,
+    a list of them, or ``None`` for a text-only prompt); with a single prompt a flat list of
+    paths all belongs to it (``plugtune generate --prompt P --image A --image B``).
+    ``processor`` is ``Loaded.processor`` (default ``None``: text families).
 
     Returns:
         A list of strings, ``len(prompts)`` long, without the prompt; ``None`` to pass.

@@ -5,6 +5,10 @@ one code path renders every model, and the template is saved with the tokenizer 
 directory, where ``plugtune generate`` finds it. Templates end every assistant turn with the
 EOS (or the template's end-of-turn token) so the model learns to stop.
 
+Every sequence carries exactly one BOS (added by the tokenizer or the template, never both):
+the ``llama2`` template therefore separates later turns with a space instead of Meta's extra
+``<s>``.
+
 Sources: Alpaca (tatsu-lab/stanford_alpaca ``PROMPT_DICT``), Llama 2 chat (Meta's
 ``llama`` repo ``chat_completion``), ChatML (OpenAI / Qwen), Zephyr
 (HuggingFaceH4/zephyr-7b-beta ``tokenizer_config.json``), Mistral instruct (``[INST]``).
@@ -30,7 +34,7 @@ LLAMA2 = (
     "{% set sys = '<<SYS>>\n' + messages[0]['content'] + '\n<</SYS>>\n\n' %}"
     "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
     "{% for m in msgs %}"
-    "{% if m['role'] == 'user' %}{% if loop.index0 > 0 %}{{ bos_token }}{% endif %}"
+    "{% if m['role'] == 'user' %}{% if loop.index0 > 0 %} {% endif %}"
     "[INST] {{ (sys if loop.first else '') + m['content'] }} [/INST]"
     "{% elif m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}{% endif %}"
     "{% endfor %}"

@@ -1,0 +1,155 @@
+"""Rendering, label masking, BOS/EOS and the length policy with the real tokenizers."""
+
+from __future__ import annotations
+
+import pytest
+
+from plugtune.data.templates import TemplateError, ensure_chat_template
+from plugtune.data.tokenize import (
+    IGNORE_INDEX,
+    apply_length_policy,
+    probe_template,
+    tokenize_chat,
+    tokenize_seq2seq,
+    tokenize_text,
+)
+from plugtune.testing import load_shared_tokenizer
+
+ONE_TURN = [{"role": "user", "content": "Name a primary colour."},
+            {"role": "assistant", "content": "Red is a primary colour."}]
+MULTI = [{"role": "system", "content": "You are terse."},
+         {"role": "user", "content": "Hi there"},
+         {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "What is 2+2?"},
+         {"role": "assistant", "content": "It is 4."}]
+
+# (tokenizer, chat_template, expected end token of a response)
+CASES = [
+    ("llama2", "llama2", "</s>"),
+    ("llama2", "alpaca", "</s>"),
+    ("mistral_v1", "mistral", "</s>"),
+    ("mistral_v1", "zephyr", "</s>"),
+    ("llama3_2", None, "<|eot_id|>"),        # the tokenizer's own template
+    ("qwen2_5", None, "<|im_end|>"),         # the tokenizer's own template
+    ("falcon", "chatml", "<|im_end|>"),      # added special tokens
+]
+
+
+def _prep(name, template):
+    tok = load_shared_tokenizer(name)
+    ensure_chat_template(tok, template)
+    return tok, probe_template(tok)
+
+
+def _trained_spans(ids, labels):
+    """Contiguous runs of trained token ids."""
+    spans, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            assert lab == t, "labels must not be shifted"
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    return spans
+
+
+@pytest.mark.parametrize("name,template,end", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_labels_are_exactly_each_response_plus_end_token(name, template, end):
+    tok, info = _prep(name, template)
+    assert tok.convert_tokens_to_ids(end) in info.stop_token_ids
+    row = tokenize_chat(tok, MULTI, info, 4096)
+    ids, labels = row["input_ids"], row["labels"]
+    spans = _trained_spans(ids, labels)
+    assert len(spans) == 2, "every assistant turn is trained, nothing else"
+    for span, resp in zip(spans, ("Hello.", "It is 4.")):
+        text = tok.decode(span, skip_special_tokens=False)
+        assert text.strip().endswith(end)
+        assert text.strip()[: -len(end)].strip() == resp
+        assert span[-1] == tok.convert_tokens_to_ids(end)
+    # exactly one BOS (when the tokenizer has one), at position 0
+    if tok.bos_token_id is not None and (info.add_bos or info.bos_in_template):
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    # the prompt text, including the user turns, is never trained
+    prompt_only = tok.decode([t for t, lab in zip(ids, labels) if lab == IGNORE_INDEX])
+    assert "What is 2+2?" in prompt_only and "You are terse." in prompt_only
+
+
+@pytest.mark.parametrize("name,template,end", CASES[:3], ids=[f"{c[0]}-{c[1]}" for c in CASES[:3]])
+def test_rendered_text_and_train_on_inputs(name, template, end):
+    tok, info = _prep(name, template)
+    row = tokenize_chat(tok, ONE_TURN, info, 4096)
+    rendered = tok.decode(row["input_ids"])
+    assert "Name a primary colour." in rendered and rendered.rstrip().endswith(end)
+    full = tokenize_chat(tok, ONE_TURN, info, 4096, train_on_inputs=True)
+    assert full["input_ids"] == row["input_ids"]
+    assert sum(lab != IGNORE_INDEX for lab in full["labels"]) > sum(lab != IGNORE_INDEX for lab in row["labels"])
+
+
+def test_eos_appended_when_template_emits_no_stop_token():
+    tok = load_shared_tokenizer("llama2")
+    ensure_chat_template(tok, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                              "{% if add_generation_prompt %}assistant:{% endif %}")
+    info = probe_template(tok)
+    row = tokenize_chat(tok, ONE_TURN, info, 4096)
+    span = _trained_spans(row["input_ids"], row["labels"])[-1]
+    assert span[-1] == tok.eos_token_id
+
+
+def test_pad_equal_eos_keeps_eos_trained():
+    tok, info = _prep("qwen2_5", None)
+    tok.pad_token = tok.eos_token
+    row = tokenize_chat(tok, ONE_TURN, info, 4096)
+    from plugtune.data.collate import Collator
+
+    batch = Collator(tok.pad_token_id)([row, tokenize_chat(tok, MULTI, info, 4096)])
+    labels = batch["labels"][0]
+    assert (labels == tok.convert_tokens_to_ids("<|im_end|>")).any()
+    assert (labels[len(row["input_ids"]):] == IGNORE_INDEX).all()
+
+
+def test_unknown_template_name_is_an_error():
+    tok = load_shared_tokenizer("llama2")
+    with pytest.raises(TemplateError, match="chatml"):
+        ensure_chat_template(tok, "chatmll")
+    with pytest.raises(TemplateError, match="ships no chat template"):
+        ensure_chat_template(tok, "tokenizer")
+
+
+def test_length_policy_truncates_prompt_then_drops():
+    ids = list(range(20))
+    labels = [IGNORE_INDEX] * 12 + ids[12:]
+    out_ids, out_labels, status = apply_length_policy(ids, labels, 16, "prompt_then_drop", keep_prefix=1)
+    assert status == "truncated" and len(out_ids) == 16 and out_ids[0] == 0
+    assert out_labels[-8:] == ids[12:], "the whole response survives"
+    _, _, status = apply_length_policy(ids, labels, 6, "prompt_then_drop", keep_prefix=1)
+    assert status == "dropped"
+    _, _, status = apply_length_policy(ids, labels, 16, "drop", keep_prefix=1)
+    assert status == "dropped"
+
+
+def test_long_real_sample_never_loses_its_response():
+    tok, info = _prep("llama2", "alpaca")
+    long_prompt = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "Short answer."}]
+    row = tokenize_chat(tok, long_prompt, info, 64)
+    assert row["status"] == "truncated" and len(row["input_ids"]) == 64
+    assert row["input_ids"][0] == tok.bos_token_id
+    span = _trained_spans(row["input_ids"], row["labels"])[0]
+    assert tok.decode(span).strip() == "Short answer.</s>" or tok.decode(span, skip_special_tokens=True).strip() == "Short answer."
+
+
+def test_text_chunks_are_fully_trained():
+    tok, info = _prep("llama2", "alpaca")
+    rows = tokenize_text(tok, "Once upon a time there was a cat. " * 30, 64, info)
+    assert len(rows) > 1 and all(len(r["input_ids"]) <= 64 for r in rows)
+    assert rows[0]["input_ids"][0] == tok.bos_token_id and rows[-1]["input_ids"][-1] == tok.eos_token_id
+    assert all(r["labels"] == r["input_ids"] for r in rows)
+
+
+def test_seq2seq_targets_end_with_eos():
+    tok = load_shared_tokenizer("t5")
+    row = tokenize_seq2seq(tok, "summarize: Amanda baked cookies.", "Amanda baked.", 64)
+    assert row["labels"][-1] == tok.eos_token_id and row["input_ids"][-1] == tok.eos_token_id
+    assert tok.decode(row["labels"], skip_special_tokens=True) == "Amanda baked."
