@@ -2,7 +2,7 @@
 
     plugtune train RECIPE [--set key=value ...] [--resume]
     plugtune prepare RECIPE [--set ...]           data statistics without training
-    plugtune generate RUN_DIR --prompt TEXT [--max-new-tokens N]
+    plugtune generate RUN_DIR --prompt TEXT [--image PATH ...] [--max-new-tokens N]
     plugtune eval RUN_DIR [--data FILE --type T]  loss + generation metrics
     plugtune plugins [--json]
     plugtune recipes
@@ -103,8 +103,16 @@ def cmd_prepare(args, console: Console) -> int:
     spec = build_spec(recipe, pm)
     from plugtune.modeling import load_tokenizer
 
-    tok = load_tokenizer(spec)
-    data = prepare(spec.recipe, tok, spec.task)
+    encode = None
+    if spec.task == "vision":  # tokenized through the processor: load it (with the model)
+        from plugtune.data.pipeline import hook_encoder
+
+        loaded = pm.hook.plugtune_load(spec=spec)
+        tok = loaded.tokenizer
+        encode = hook_encoder(pm, spec, loaded.processor, tok)
+    else:
+        tok = load_tokenizer(spec)
+    data = prepare(spec.recipe, tok, spec.task, encode=encode)
     stats = {k: v for k, v in data.stats.items() if k != "per_dataset"}
     tab = Table(title=f"plugtune prepare: {args.recipe}")
     tab.add_column("statistic")
@@ -130,7 +138,8 @@ def cmd_generate(args, console: Console) -> int:
     spec, loaded, pm = load_run(args.run_dir)
     n = args.max_new_tokens or spec.recipe.generation.max_new_tokens
     outs = pm.hook.plugtune_generate(spec=spec, model=loaded.model, tokenizer=loaded.tokenizer,
-                                     prompts=args.prompt, max_new_tokens=n, images=args.image)
+                                     prompts=args.prompt, max_new_tokens=n, images=args.image,
+                                     processor=loaded.processor)
     for prompt, out in zip(args.prompt, outs):
         if len(args.prompt) > 1:
             console.rule(prompt[:60])
@@ -156,12 +165,15 @@ def cmd_eval(args, console: Console) -> int:
         return 2
     rec = recipe.model_copy(update={"datasets": test, "test_datasets": test, "sample_packing": False,
                                     "eval_max_samples": args.max_samples or recipe.eval_max_samples})
-    data = prepare(rec, loaded.tokenizer, spec.task)
+    from plugtune.data.pipeline import hook_encoder
+
+    encode = hook_encoder(pm, spec, loaded.processor, loaded.tokenizer) if spec.task == "vision" else None
+    data = prepare(rec, loaded.tokenizer, spec.task, encode=encode)
     import math
 
     import torch
 
-    collate = pm.hook.plugtune_collate(spec=spec, tokenizer=loaded.tokenizer)
+    collate = pm.hook.plugtune_collate(spec=spec, tokenizer=loaded.tokenizer, processor=loaded.processor)
     tot, n = 0.0, 0
     rows = data.eval if data.eval is not None else data.train
     limit = min(len(rows), args.max_samples or len(rows))
@@ -176,7 +188,8 @@ def cmd_eval(args, console: Console) -> int:
     res = {"eval_loss": round(tot / max(n, 1), 4), "perplexity": round(math.exp(min(tot / max(n, 1), 50)), 3)}
     metrics = [m for m in recipe.eval_metrics if m in ("exact_match", "rouge")] or ["exact_match"]
     res.update(evaluate_generation(pm, spec, loaded.model, loaded.tokenizer, data.eval_examples,
-                                   metrics, recipe.generation.max_new_tokens))
+                                   metrics, recipe.generation.max_new_tokens,
+                                   processor=loaded.processor))
     console.print_json(json.dumps(res, default=str))
     return 0
 

@@ -44,12 +44,15 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 
 
 def evaluate_generation(pm, spec, model, tokenizer, examples: list[dict], metrics: Sequence[str],
-                        max_new_tokens: int, images=None) -> dict:
+                        max_new_tokens: int, images=None, processor=None) -> dict:
     """Generate for each example's prompt with ``plugtune_generate`` and score the outputs.
 
     Args:
-        examples: ``{"prompt": [messages], "reference": str}`` dicts (from the data pipeline).
+        examples: ``{"prompt": [messages], "reference": str}`` dicts (from the data pipeline);
+            vision examples also carry ``images`` (paths), passed per prompt when ``images``
+            is not given.
         metrics: any of ``exact_match``, ``rouge``.
+        processor: ``Loaded.processor`` (vision families), handed to ``plugtune_generate``.
 
     Returns:
         ``{"n": int, "exact_match": float, "rouge1": float, ..., "samples": [first 3]}``.
@@ -57,8 +60,11 @@ def evaluate_generation(pm, spec, model, tokenizer, examples: list[dict], metric
     examples = [e for e in examples if "reference" in e]
     prompts = [e["prompt"] for e in examples]
     refs = [e["reference"] for e in examples]
+    if images is None and any(e.get("images") for e in examples):
+        images = [e.get("images") or None for e in examples]
     preds = pm.hook.plugtune_generate(spec=spec, model=model, tokenizer=tokenizer, prompts=prompts,
-                                      max_new_tokens=max_new_tokens, images=images)
+                                      max_new_tokens=max_new_tokens, images=images,
+                                      processor=processor)
     out: dict = {"n": len(refs)}
     if "exact_match" in metrics:
         out["exact_match"] = round(exact_match(preds, refs), 4)

@@ -309,13 +309,15 @@ def _atomic_write(path: Path, data: str | bytes) -> None:
 
 
 def save_run(output_dir: Path, model, tokenizer, recipe: Recipe, spec: ModelSpec, metrics: dict,
-             log_history: list[dict], stats: dict, state_dict: dict | None = None) -> None:
+             log_history: list[dict], stats: dict, state_dict: dict | None = None,
+             processor=None) -> None:
     """Write the run directory atomically: everything goes to a temp folder, then each file is
     moved into place with ``os.replace`` (a crash never leaves a half-written adapter).
 
     ``state_dict``: the full (gathered) weights when the live parameters are sharded, e.g.
     under DeepSpeed ZeRO-3 (see :func:`plugtune.scale.gathered_state_dict`); ``None`` saves the
-    model's own parameters."""
+    model's own parameters. ``processor`` (vision families) is saved beside the tokenizer, so
+    ``plugtune generate`` rebuilds the same image preprocessing."""
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".staging-"))
     try:
@@ -324,6 +326,8 @@ def save_run(output_dir: Path, model, tokenizer, recipe: Recipe, spec: ModelSpec
         else:
             model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        if processor is not None:
+            processor.save_pretrained(staging)
         (staging / "recipe.yaml").write_text(dump_recipe(recipe))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         (staging / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
@@ -366,7 +370,12 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
     if loaded is None:
         raise TrainingError(f"no plugin loaded {spec.path!r} (family {spec.family.name})")
     model, tokenizer = loaded.model, loaded.tokenizer
-    data = prepare(recipe, tokenizer, spec.task)
+    encode = None
+    if spec.task == "vision":  # processor-based tokenization (image token expansion)
+        from plugtune.data.pipeline import hook_encoder
+
+        encode = hook_encoder(pm, spec, loaded.processor, tokenizer)
+    data = prepare(recipe, tokenizer, spec.task, encode=encode)
     if data.kind == "preference" or recipe.rl == "dpo":
         from plugtune.dpo import train_dpo
 
@@ -381,7 +390,8 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
     wants_gen = any(m in recipe.eval_metrics for m in ("exact_match", "rouge"))
     if recipe.eval_before_training and wants_gen and data.eval_examples:
         metrics["before"] = evaluate_generation(pm, spec, model, tokenizer, data.eval_examples,
-                                                recipe.eval_metrics, gen_cfg.max_new_tokens)
+                                                recipe.eval_metrics, gen_cfg.max_new_tokens,
+                                               processor=loaded.processor)
         say(f"plugtune: before training: {metrics['before']}")
 
     model = apply_adapter(spec, model, pm)
@@ -390,7 +400,7 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
                    trainable_share=round(trainable / max(total, 1), 6))
     say(f"plugtune: trainable parameters: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.3f}%)")
 
-    collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tokenizer)
+    collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tokenizer, processor=loaded.processor)
     seq2seq = spec.task == "seq2seq"
     args = training_arguments(recipe, spec, data.eval is not None, seq2seq)
     trainer_cls = PlugtuneSeq2SeqTrainer if seq2seq else PlugtuneTrainer
@@ -423,12 +433,13 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
             metrics["perplexity"] = math.exp(min(ev["eval_loss"], 50))
     if wants_gen and data.eval_examples:
         metrics["after"] = evaluate_generation(pm, spec, model, tokenizer, data.eval_examples,
-                                               recipe.eval_metrics, gen_cfg.max_new_tokens)
+                                               recipe.eval_metrics, gen_cfg.max_new_tokens,
+                                               processor=loaded.processor)
         say(f"plugtune: after training: {metrics['after']}")
     out_dir = Path(recipe.output_dir)
     from plugtune.scale import gathered_state_dict
 
     save_run(out_dir, model, tokenizer, recipe, spec, metrics, trainer.state.log_history, data.stats,
-             state_dict=gathered_state_dict(trainer))
+             state_dict=gathered_state_dict(trainer), processor=loaded.processor)
     say(f"plugtune: run saved to {out_dir}")
     return RunResult(output_dir=out_dir, metrics=metrics, log_history=trainer.state.log_history)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 
 from plugtune.config import Recipe
-from plugtune.data.formats import kind_of
+from plugtune.data.formats import IMAGE_PLACEHOLDER, kind_of
 from plugtune.data.loading import DataError, load_datasets
 from plugtune.data.packing import pack_rows
 from plugtune.data.templates import ensure_chat_template
@@ -71,17 +72,56 @@ def _seq2seq_view(ex: dict) -> tuple[str, str]:
     return source, msgs[last]["content"]
 
 
+#: the row columns an ``encode`` function (``plugtune_encode``) returns
+ENCODED_FEATURES = datasets.Features({
+    "input_ids": datasets.List(datasets.Value("int64")),
+    "labels": datasets.List(datasets.Value("int64")),
+    "length": datasets.Value("int64"),
+    "status": datasets.Value("string"),
+    "images": datasets.List(datasets.Value("string")),
+})
+
+Encoder = Callable[[dict, int, "TemplateInfo | None"], dict]
+
+
+def hook_encoder(pm, spec, processor, tokenizer) -> Encoder:
+    """An ``encode(example, max_len, template)`` function that calls ``plugtune_encode``.
+
+    Raises (when called):
+        DataError: no plugin encodes examples for the family.
+    """
+    def encode(example: dict, max_len: int, template) -> dict:
+        row = pm.hook.plugtune_encode(spec=spec, processor=processor, tokenizer=tokenizer,
+                                      example=example, max_len=max_len, template=template)
+        if row is None:
+            raise DataError(f"no plugin encodes examples for family {spec.family.name!r} "
+                            f"(task {spec.task!r}); is its plugin installed?")
+        return row
+    return encode
+
+
 def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
-                     info: TemplateInfo | None) -> datasets.Dataset:
-    """Tokenize canonical examples with ``datasets.map``; returns rows with a ``status`` column."""
+                     info: TemplateInfo | None, encode: Encoder | None = None) -> datasets.Dataset:
+    """Tokenize canonical examples with ``datasets.map``; returns rows with a ``status`` column.
+
+    ``encode`` (processor-based families, see :func:`hook_encoder`) replaces the text
+    tokenizers; its rows also carry ``images``.
+    """
     max_len, policy, toi = recipe.sequence_len, recipe.truncation, recipe.train_on_inputs
 
     def fn(batch: dict) -> dict:
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": []}
+        if encode is not None:
+            out["images"] = []
         keys = list(batch)
         for j in range(len(batch[keys[0]])):
             ex = {k: batch[k][j] for k in keys if batch[k][j] is not None}
-            if task == "seq2seq":
+            if encode is not None:
+                rows = [encode(ex, max_len, info)]
+            elif ex.get("images"):
+                raise DataError(f"a sample has {len(ex['images'])} image(s) but the model's family "
+                                f"(task {task!r}) is text-only; use a vision model or drop images")
+            elif task == "seq2seq":
                 rows = [tokenize_seq2seq(tokenizer, *_seq2seq_view(ex), max_len)]
             elif "messages" in ex:
                 rows = [tokenize_chat(tokenizer, ex["messages"], info, max_len, toi, policy)]
@@ -95,7 +135,8 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
         return out
 
     return ds.map(fn, batched=True, batch_size=256, remove_columns=ds.column_names,
-                  num_proc=_num_proc(recipe, len(ds)), desc="tokenize")
+                  num_proc=_num_proc(recipe, len(ds)) if encode is None else recipe.dataset_num_proc,
+                  features=ENCODED_FEATURES if encode is not None else None, desc="tokenize")
 
 
 def _pad_fraction(lengths: list[int], batch_size: int, grouped: bool, seed: int) -> float:
@@ -156,7 +197,11 @@ def _eval_examples(ds: datasets.Dataset | None, limit: int | None) -> list[dict]
         if "messages" in ex:
             msgs = ex["messages"]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            out.append({"prompt": msgs[:last], "reference": msgs[last]["content"]})
+            item = {"prompt": msgs[:last], "reference": msgs[last]["content"]}
+            if "images" in ex:  # vision: the images whose placeholders lie in the prompt
+                item["images"] = list(ex["images"])[:sum(
+                    m["content"].count(IMAGE_PLACEHOLDER) for m in msgs[:last])]
+            out.append(item)
         elif "source" in ex:
             out.append({"prompt": [{"role": "user", "content": ex["source"]}],
                         "source": ex["source"], "reference": ex["target"]})
@@ -165,13 +210,16 @@ def _eval_examples(ds: datasets.Dataset | None, limit: int | None) -> list[dict]
     return out
 
 
-def prepare(recipe: Recipe, tokenizer, task: str = "causal") -> PreparedData:
+def prepare(recipe: Recipe, tokenizer, task: str = "causal",
+            encode: Encoder | None = None) -> PreparedData:
     """Build train/eval rows for a run (see module docstring).
 
     Args:
         recipe: the validated recipe.
         tokenizer: a fast ``transformers`` tokenizer (modified in place: chat template, pad).
-        task: ``"causal"`` or ``"seq2seq"`` (from the model's family).
+        task: ``"causal"``, ``"seq2seq"`` or ``"vision"`` (from the model's family).
+        encode: for ``"vision"``: the ``plugtune_encode`` hook bound to the run's processor
+            (:func:`hook_encoder`); rows keep their ``images`` and are never packed.
 
     Raises:
         DataError: bad input (names file, line, field) or no sample left after the length policy.
@@ -199,8 +247,14 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal") -> PreparedData:
                             end_of_turn=None, bos_in_template=False,
                             add_bos=tokenizer.bos_token_id is not None, bos_id=tokenizer.bos_token_id,
                             eos_token=tokenizer.eos_token)
-    train_tok = tokenize_dataset(train_raw, tokenizer, recipe, task, info)
-    train, stats = finalize(train_tok, recipe, recipe.sample_packing and task != "seq2seq")
+    if task == "vision" and encode is None:
+        raise DataError("a vision family tokenizes through its processor: pass "
+                        "encode=hook_encoder(pm, spec, processor, tokenizer) to prepare()")
+    packable = task not in ("seq2seq", "vision")
+    if recipe.sample_packing and not packable:
+        log.warning("sample_packing is ignored for task %r (rows are not packed)", task)
+    train_tok = tokenize_dataset(train_raw, tokenizer, recipe, task, info, encode)
+    train, stats = finalize(train_tok, recipe, recipe.sample_packing and packable)
     stats["skipped_bad_rows"] = load_stats["skipped_bad_rows"]
     stats["per_dataset"] = load_stats["per_dataset"]
     if stats["rows"] == 0:
@@ -211,8 +265,8 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal") -> PreparedData:
     evald = None
     if eval_raw is not None and len(eval_raw):
         pack_eval = recipe.eval_sample_packing if recipe.eval_sample_packing is not None else recipe.sample_packing
-        eval_tok = tokenize_dataset(eval_raw, tokenizer, recipe, task, info)
-        evald, estats = finalize(eval_tok, recipe, pack_eval and task != "seq2seq")
+        eval_tok = tokenize_dataset(eval_raw, tokenizer, recipe, task, info, encode)
+        evald, estats = finalize(eval_tok, recipe, pack_eval and packable)
         stats["eval"] = estats
     return PreparedData(train=train, eval=evald,
                         eval_examples=_eval_examples(eval_raw, recipe.eval_max_samples),

@@ -35,7 +35,6 @@ from plugtune.plugins import get_plugin_manager, resolve_family
 from plugtune.spec import ModelSpec
 
 
-
 def shared_dir() -> Path:
     """``../shared`` beside the repository (or ``$PLUGTUNE_SHARED``); tests skip without it."""
     import os
@@ -131,6 +130,11 @@ class PluginContract:
     def make_tokenizer(self):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def make_processor(self, tokenizer):
+        """The ``Loaded.processor`` handed to collate/generate (vision families); ``None`` for
+        text families. Built once per test from the tokenizer of :meth:`make_tokenizer`."""
+        return None
+
     def sample_features(self, spec, tokenizer) -> list[dict]:
         """Two tokenized training features (override for vision or seq2seq families)."""
         from plugtune.data.templates import ensure_chat_template
@@ -194,7 +198,8 @@ class PluginContract:
 
     def test_collate_is_picklable(self, setup):
         spec, pm, model, tok = setup
-        collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tok)
+        collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tok,
+                                           processor=self.make_processor(tok))
         again = pickle.loads(pickle.dumps(collate))
         feats = self.sample_features(spec, tok)
         a, b = collate(feats), again(feats)
@@ -207,7 +212,8 @@ class PluginContract:
     def test_train_step_finite_loss_and_adapter_grads(self, setup):
         spec, pm, model, tok = setup
         model = self._lora(spec, pm, model)
-        collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tok)
+        collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tok,
+                                           processor=self.make_processor(tok))
         batch = collate(self.sample_features(spec, tok))
         n = int((batch["labels"] != -100).sum())
         loss = pm.hook.plugtune_train_step(spec=spec, model=model, batch=batch, num_items_in_batch=n)
@@ -225,6 +231,7 @@ class PluginContract:
             ensure_chat_template(tok, spec.recipe.chat_template)
         prompts = ["Hello there", "Name a colour."]
         outs = pm.hook.plugtune_generate(spec=spec, model=model, tokenizer=tok, prompts=prompts,
-                                         max_new_tokens=4, images=None)
+                                         max_new_tokens=4, images=None,
+                                         processor=self.make_processor(tok))
         assert isinstance(outs, list) and len(outs) == len(prompts)
         assert all(isinstance(o, str) for o in outs)
