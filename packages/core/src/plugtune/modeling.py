@@ -100,6 +100,28 @@ def ensure_pad_token(tok) -> None:
             tok.pad_token = tok.eos_token
 
 
+class _OncePerMessage(logging.Filter):
+    """A logging filter that passes each distinct message template once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def log_once(logger_name: str) -> None:
+    """Let each distinct message of logger ``logger_name`` through once (idempotent)."""
+    lg = logging.getLogger(logger_name)
+    if not any(isinstance(f, _OncePerMessage) for f in lg.filters):
+        lg.addFilter(_OncePerMessage())
+
+
 def load_model(spec: ModelSpec, auto_class=None, **kwargs: Any):
     """Load ``spec.path`` with the dtype policy, attention implementation and quantization.
 
@@ -130,6 +152,10 @@ def load_model(spec: ModelSpec, auto_class=None, **kwargs: Any):
         args["attn_implementation"] = impl
     if qc is not None:
         args["quantization_config"] = qc
+        if spec.quantization == "8bit":
+            # bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to float16" on every
+            # 8-bit matmul (hundreds per step); show it once.
+            log_once("bitsandbytes.autograd._functions")
         args["dtype"] = torch.bfloat16 if spec.quantization == "4bit" else spec.torch_dtype
     args.update(kwargs)
     try:
@@ -161,13 +187,37 @@ def linear_module_names(model: nn.Module, exclude: Iterable[str] = ("lm_head",),
 
 
 def check_target_modules(model: nn.Module, targets: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming the targets not in ``model`` and the Linear names it has."""
-    leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in leaves and not any(n.endswith(t) for n, _ in model.named_modules())]
-    if missing:
+    """Raise ``ValueError`` naming the targets not in ``model`` and the Linear names it has.
+
+    A target must name at least one module LoRA can wrap (``nn.Linear`` incl. bitsandbytes
+    4/8-bit, ``nn.Embedding``, ``nn.Conv1d/2d/3d``, GPT-2's ``Conv1D``): a name that only
+    matches a container (BLOOM's ``mlp`` is a ``BloomMLP`` holding ``dense_h_to_4h`` and
+    ``dense_4h_to_h``) is reported too, instead of failing later inside peft.
+    """
+    named = list(model.named_modules())
+    missing, containers = [], []
+    for t in targets:
+        hits = [m for n, m in named if n == t or n.endswith("." + t)]
+        if not hits:
+            missing.append(t)
+        elif not any(_lora_wrappable(m) for m in hits):
+            containers.append(f"{t} ({type(hits[0]).__name__})")
+    if missing or containers:
+        parts = []
+        if missing:
+            parts.append(f"lora_target_modules {missing} not found in the model")
+        if containers:
+            parts.append(f"lora_target_modules {containers} are not layers LoRA can wrap "
+                         "(not nn.Linear/Embedding/Conv)")
         raise ValueError(
-            f"lora_target_modules {missing} not found in the model; its Linear modules are: "
+            f"{'; '.join(parts)}; its Linear modules are: "
             f"{', '.join(linear_module_names(model, exclude=()))}")
+
+
+def _lora_wrappable(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Linear | nn.Embedding | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return True
+    return type(mod).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D (GPT-2 style)
 
 
 def peft_default_targets(model_type: str) -> list[str] | None:
@@ -190,8 +240,10 @@ def prompt_texts(tokenizer, prompts: Sequence[str | list[dict]]) -> list[str]:
     return out
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """EOS plus the chat template's end-of-turn token (e.g. ``<|im_end|>``, ``<|eot_id|>``)."""
+def stop_token_ids(tokenizer, model=None, extra: Sequence[str | int] = ()) -> list[int]:
+    """EOS plus the chat template's end-of-turn token (e.g. ``<|im_end|>``, ``<|eot_id|>``),
+    the model's ``generation_config.eos_token_id`` and ``extra`` (token strings or ids; strings
+    not in the vocabulary are skipped, so a family plugin can list all its variants)."""
     ids: list[int] = []
     if getattr(tokenizer, "chat_template", None):
         from plugtune.data.tokenize import TemplateRenderError, probe_template
@@ -203,7 +255,13 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for e in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
+    more = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+    vocab = tokenizer.get_vocab() if extra else {}
+    for e in extra:
+        tid = vocab.get(e) if isinstance(e, str) else e
+        if tid is not None:
+            more.append(tid)
+    for e in more:
         if e not in ids:
             ids.append(e)
     return ids
@@ -211,8 +269,11 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 
 @torch.no_grad()
 def generate_causal(model, tokenizer, prompts: Sequence[str | list[dict]], max_new_tokens: int,
-                    do_sample: bool = False, batch_size: int = 8, **gen_kwargs: Any) -> list[str]:
+                    do_sample: bool = False, batch_size: int = 8,
+                    extra_stop_tokens: Sequence[str | int] = (), **gen_kwargs: Any) -> list[str]:
     """Batched generation for decoder-only models: left padding, stop on EOS/end-of-turn.
+
+    ``extra_stop_tokens`` adds a family's stop tokens (see :func:`stop_token_ids`).
 
     Returns one completion per prompt, without the prompt, special tokens skipped.
     """
@@ -222,7 +283,7 @@ def generate_causal(model, tokenizer, prompts: Sequence[str | list[dict]], max_n
     tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
-    stops = stop_token_ids(tokenizer, model)
+    stops = stop_token_ids(tokenizer, model, extra_stop_tokens)
     device = next(model.parameters()).device
     outs: list[str] = []
     try:
