@@ -2,20 +2,51 @@
 
 from __future__ import annotations
 
-from transformers import AutoModelForCausalLM, LlamaConfig
-
 from plugtune.testing import PluginContract, load_shared_tokenizer
+from plugtune_llama.tiny import tiny_config
+from transformers import AutoModelForCausalLM
 
 
-class TestLlama2Contract(PluginContract):
+class _Tiny(PluginContract):
     plugin_name = "plugtune-llama"
+    family = "llama"
+    tokenizer_name = "llama2"
+
+    def make_tokenizer(self):
+        if not hasattr(type(self), "_tok"):
+            type(self)._tok = load_shared_tokenizer(self.tokenizer_name)
+        return type(self)._tok
+
+    def make_model(self):
+        cfg = tiny_config(self.family, len(self.make_tokenizer()))
+        impl = "eager" if self.family == "bloom" else "sdpa"
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+
+
+class TestLlama2Contract(_Tiny):
     model_type = "llama"
     recipe = {"chat_template": "llama2"}
 
-    def make_tokenizer(self):
-        return load_shared_tokenizer("llama2")
 
-    def make_model(self):
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-        return AutoModelForCausalLM.from_config(cfg)
+class TestLlama32Contract(_Tiny):
+    """Llama 3.2 tokenizer with its own chat template (``<|eot_id|>`` ends a turn)."""
+
+    model_type = "llama"
+    tokenizer_name = "llama3_2"
+
+
+class TestQwen25Contract(_Tiny):
+    """Qwen2.5 tokenizer (ChatML template, ``<|im_end|>``) on a tiny Qwen2Config."""
+
+    model_type = "qwen2"
+    family = "qwen2"
+    tokenizer_name = "qwen2_5"
+
+
+class TestBloomContract(_Tiny):
+    """Tiny BloomConfig paired with the real Falcon tokenizer (BLOOM's own is not in ../shared)."""
+
+    model_type = "bloom"
+    family = "bloom"
+    tokenizer_name = "falcon"
+    recipe = {"chat_template": "alpaca"}
