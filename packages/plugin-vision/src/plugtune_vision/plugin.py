@@ -1,17 +1,166 @@
-"""plugtune-vision: Llama 3.2 Vision (mllama), Qwen2-VL / Qwen2.5-VL and Molmo."""
+"""plugtune-vision: Llama 3.2 Vision (mllama), Qwen2-VL / Qwen2.5-VL and Molmo.
+
+Hook implementations only; the work is in the private modules beside this one:
+``_processors`` (family facts, processor loading), ``_encode`` (image-token expansion, label
+masks, length policy), ``_collate`` (pixels through each image processor), ``_targets`` (LoRA
+on the language model only) and ``_generate`` (generation with images).
+
+Original Molmo checkpoints (``model_type: molmo``) are not in transformers: their code comes
+from the checkpoint (remote code) and loads only when the recipe sets
+``trust_remote_code: true``.
+"""
 
 from __future__ import annotations
 
+import re
+
 from plugtune import hookimpl
-from plugtune.spec import Family
+from plugtune.modeling import ModelLoadError, load_model, loss_from_batch
+from plugtune.spec import Family, Loaded
+
+from plugtune_vision._processors import FAMILIES as _FACTS
+from plugtune_vision._processors import load_processor
 
 FAMILIES = [
     Family("mllama", ("mllama",), "vision", "Llama 3.2 Vision (cross-attention adapters)"),
     Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "vision", "Qwen2-VL / Qwen2.5-VL"),
-    Family("molmo", ("molmo2",), "vision", "Molmo 2 (native); original Molmo via remote code"),
+    Family("molmo", ("molmo2", "molmo"), "vision",
+           "Molmo 2 (native); original Molmo via remote code (trust_remote_code: true)"),
 ]
+_OURS = {mt for f in FAMILIES for mt in f.model_types}
+REMOTE_MOLMO = "molmo"
+#: parameter-name pattern of the vision encoders (frozen for full fine-tuning)
+VISION_TOWER = re.compile(r"(^|\.)(vision_model|vision_tower|visual|vision_backbone)\.")
+
+
+def _ours(spec) -> bool:
+    return spec.model_type in _OURS
+
+
+def _remote_molmo_error(what: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{what} of original Molmo checkpoints (model_type 'molmo', remote code) is not "
+        "supported: their processor (processor.process / model.generate_from_batch) has no "
+        "chat-template and label API for plugtune to drive. Use a Molmo2 checkpoint "
+        "(native Molmo2ForConditionalGeneration) for fine-tuning.")
 
 
 @hookimpl
 def plugtune_families():
     return FAMILIES
+
+
+@hookimpl
+def plugtune_load(spec):
+    """Model (``AutoModelForImageTextToText``), tokenizer and processor.
+
+    The tokenizer is the processor's (one object: chat template and added tokens stay in
+    sync). A pad token is set (Llama 3.2's ``<|finetune_right_pad_id|>`` when present). For
+    full fine-tuning (``adapter: none``) the vision encoder is frozen; the projector and the
+    language model train.
+
+    Raises:
+        ModelLoadError: original Molmo without ``trust_remote_code: true``; unloadable files.
+    """
+    if not _ours(spec):
+        return None
+    src = spec.recipe.tokenizer or spec.path
+    if spec.model_type == REMOTE_MOLMO:
+        if not spec.trust_remote_code:
+            raise ModelLoadError(
+                f"{spec.path}: original Molmo checkpoints (model_type 'molmo') run code shipped "
+                "with the checkpoint; set trust_remote_code: true in the recipe if you trust it, "
+                "or use a Molmo2 checkpoint (native in transformers, no remote code)")
+        from transformers import AutoModelForCausalLM, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(src, trust_remote_code=True,
+                                                  revision=spec.recipe.revision)
+        model = load_model(spec, auto_class=AutoModelForCausalLM)
+        return Loaded(model=model, tokenizer=processor.tokenizer, processor=processor)
+    from transformers import AutoModelForImageTextToText
+
+    processor = load_processor(src, spec.model_type, spec.recipe.revision)
+    tok = processor.tokenizer
+    if tok.pad_token is None:
+        if "<|finetune_right_pad_id|>" in tok.get_vocab():
+            tok.pad_token = "<|finetune_right_pad_id|>"
+        else:
+            from plugtune.modeling import ensure_pad_token
+
+            ensure_pad_token(tok)
+    tok.padding_side = "right"
+    model = load_model(spec, auto_class=AutoModelForImageTextToText)
+    if spec.recipe.adapter == "none":
+        for name, p in model.named_parameters():
+            if VISION_TOWER.search(name):
+                p.requires_grad_(False)
+    return Loaded(model=model, tokenizer=tok, processor=processor)
+
+
+@hookimpl
+def plugtune_target_modules(spec, model, method):
+    """A regex over the language model's Linear modules (see :mod:`._targets`)."""
+    if not _ours(spec):
+        return None
+    from plugtune_vision._targets import targets_for
+
+    return targets_for(model, method, spec.recipe.lora_target_cross_attention)
+
+
+@hookimpl
+def plugtune_encode(spec, processor, tokenizer, example, max_len, template):
+    """Expand images, mask prompt and image tokens, apply the image-safe length policy."""
+    if not _ours(spec):
+        return None
+    if spec.model_type == REMOTE_MOLMO:
+        raise _remote_molmo_error("training")
+    from plugtune_vision._encode import encode_example
+
+    rec = spec.recipe
+    return encode_example(processor, tokenizer, _FACTS[spec.model_type], example, max_len,
+                          template, rec.train_on_inputs, rec.truncation)
+
+
+@hookimpl
+def plugtune_collate(spec, tokenizer, processor):
+    """:class:`~plugtune_vision._collate.VisionCollator` for the family (picklable)."""
+    if not _ours(spec):
+        return None
+    if spec.model_type == REMOTE_MOLMO:
+        raise _remote_molmo_error("training")
+    if processor is None:
+        raise ValueError(f"{spec.model_type}: collation needs the processor (Loaded.processor)")
+    from plugtune_vision._collate import VisionCollator
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return VisionCollator(processor, pad, mode=_FACTS[spec.model_type].collate)
+
+
+@hookimpl
+def plugtune_train_step(spec, model, batch, num_items_in_batch):
+    """The model's own loss; ``num_items_in_batch`` only for models that accept it (Molmo2's
+    loss filters logits itself and sets ``accepts_loss_kwargs = False``)."""
+    if not _ours(spec):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = num_items_in_batch if getattr(base, "accepts_loss_kwargs", True) else None
+    return loss_from_batch(model, batch, n)
+
+
+@hookimpl
+def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens, images, processor):
+    """Greedy completions; ``images`` per prompt (see :func:`._generate.images_per_prompt`)."""
+    if not _ours(spec):
+        return None
+    if spec.model_type == REMOTE_MOLMO:
+        raise _remote_molmo_error("generation")
+    if processor is None:
+        raise ValueError(f"{spec.model_type}: generation needs the processor (Loaded.processor)")
+    from plugtune.data.templates import ensure_chat_template
+
+    from plugtune_vision._generate import generate_with_images
+
+    if not getattr(tokenizer, "chat_template", None):
+        ensure_chat_template(tokenizer, spec.recipe.chat_template)
+    return generate_with_images(model, processor, tokenizer, _FACTS[spec.model_type], prompts,
+                                images, max_new_tokens)
