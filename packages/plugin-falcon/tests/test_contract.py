@@ -1,0 +1,36 @@
+"""The plugin contract for Falcon: multi-query (7B layout) and new decoder architecture (40B)."""
+
+from __future__ import annotations
+
+from plugtune.testing import PluginContract, load_shared_tokenizer
+from plugtune_falcon.tiny import tiny_config
+from transformers import AutoModelForCausalLM
+
+
+class _Falcon(PluginContract):
+    plugin_name = "plugtune-falcon"
+    model_type = "falcon"
+    recipe = {"chat_template": "alpaca"}
+    variant = "multi_query"
+
+    def make_tokenizer(self):
+        if not hasattr(type(self), "_tok"):
+            type(self)._tok = load_shared_tokenizer("falcon")
+        return type(self)._tok
+
+    def make_model(self):
+        return AutoModelForCausalLM.from_config(tiny_config(self.variant, len(self.make_tokenizer())))
+
+
+class TestFalconMultiQueryContract(_Falcon):
+    variant = "multi_query"
+
+
+class TestFalconNewDecoderContract(_Falcon):
+    variant = "new_decoder"
+
+
+class TestRefinedWebModelContract(_Falcon):
+    """The legacy model type routes to this plugin and gets the same hooks."""
+
+    model_type = "RefinedWebModel"
