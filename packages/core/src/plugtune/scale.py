@@ -216,3 +216,24 @@ def deepspeed_available() -> bool:
     except Exception:  # ImportError, or a broken CUDA toolchain probe
         return False
     return True
+
+
+def ensure_distributed_env() -> None:
+    """Make a launcher-less process rank 0 of a world of 1 (DeepSpeed needs a process group).
+
+    ``accelerate launch`` / ``deepspeed`` / ``torchrun`` set ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; without them DeepSpeed falls back to MPI
+    discovery (and fails without mpi4py). When none is set, this sets the single-process values
+    with a free local port; when a launcher set any of them, nothing is changed.
+    """
+    import os
+    import socket
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    if any(k in os.environ for k in keys):
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))

@@ -221,9 +221,13 @@ def apply_adapter(spec: ModelSpec, model, pm):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """``(trainable, total)`` parameter counts (full sizes also under DeepSpeed ZeRO-3, whose
+    partitioned parameters report ``numel() == 0`` and keep the real size in ``ds_numel``)."""
+    def n(p) -> int:
+        return int(getattr(p, "ds_numel", 0) or p.numel())
+
+    trainable = sum(n(p) for p in model.parameters() if p.requires_grad)
+    total = sum(n(p) for p in model.parameters())
     return trainable, total
 
 
@@ -297,7 +301,15 @@ def _deepspeed_config(value: str | None):
         return None
     from plugtune import scale
 
-    return scale.deepspeed_config(value)
+    cfg = scale.deepspeed_config(value)
+    scale.ensure_distributed_env()  # single process without a launcher: rank 0 of 1
+    return cfg
+
+
+def _zero_stage(value: str) -> int:
+    from plugtune import scale
+
+    return scale.zero_stage(value)
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
@@ -366,7 +378,12 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
         f"(plugin {spec.plugin}) dtype={str(spec.torch_dtype).replace('torch.', '')} "
         f"adapter={recipe.adapter}{' ' + spec.quantization if spec.quantization else ''}")
     t0 = time.perf_counter()
+    # ZeRO-3: TrainingArguments must exist before the model loads, so from_pretrained partitions
+    # the weights as they load (deepspeed.zero.Init) instead of materialising them on every rank
+    ds_args = (training_arguments(recipe, spec, False, spec.task == "seq2seq")
+               if recipe.deepspeed and _zero_stage(recipe.deepspeed) == 3 else None)
     loaded = pm.hook.plugtune_load(spec=spec)
+    del ds_args
     if loaded is None:
         raise TrainingError(f"no plugin loaded {spec.path!r} (family {spec.family.name})")
     model, tokenizer = loaded.model, loaded.tokenizer
