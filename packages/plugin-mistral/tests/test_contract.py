@@ -1,0 +1,25 @@
+"""The plugin contract for Mistral: Zephyr template and Mistral-Instruct ``[INST]`` template."""
+
+from __future__ import annotations
+
+from plugtune.testing import PluginContract, load_shared_tokenizer
+from plugtune_mistral.tiny import tiny_config
+from transformers import AutoModelForCausalLM
+
+
+class TestZephyrContract(PluginContract):
+    plugin_name = "plugtune-mistral"
+    model_type = "mistral"
+    recipe = {"chat_template": "zephyr"}
+
+    def make_tokenizer(self):
+        if not hasattr(type(self), "_tok"):
+            type(self)._tok = load_shared_tokenizer("mistral_v1")
+        return type(self)._tok
+
+    def make_model(self):
+        return AutoModelForCausalLM.from_config(tiny_config(len(self.make_tokenizer()), sliding_window=8))
+
+
+class TestMistralInstContract(TestZephyrContract):
+    recipe = {"chat_template": "mistral"}
