@@ -5,13 +5,12 @@ from __future__ import annotations
 import functools
 
 import pytest
-
 from plugtune.testing import load_shared_tokenizer, shared_path
 
 MODEL_TYPES = ["mllama", "qwen2_vl", "qwen2_5_vl", "molmo2"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer_for(model_type: str):
     """The family's real tokenizer with its image tokens added, shared by the tests of one
     session (loading takes seconds and a deep copy as long; tests only set what they need:

@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 from conftest import MODEL_TYPES, caption_image, demo_image, tokenizer_for
-
 from plugtune.data.templates import ensure_chat_template
 from plugtune.data.tokenize import IGNORE_INDEX, probe_template
 
@@ -38,7 +37,7 @@ def _setup(model_type: str):
     return tok, proc, probe_template(tok)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(model_type: str):
     from plugtune_vision.tiny import tiny_model
 
