@@ -23,6 +23,11 @@ def tiny_llama(vocab_size: int, **kw):
 
 
 @pytest.fixture
+def make_tiny_llama():
+    return tiny_llama
+
+
+@pytest.fixture
 def demo_model_dir(tmp_path_factory):
     """The demo's tiny Llama + char tokenizer (made by the package, no ../shared needed)."""
     from plugtune.demo import materialize

@@ -367,7 +367,8 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
     pm = pm or get_plugin_manager()
     transformers.set_seed(recipe.seed)
     spec = build_spec(recipe, pm)
-    recipe = spec.recipe
+    user_recipe, recipe = recipe, spec.recipe  # user_recipe keeps demo:// names (portable)
+
     def say(msg: str) -> None:
         if console is not None:
             console.print(msg, markup=False, highlight=False)
@@ -456,7 +457,7 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
     out_dir = Path(recipe.output_dir)
     from plugtune.scale import gathered_state_dict
 
-    save_run(out_dir, model, tokenizer, recipe, spec, metrics, trainer.state.log_history, data.stats,
+    save_run(out_dir, model, tokenizer, user_recipe, spec, metrics, trainer.state.log_history, data.stats,
              state_dict=gathered_state_dict(trainer), processor=loaded.processor)
     say(f"plugtune: run saved to {out_dir}")
     return RunResult(output_dir=out_dir, metrics=metrics, log_history=trainer.state.log_history)
