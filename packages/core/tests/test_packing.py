@@ -34,7 +34,7 @@ def test_pack_rows_positions_and_boundary_labels():
     labels = [[IGNORE_INDEX, 5, 6], [1, 7], [IGNORE_INDEX, IGNORE_INDEX, 9, 10]]
     rows = pack_rows(ids, labels, 6)
     assert sum(rows["length"]) == 9
-    for r_ids, r_lab, r_pos in zip(rows["input_ids"], rows["labels"], rows["position_ids"]):
+    for r_lab, r_pos in zip(rows["labels"], rows["position_ids"]):
         starts = [i for i, p in enumerate(r_pos) if p == 0]
         for s in starts:
             assert r_lab[s] == IGNORE_INDEX, "a sample's first token is never a target"

@@ -156,7 +156,7 @@ def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], info: Templat
             spans.append((pos, pos + len(s)))
         pos += len(s)
     labels = []
-    for tid, (start, end) in zip(ids, offsets):
+    for tid, (start, _end) in zip(ids, offsets):
         inside = any(a <= start < b for a, b in spans)
         labels.append(tid if inside else IGNORE_INDEX)
     if info.add_bos and info.bos_id is not None:
