@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+
 from plugtune.testing import load_shared_tokenizer, shared_path
 
 MODEL_TYPES = ["mllama", "qwen2_vl", "qwen2_5_vl", "molmo2"]

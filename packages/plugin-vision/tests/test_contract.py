@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import caption_image, demo_image, tokenizer_for
+
 from plugtune.testing import PluginContract
 
 

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from conftest import MODEL_TYPES, caption_image, demo_image, tokenizer_for
+
 from plugtune.data.templates import ensure_chat_template
 from plugtune.data.tokenize import IGNORE_INDEX, probe_template
 

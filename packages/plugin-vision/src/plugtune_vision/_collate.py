@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from plugtune.data.collate import Collator
 
+from plugtune.data.collate import Collator
 from plugtune_vision._images import open_image
 
 

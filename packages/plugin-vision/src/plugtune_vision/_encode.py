@@ -23,7 +23,6 @@ from typing import Any
 
 from plugtune.data.formats import IMAGE_PLACEHOLDER
 from plugtune.data.tokenize import IGNORE_INDEX, render_segments, tokenize_segments
-
 from plugtune_vision._images import ImageError, describe_sample, open_image
 from plugtune_vision._processors import VisionFamily
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from plugtune.modeling import ensure_pad_token, stop_token_ids
 
+from plugtune.modeling import ensure_pad_token, stop_token_ids
 from plugtune_vision._collate import VisionCollator
 from plugtune_vision._encode import prompt_features
 from plugtune_vision._images import ImageError

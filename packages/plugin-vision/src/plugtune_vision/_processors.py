@@ -142,8 +142,9 @@ def load_processor(src: str, model_type: str, revision: str | None = None):
     Raises:
         plugtune.modeling.ModelLoadError: no processor can be built from ``src``.
     """
-    from plugtune.modeling import ModelLoadError
     from transformers import AutoProcessor
+
+    from plugtune.modeling import ModelLoadError
 
     first: Exception | None = None
     if model_type != "molmo2" or is_torchvision_available():

@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from plugtune.modeling import linear_module_names
 from torch import nn
+
+from plugtune.modeling import linear_module_names
 
 
 def language_model_prefix(model: nn.Module) -> str:

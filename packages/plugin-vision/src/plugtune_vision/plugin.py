@@ -17,7 +17,6 @@ import re
 from plugtune import hookimpl
 from plugtune.modeling import ModelLoadError, load_model, loss_from_batch
 from plugtune.spec import Family, Loaded
-
 from plugtune_vision._processors import FAMILIES as _FACTS
 from plugtune_vision._processors import load_processor
 
@@ -29,8 +28,9 @@ FAMILIES = [
 ]
 _OURS = {mt for f in FAMILIES for mt in f.model_types}
 REMOTE_MOLMO = "molmo"
-#: parameter-name pattern of the vision encoders (frozen for full fine-tuning)
-VISION_TOWER = re.compile(r"(^|\.)(vision_model|vision_tower|visual|vision_backbone)\.")
+#: parameter names of the vision encoders, frozen for full fine-tuning; the projectors
+#: (``multi_modal_projector``, Qwen2-VL's ``visual.merger``) stay trainable
+VISION_TOWER = re.compile(r"(^|\.)(vision_model|vision_tower|visual|vision_backbone)\.(?!merger\.)")
 
 
 def _ours(spec) -> bool:
@@ -157,7 +157,6 @@ def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens, images, p
     if processor is None:
         raise ValueError(f"{spec.model_type}: generation needs the processor (Loaded.processor)")
     from plugtune.data.templates import ensure_chat_template
-
     from plugtune_vision._generate import generate_with_images
 
     if not getattr(tokenizer, "chat_template", None):
