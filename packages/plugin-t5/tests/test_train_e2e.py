@@ -56,12 +56,15 @@ def _eval_cli(run_dir, capsys, n=3):
 
 
 def test_full_finetune_falls_and_evaluates(tiny_dir, tmp_path, capsys):
-    recipe, result = _run("flan-t5-samsum-full", tiny_dir, tmp_path / "full", "learning_rate=3e-3")
+    recipe, result = _run("flan-t5-samsum-full", tiny_dir, tmp_path / "full", "learning_rate=3e-3",
+                          "eval_before_training=true")
     assert recipe.adapter == "none"
     _falls(result)
     m = result.metrics
     assert m["trainable_params"] == m["total_params"]
-    assert math.isfinite(m["eval_loss"]) and {"rouge1", "rougeLsum"} <= set(m["after"])
+    assert math.isfinite(m["eval_loss"])
+    for when in ("before", "after"):  # base vs fine-tuned ROUGE, the table `plugtune train` prints
+        assert m[when]["n"] == 2 and {"rouge1", "rouge2", "rougeL", "rougeLsum"} <= set(m[when])
     assert (tmp_path / "full" / "model.safetensors").is_file()
     _eval_cli(tmp_path / "full", capsys)
 
