@@ -6,6 +6,9 @@
     plugtune eval RUN_DIR [--data FILE --type T]  loss + generation metrics
     plugtune plugins [--json]
     plugtune recipes
+    plugtune merge RUN_DIR OUT_DIR [--force] [--dtype D] [--base dequantized|original]
+    plugtune quantize RUN_OR_MODEL --method bnb4|bnb8|gptq --out DIR [--eval-data F --type T]
+    plugtune estimate RECIPE [--device-memory 24GiB] [--num-gpus N] [--set ...]
 
 ``RECIPE`` is a path or the name of a bundled recipe (``plugtune recipes``). Known errors
 (bad recipe, bad data, missing plugin, non-finite loss) print one clear message and exit 2.
@@ -32,8 +35,17 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from plugtune.runs import RunDirError
     from plugtune.train import TrainingError
 
-    return (RecipeError, DataError, TemplateError, TemplateRenderError, ModelLoadError,
-            PluginError, RunDirError, TrainingError)
+    errors = (RecipeError, DataError, TemplateError, TemplateRenderError, ModelLoadError,
+              PluginError, RunDirError, TrainingError)
+    return errors + _scale_errors()
+
+
+def _scale_errors() -> tuple[type[BaseException], ...]:
+    from plugtune.estimate import EstimateError
+    from plugtune.merge import MergeError
+    from plugtune.quantize import QuantizeError
+
+    return (MergeError, QuantizeError, EstimateError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +80,36 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
 
     sub.add_parser("recipes", help="list bundled example recipes")
+
+    m = sub.add_parser("merge", help="merge a run's adapter into its base: a standalone model")
+    m.add_argument("run_dir")
+    m.add_argument("out_dir")
+    m.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    m.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the merged weights (default: the recipe's dtype policy)")
+    m.add_argument("--base", choices=["dequantized", "original"], default="dequantized",
+                   help="for adapters trained on a 4/8-bit base: merge into the dequantized "
+                        "base they were trained on (default) or the original weights")
+
+    q = sub.add_parser("quantize", help="quantize a run or model and compare it with full precision")
+    q.add_argument("source", metavar="RUN_OR_MODEL")
+    q.add_argument("--method", choices=["bnb4", "bnb8", "gptq"], required=True)
+    q.add_argument("--out", required=True, help="folder for the quantized model and its report")
+    q.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    q.add_argument("--eval-data", default=None, help="held-out file for perplexity "
+                   "(default: the run's test_datasets)")
+    q.add_argument("--type", default=None, help="format of --eval-data (alpaca, dolly, text, ...)")
+    q.add_argument("--max-samples", type=int, default=32)
+    q.add_argument("--max-new-tokens", type=int, default=32, help="tokens per prompt for speed")
+
+    es = sub.add_parser("estimate", help="pre-flight memory estimate of a recipe")
+    es.add_argument("recipe")
+    es.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    es.add_argument("--device-memory", default=None, help="memory of one device, e.g. 24GiB")
+    es.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                    help="resolves dtype: auto (bf16 on cuda, fp32 on cpu); default: this machine")
+    es.add_argument("--num-gpus", type=int, default=1, help="GPUs sharing ZeRO partitions")
+    es.add_argument("--json", action="store_true")
     return p
 
 
@@ -229,8 +271,59 @@ def cmd_recipes(args, console: Console) -> int:
     return 0
 
 
+def cmd_merge(args, console: Console) -> int:
+    from plugtune.merge import merge_run
+
+    out = merge_run(args.run_dir, args.out_dir, force=args.force, base=args.base, dtype=args.dtype)
+    console.print(f"merged model written to {out} (load it with AutoModelForCausalLM / "
+                  "AutoModelForSeq2SeqLM.from_pretrained)", markup=False)
+    return 0
+
+
+def cmd_quantize(args, console: Console) -> int:
+    from plugtune.estimate import human
+    from plugtune.quantize import quantize
+
+    rep = quantize(args.source, args.method, args.out, force=args.force, eval_data=args.eval_data,
+                   eval_type=args.type, max_samples=args.max_samples,
+                   max_new_tokens=args.max_new_tokens)
+    tab = Table(title=f"plugtune quantize --method {args.method} ({rep['device']}, "
+                      f"{rep['rows']} held-out rows)")
+    for col in ("model", "size on disk", "perplexity", "generation tokens/s"):
+        tab.add_column(col)
+    for name in ("reference", "quantized"):
+        r = rep[name]
+        label = f"reference ({r['dtype']})" if name == "reference" else args.method
+        tab.add_row(label, human(r["size_bytes"]), str(r["perplexity"]), str(r["tokens_per_second"]))
+    console.print(tab)
+    console.print(f"size x{rep['size_ratio']}, perplexity {100 * rep['perplexity_change']:+.1f}%, "
+                  f"speed x{rep['speed_ratio']} -> {args.out}/quantize_report.json", markup=False)
+    return 0
+
+
+def cmd_estimate(args, console: Console) -> int:
+    from plugtune.config import load_recipe
+    from plugtune.estimate import estimate, format_estimate, parse_memory
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    dev = parse_memory(args.device_memory) if args.device_memory else None
+    est = estimate(recipe, device=args.device, num_gpus=args.num_gpus)
+    if args.json:
+        print(json.dumps({**est.to_dict(), "device_memory": dev,
+                          "fits": est.fits(dev) if dev else None}, indent=2))
+    else:
+        tab = Table(title=f"plugtune estimate: {args.recipe} (per device)")
+        tab.add_column("component")
+        tab.add_column("memory", justify="right")
+        for row in format_estimate(est, dev):
+            tab.add_row(*row)
+        console.print(tab)
+    return 0 if dev is None or est.fits(dev) else 1
+
+
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
-            "plugins": cmd_plugins, "recipes": cmd_recipes}
+            "plugins": cmd_plugins, "recipes": cmd_recipes, "merge": cmd_merge,
+            "quantize": cmd_quantize, "estimate": cmd_estimate}
 
 
 def main(argv: list[str] | None = None) -> int:
