@@ -1,0 +1,130 @@
+"""Pure bookkeeping of the benchmark: token counts, pad fraction, steady-state throughput, ratios.
+
+Nothing here imports torch or touches the clock, so it is unit-tested in ``bench/test_bench.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+#: the comparisons the issue asks for: plugtune (a) against TRL default (b), TRL packing (c)
+#: and the bare torch loop (d); keys as written in the results JSON
+RATIO_KEYS = {"a/b": ("plugtune", "trl_default"), "a/c": ("plugtune", "trl_packing"),
+              "a/d": ("plugtune", "bare_loop")}
+
+#: targets of issue 8 (benchmark only, never asserted in timed tests)
+TARGETS = {"a/b": 2.0, "a/c": 2.0, "a/d": 0.9, "pad_fraction_max": 0.02}
+
+
+def pad_fraction(real_tokens: int, total_tokens: int) -> float:
+    """Share of the tokens fed to the model that are padding: ``1 - real / total``.
+
+    ``total_tokens`` is the number of positions in the input tensors (``input_ids.numel()``
+    summed over micro-batches); ``real_tokens`` the tokens of actual samples in them.
+
+    Raises:
+        ValueError: negative counts or ``real_tokens > total_tokens``.
+    """
+    if real_tokens < 0 or total_tokens < 0:
+        raise ValueError(f"token counts must be >= 0, got real={real_tokens} total={total_tokens}")
+    if real_tokens > total_tokens:
+        raise ValueError(f"real tokens ({real_tokens}) exceed the tensor positions ({total_tokens})")
+    return 0.0 if total_tokens == 0 else 1.0 - real_tokens / total_tokens
+
+
+def steady_throughput(step_end_s: Sequence[float], cum_real_tokens: Sequence[int],
+                      warmup: int) -> dict:
+    """Steady-state real tokens/s from per-step end times, skipping ``warmup`` steps.
+
+    Args:
+        step_end_s: wall-clock time (s, any origin) at the end of each optimizer step 1..N.
+        cum_real_tokens: real (non-pad) tokens consumed up to the end of each step 1..N.
+        warmup: steps excluded from the measurement (first-step allocations, lazy init).
+
+    Returns:
+        ``{"steps", "seconds", "real_tokens", "tokens_per_s", "s_per_step", "tokens_per_step"}``
+        over steps ``warmup+1 .. N``: the interval starts at the end of step ``warmup``, so
+        everything between two steps (data loading, collation, logging) is included.
+
+    Raises:
+        ValueError: mismatched lengths or fewer than ``warmup + 1`` steps.
+    """
+    if len(step_end_s) != len(cum_real_tokens):
+        raise ValueError(f"{len(step_end_s)} step times but {len(cum_real_tokens)} token counts")
+    if warmup < 1 or len(step_end_s) < warmup + 1:
+        raise ValueError(f"need warmup >= 1 and more than {warmup} steps, got {len(step_end_s)}")
+    steps = len(step_end_s) - warmup
+    secs = step_end_s[-1] - step_end_s[warmup - 1]
+    toks = cum_real_tokens[-1] - cum_real_tokens[warmup - 1]
+    return {"steps": steps, "seconds": secs, "real_tokens": toks,
+            "tokens_per_s": toks / secs if secs > 0 else math.nan,
+            "s_per_step": secs / steps, "tokens_per_step": toks / steps}
+
+
+def padded_batching(packed_tokens_per_step: float, mean_sample_len: float,
+                    max_micro_batch: int = 8) -> tuple[int, int]:
+    """``(micro_batch, grad_accum)`` for a padded (one sample per row) run that consumes about
+    as many real tokens per optimizer step as a packed run.
+
+    The samples per step ``round(packed_tokens_per_step / mean_sample_len)`` are split into the
+    fewest micro-batches of at most ``max_micro_batch`` (TRL's default batch size is 8).
+
+    Raises:
+        ValueError: non-positive inputs.
+    """
+    if packed_tokens_per_step <= 0 or mean_sample_len <= 0 or max_micro_batch < 1:
+        raise ValueError("tokens per step, mean sample length and micro batch must be > 0")
+    samples = max(1, round(packed_tokens_per_step / mean_sample_len))
+    accum = -(-samples // max_micro_batch)
+    return max(1, round(samples / accum)), accum
+
+
+def ratios(tokens_per_s: dict[str, float]) -> dict[str, float | None]:
+    """``{"a/b", "a/c", "a/d"}``: plugtune's real tokens/s over each other method's.
+
+    ``tokens_per_s`` maps a method name (``plugtune``, ``trl_default``, ``trl_packing``,
+    ``bare_loop``) to its real tokens/s; a missing or non-positive entry gives ``None``.
+    """
+    out: dict[str, float | None] = {}
+    for key, (num, den) in RATIO_KEYS.items():
+        a, b = tokens_per_s.get(num), tokens_per_s.get(den)
+        ok = a is not None and b is not None and b > 0 and not math.isnan(a) and not math.isnan(b)
+        out[key] = round(a / b, 3) if ok else None
+    return out
+
+
+def verdicts(ratio: dict[str, float | None], plugtune_pad: float | None) -> dict[str, bool | None]:
+    """Whether each target of :data:`TARGETS` is met (``None`` when not measured)."""
+    out: dict[str, bool | None] = {k: (None if ratio.get(k) is None else ratio[k] >= TARGETS[k])
+                                   for k in RATIO_KEYS}
+    out["pad"] = None if plugtune_pad is None else plugtune_pad <= TARGETS["pad_fraction_max"]
+    return out
+
+
+def linearity(points: Sequence[tuple[int, float]]) -> float | None:
+    """How linear data preparation scales: throughput (samples/s) at the largest size over the
+    throughput at the smallest. 1.0 = linear; below 1 = super-linear cost; ``None`` if < 2 points.
+
+    Args:
+        points: ``(samples, seconds)`` per size.
+    """
+    pts = sorted(p for p in points if p[1] > 0)
+    if len(pts) < 2:
+        return None
+    (n0, s0), (n1, s1) = pts[0], pts[-1]
+    return round((n1 / s1) / (n0 / s0), 3)
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A Markdown table of ``rows``; ``columns`` are ``(key, header, format)`` triples."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,316 @@
+"""plugtune training-throughput benchmark (issue 8): plugtune vs TRL vs a bare torch loop.
+
+    nox -s bench                                   # what CI / the README quote
+    python bench/run.py [--name NAME] [--quick] [--models llama-20m,stories260k] [--threads 2]
+
+For each model, on the same data (Dolly 151 + LLaMA-Factory Alpaca 999, alpaca chat template),
+``sequence_len``, real tokens per optimizer step and number of optimizer steps, one process per
+run measures:
+
+  (a) plugtune      plugtune's SFT path (``plugtune.train.train``) with ``sample_packing``
+  (b) trl_default   TRL ``SFTTrainer`` defaults: one padded sample per row, no packing
+  (c) trl_packing   TRL ``SFTTrainer(packing=True)``: best-fit rows, padding-free (flattened)
+  (d) bare_loop     forward/backward/AdamW on plugtune's packed rows pre-collated to tensors
+
+(b) and (c) override TRL's bf16 and gradient checkpointing defaults with fp32 / no checkpointing
+(both are 3-24x slower on a CPU without AMX: ../shared/FINDINGS.md), so the comparison is about
+data layout. All runs are full fine-tuning in fp32 with sdpa attention and the same torch thread
+count. The padded run (b) gets about the real tokens per optimizer step of the packed runs by
+taking ``round(tokens_per_step / mean_sample_len)`` samples per step (micro-batches of <= 8, TRL's
+default, with gradient accumulation).
+
+Writes ``bench/results/<name>.json`` (ratios of the first model at the top level under "a/b",
+"a/c", "a/d"; every model under "models"), ``<name>.png`` (bar chart) and ``<name>.md`` (table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from measure import (  # noqa: E402
+    TARGETS,
+    linearity,
+    padded_batching,
+    ratios,
+    table,
+    verdicts,
+)
+
+METHODS = ["plugtune", "trl_default", "trl_packing", "bare_loop"]
+LETTER = {"plugtune": "a", "trl_default": "b", "trl_packing": "c", "bare_loop": "d"}
+
+#: measured steps / warm-up steps per model (full run); --quick divides the measured steps
+MODELS = {
+    "llama-20m": {"steps": 12, "warmup": 2},
+    "stories260k": {"steps": 40, "warmup": 3},
+}
+
+
+def shared_dir() -> Path:
+    env = os.environ.get("PLUGTUNE_SHARED")
+    return Path(env) if env else ROOT.parent / "shared"
+
+
+def data_files(shared: Path) -> list[dict]:
+    d = shared / "data"
+    return [
+        {"path": str(d / "dolly" / "dolly_validation_151.instruction_context_response.jsonl"), "type": "dolly"},
+        {"path": str(d / "llama_factory" / "alpaca_en_demo.json"), "type": "alpaca"},
+    ]
+
+
+def build_llama_20m(dest: Path) -> dict:
+    """A Llama-architecture model from a config: hidden 256, 4 layers, 8 heads, MLP 688, untied
+    embeddings over the Llama 2 tokenizer's 32000 tokens: 19.5M parameters. Random weights."""
+    from plugtune.testing import load_shared_tokenizer
+    from plugtune_llama.tiny import save_tiny
+
+    tok = load_shared_tokenizer("llama2")
+    save_tiny("llama", dest, tok, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
+    cfg = json.loads((dest / "config.json").read_text())
+    h, v, n, i = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    params = 2 * v * h + n * (4 * h * h + 3 * h * i + 2 * h) + h
+    return {"path": str(dest), "params": params, "config": {k: cfg[k] for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}}
+
+
+def run_worker(cfg: dict, tmp: Path, env: dict, timeout: float) -> dict:
+    """Run one workload in a fresh process; return its result dict (raises on failure)."""
+    tag = f"{cfg.get('model_name', 'data')}_{cfg['method']}"
+    cfg = {**cfg, "out": str(tmp / f"{tag}.json")}
+    cfg_path = tmp / f"{tag}.cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    log = tmp / f"{tag}.log"
+    wenv = {**env, "HF_DATASETS_CACHE": str(tmp / f"hf-cache-{tag}")}
+    t = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run([sys.executable, str(HERE / "run.py"), "--worker", str(cfg_path)],
+                              env=wenv, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0 or not Path(cfg["out"]).exists():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+        raise RuntimeError(f"{tag} failed (rc {proc.returncode}); last lines of its log:\n{tail}")
+    res = json.loads(Path(cfg["out"]).read_text())
+    res["wall_s"] = round(time.perf_counter() - t, 1)
+    return res
+
+
+COLUMNS = [("run", "run", ""), ("real_tokens_per_s", "real tok/s", ".0f"),
+           ("pad_pct", "pad %", ".1f"), ("real_tokens_per_step", "real tok/step", ".0f"),
+           ("s_per_step", "s/step", ".2f"), ("batch", "micro x accum", ""),
+           ("time_to_first_step_s", "s to 1st step", ".1f"), ("data_prep_s", "data prep s", ".1f"),
+           ("peak_rss_mib", "peak RSS MiB", ".0f")]
+
+
+def summarize(models: dict) -> str:
+    out = []
+    for name, m in models.items():
+        rows = []
+        for meth in METHODS:
+            r = m["runs"].get(meth)
+            if r is None:
+                continue
+            rows.append({**r, "run": f"({LETTER[meth]}) {meth}", "pad_pct": 100 * r["pad_fraction"],
+                         "batch": f"{r.get('micro_batch', m['rows_per_batch'])} x {r.get('grad_accum', 1)}"})
+        rt = ", ".join(f"{k} = {v}" for k, v in m["ratios"].items())
+        out.append(f"### {name} ({m['params'] / 1e6:.2f}M params, sequence_len {m['sequence_len']}, "
+                   f"{m['measured_steps']} measured steps after {m['warmup_steps']} warm-up)\n\n"
+                   + table(rows, COLUMNS) + f"\n\nratios: {rt}\n")
+    return "\n".join(out)
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    prep = results.get("prep_scaling")
+    n = len(models) + (1 if prep else 0)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
+    colors = {"plugtune": "#2a7ab9", "trl_default": "#c8553d", "trl_packing": "#f28f3b",
+              "bare_loop": "#7a7a7a"}
+    for ax, (name, m) in zip(axes[0], models.items()):
+        meths = [x for x in METHODS if x in m["runs"]]
+        vals = [m["runs"][x]["real_tokens_per_s"] for x in meths]
+        bars = ax.bar([f"({LETTER[x]})\n{x}" for x in meths], vals, color=[colors[x] for x in meths])
+        for b, x in zip(bars, meths):
+            r = m["runs"][x]
+            ax.annotate(f"{r['real_tokens_per_s']:.0f}\npad {100 * r['pad_fraction']:.1f}%",
+                        (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                        fontsize=8)
+        ax.set_title(f"{name}: " + ", ".join(f"{k} {v}" for k, v in m["ratios"].items()), fontsize=9)
+        ax.set_ylabel("real (non-pad) tokens / s")
+        ax.set_ylim(0, max(vals) * 1.25)
+        ax.tick_params(axis="x", labelsize=8)
+    if prep:
+        ax = axes[0][-1]
+        pts = prep["points"]
+        ax.plot([p["samples"] for p in pts], [p["samples_per_s"] for p in pts], "o-", color="#2a7ab9")
+        for p in pts:
+            ax.annotate(f"{p['scale']}x: {p['samples_per_s']:.0f}/s", (p["samples"], p["samples_per_s"]),
+                        fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_ylim(0, max(p["samples_per_s"] for p in pts) * 1.3)
+        ax.set_xlabel("samples (Dolly replicated)")
+        ax.set_ylabel("data preparation samples / s")
+        ax.set_title(f"plugtune data prep scaling (linearity {prep['linearity']})", fontsize=9)
+    fig.suptitle(f"plugtune bench {results['name']} ({results['meta']['torch_threads']} torch threads, "
+                 f"load {results['meta']['loadavg_start'][0]} at start)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--name", help="results name (default: a UTC timestamp)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list (plugtune always runs)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in every run")
+    p.add_argument("--sequence-len", type=int, default=512)
+    p.add_argument("--rows-per-batch", type=int, default=8, help="packed rows per micro-batch")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply measured steps")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (steps / 4, no 16x prep)")
+    p.add_argument("--prep-scales", default="1,4,16")
+    p.add_argument("--no-prep", action="store_true")
+    p.add_argument("--out-dir", default=str(HERE / "results"))
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    args = p.parse_args(argv)
+    if args.worker:
+        from workloads import worker_main
+
+        worker_main(args.worker)
+        return 0
+
+    t_all = time.perf_counter()
+    shared = shared_dir()
+    if not (shared / "data").is_dir():
+        print(f"bench: {shared / 'data'} not found (set PLUGTUNE_SHARED)", file=sys.stderr)
+        return 2
+    name = args.name or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    scale = args.steps_scale / (4 if args.quick else 1)
+    prep_scales = [int(x) for x in args.prep_scales.split(",")] if not args.no_prep else []
+    if args.quick:
+        prep_scales = [s for s in prep_scales if s <= 4]
+    methods = ["plugtune"] + [m for m in args.methods.split(",") if m in METHODS and m != "plugtune"]
+    tmp = Path(tempfile.mkdtemp(prefix="plugtune-bench-"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PLUGTUNE_SHARED": str(shared), "PLUGTUNE_HOME": str(tmp / "home"),
+           "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    os.environ.update({k: env[k] for k in ("PLUGTUNE_SHARED", "TOKENIZERS_PARALLELISM")})
+    import torch
+    import transformers
+    import trl
+
+    results: dict = {"name": name, "meta": {
+        "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+        "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
+        "machine": platform.machine(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "targets": TARGETS, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data": [Path(d["path"]).name for d in data_files(shared)]}, "models": {}}
+    try:
+        results["meta"]["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    for model_name in [m for m in args.models.split(",") if m]:
+        if model_name not in MODELS:
+            raise SystemExit(f"unknown model {model_name!r}; choose from {', '.join(MODELS)}")
+        if model_name == "llama-20m":
+            info = build_llama_20m(tmp / "llama-20m")
+        else:
+            path = shared / "data" / "models" / "stories260K" / "hf"
+            from safetensors import safe_open
+
+            with safe_open(str(path / "model.safetensors"), "pt") as f:
+                params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+            info = {"path": str(path), "params": params}
+        steps = max(4, round(MODELS[model_name]["steps"] * scale))
+        warm = MODELS[model_name]["warmup"]
+        base = {"model_name": model_name, "model_dir": info["path"], "datasets": data_files(shared),
+                "sequence_len": args.sequence_len, "rows_per_batch": args.rows_per_batch,
+                "steps": steps, "warmup": warm, "threads": args.threads, "logging_steps": 10}
+        runs: dict = {}
+        print(f"bench: {model_name}: {info['params'] / 1e6:.2f}M params, {warm}+{steps} steps", flush=True)
+        for meth in methods:
+            cfg = {**base, "method": meth}
+            if meth == "trl_default":
+                a = runs["plugtune"]
+                mb, ga = padded_batching(a["real_tokens_per_step"], a["mean_sample_len"], args.rows_per_batch)
+                cfg.update(micro_batch=mb, grad_accum=ga)
+            elif meth == "trl_packing":
+                cfg.update(micro_batch=args.rows_per_batch, grad_accum=1)
+            runs[meth] = run_worker(cfg, tmp, env, args.timeout)
+            r = runs[meth]
+            print(f"bench: {model_name} ({LETTER[meth]}) {meth}: {r['real_tokens_per_s']:.0f} real tok/s, "
+                  f"pad {100 * r['pad_fraction']:.1f}%, {r['real_tokens_per_step']:.0f} tok/step, "
+                  f"first step after {r['time_to_first_step_s']:.1f}s, RSS {r['peak_rss_mib']:.0f} MiB "
+                  f"({r['wall_s']:.0f}s wall)", flush=True)
+        rat = ratios({k: v["real_tokens_per_s"] for k, v in runs.items()})
+        results["models"][model_name] = {
+            **{k: v for k, v in info.items() if k != "path"}, "path": info["path"] if model_name != "llama-20m" else "built from config",
+            "sequence_len": args.sequence_len, "rows_per_batch": args.rows_per_batch,
+            "measured_steps": steps, "warmup_steps": warm, "runs": runs, "ratios": rat,
+            "targets_met": verdicts(rat, runs["plugtune"]["pad_fraction"])}
+    first = next(iter(results["models"].values()), None)
+    if first:
+        results.update(first["ratios"])
+        results["ratios_model"] = next(iter(results["models"]))
+    if prep_scales:
+        model_dir = str(tmp / "llama-20m") if (tmp / "llama-20m").exists() else str(build_llama_20m(tmp / "llama-20m")["path"])
+        cfg = {"method": "prep_scaling", "model_name": "llama2-tokenizer", "model_dir": model_dir,
+               "dolly_file": data_files(shared)[0]["path"], "scales": prep_scales,
+               "sequence_len": args.sequence_len, "threads": args.threads}
+        prep = run_worker(cfg, tmp, env, args.timeout)
+        prep["linearity"] = linearity([(p["samples"], p["seconds"]) for p in prep["points"]])
+        results["prep_scaling"] = prep
+        print("bench: data prep: " + ", ".join(f"{p['scale']}x {p['samples']} samples {p['samples_per_s']:.0f}/s"
+                                               for p in prep["points"]) + f" (linearity {prep['linearity']})")
+    results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["meta"]["total_s"] = round(time.perf_counter() - t_all, 1)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = summarize(results["models"])
+    if "prep_scaling" in results:
+        pr = results["prep_scaling"]
+        md += "\n### data preparation (plugtune, Dolly replicated, llama2 tokenizer, packing on)\n\n" + table(
+            [{**p, "phases": ", ".join(f"{k} {v:.1f}s" for k, v in p["phases_s"].items())} for p in pr["points"]],
+            [("scale", "scale", ""), ("samples", "samples", ""), ("seconds", "s", ".2f"),
+             ("samples_per_s", "samples/s", ".0f"), ("phases", "phases", "")]) + \
+            f"\n\nlinearity (samples/s at largest / smallest): {pr['linearity']}\n"
+    md += (f"\nload average {results['meta']['loadavg_start']} at start, {results['meta']['loadavg_end']} at end; "
+           f"{os.cpu_count()} CPUs, {args.threads} torch threads; total {results['meta']['total_s']:.0f}s\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1, default=str))
+    (out_dir / f"{name}.md").write_text(md)
+    chart(results, out_dir / f"{name}.png")
+    print("\n" + md)
+    print(f"bench: wrote {out_dir / (name + '.json')}, .md and .png")
+    return 0
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""The benchmark's bookkeeping (no timing, no models): pad fraction, throughput window, batch
+matching, ratios and targets.
+
+    /work/venv/bin/python -m pytest -q bench/test_bench.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from measure import (
+    TARGETS,
+    linearity,
+    pad_fraction,
+    padded_batching,
+    ratios,
+    steady_throughput,
+    table,
+    verdicts,
+)
+
+
+def test_pad_fraction_counts_positions_not_samples():
+    # two rows padded to 10: 7 + 10 real tokens of 20 positions
+    assert pad_fraction(17, 20) == pytest.approx(0.15)
+    assert pad_fraction(0, 0) == 0.0
+    assert pad_fraction(5, 5) == 0.0
+    with pytest.raises(ValueError, match="exceed"):
+        pad_fraction(21, 20)
+    with pytest.raises(ValueError):
+        pad_fraction(-1, 20)
+
+
+def test_steady_throughput_skips_warmup_and_includes_gaps_between_steps():
+    ends = [10.0, 12.0, 14.0, 16.0, 18.0]  # first step slow (warm-up, 10 s), then 2 s per step
+    cum = [100, 200, 300, 400, 500]
+    r = steady_throughput(ends, cum, warmup=1)
+    assert r["steps"] == 4 and r["seconds"] == pytest.approx(8.0)
+    assert r["real_tokens"] == 400 and r["s_per_step"] == pytest.approx(2.0)
+    assert r["tokens_per_s"] == pytest.approx(50.0)
+    assert r["tokens_per_step"] == pytest.approx(100)
+    r2 = steady_throughput(ends, cum, warmup=2)
+    assert r2["tokens_per_s"] == pytest.approx(300 / 6)
+    with pytest.raises(ValueError):
+        steady_throughput(ends, cum[:-1], warmup=1)
+    with pytest.raises(ValueError):
+        steady_throughput(ends, cum, warmup=5)
+
+
+@pytest.mark.parametrize("tokens,mean,expect", [
+    (4064, 196.6, (7, 3)),   # 21 samples per step -> 3 micro-batches of 7
+    (4064, 508, (8, 1)),     # long samples: 8 per step, one micro-batch
+    (4064, 1000, (4, 1)),
+    (100, 1000, (1, 1)),     # never zero samples
+])
+def test_padded_batching_matches_real_tokens_per_step(tokens, mean, expect):
+    mb, ga = padded_batching(tokens, mean, max_micro_batch=8)
+    assert (mb, ga) == expect
+    assert mb <= 8
+    if tokens > mean:
+        assert abs(mb * ga * mean - tokens) <= mean * ga  # within one sample per micro-batch
+
+
+def test_ratios_and_targets():
+    r = ratios({"plugtune": 2600.0, "trl_default": 1300.0, "trl_packing": 1000.0, "bare_loop": 2800.0})
+    assert r == {"a/b": 2.0, "a/c": 2.6, "a/d": pytest.approx(0.929, abs=1e-3)}
+    v = verdicts(r, plugtune_pad=0.01)
+    assert v == {"a/b": True, "a/c": True, "a/d": True, "pad": True}
+    v = verdicts({"a/b": 1.5, "a/c": None, "a/d": 0.8}, plugtune_pad=0.05)
+    assert v == {"a/b": False, "a/c": None, "a/d": False, "pad": False}
+    assert ratios({"plugtune": 10.0, "trl_default": 0.0})["a/b"] is None
+    assert ratios({"plugtune": math.nan, "bare_loop": 5.0})["a/d"] is None
+    assert TARGETS["a/b"] == 2.0
+
+
+def test_linearity_and_table():
+    assert linearity([(151, 1.0), (604, 4.0), (2416, 16.0)]) == 1.0
+    assert linearity([(151, 1.0), (2416, 32.0)]) == 0.5
+    assert linearity([(151, 1.0)]) is None
+    md = table([{"a": 1.234, "b": None}], [("a", "A", ".1f"), ("b", "B", "")])
+    assert md.splitlines() == ["| A | B |", "|---|---|", "| 1.2 | - |"]

@@ -1,0 +1,366 @@
+"""The measured workloads; each runs in its own process (``run.py --worker``) so peak RSS and
+warm caches never mix between runs.
+
+(a) ``plugtune``     ``plugtune.train.train(recipe)`` with ``sample_packing: true`` (the
+                     trainer class is swapped for a subclass that only adds the step clock and
+                     the token counter; data, collate hook, train-step hook are plugtune's own)
+(b) ``trl_default``  TRL ``SFTTrainer`` defaults (padding, no packing), but fp32 and no gradient
+                     checkpointing like (a): TRL defaults to bf16 + checkpointing, 3-24x slower on
+                     this CPU (../shared/FINDINGS.md), which would measure dtype, not data layout
+(c) ``trl_packing``  the same with ``packing=True`` (best-fit decreasing, padding-free rows)
+(d) ``bare_loop``    forward, backward, AdamW step on plugtune's packed rows, pre-collated to
+                     tensors before the clock starts: the practical limit of this layout
+``prep_scaling``     plugtune data preparation on 1x, 4x, 16x the Dolly file
+
+Every training workload reports real (non-pad) tokens/s over steps ``warmup+1..N`` measured from
+the end of step ``warmup`` to the end of step ``N`` (data loading, collation and logging
+included), the pad fraction of the tensors fed to the model, the time before the first step, the
+data-preparation time and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class TokenCounter:
+    """Counts real and total tokens of the micro-batches the model actually runs.
+
+    The collator wrapper queues ``(real, total)`` per collated batch; a forward pre-hook on the
+    model pops one entry per forward call, so batches the data loader fetches ahead (accelerate
+    looks one batch ahead) are counted only when they run.
+    """
+
+    def __init__(self) -> None:
+        self.pending: collections.deque = collections.deque()
+        self.real = 0
+        self.total = 0
+        self.label_tokens = 0
+        self.forwards = 0
+
+    def wrap(self, collate):
+        return CountingCollator(collate, self)
+
+    def hook(self, module, args, kwargs):
+        if self.pending:
+            real, total, labels = self.pending.popleft()
+            self.real += real
+            self.total += total
+            self.label_tokens += labels
+            self.forwards += 1
+        return None
+
+    def attach(self, model) -> None:
+        model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+
+class CountingCollator:
+    """Calls ``inner`` and queues the real token count (sum of feature lengths), the tensor
+    positions (``input_ids.numel()``) and the trained label positions of the batch."""
+
+    def __init__(self, inner, counter: TokenCounter):
+        self.inner = inner
+        self.counter = counter
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        real = sum(len(f["input_ids"]) for f in features)
+        labels = int((batch["labels"] != -100).sum()) if "labels" in batch else 0
+        self.counter.pending.append((real, int(batch["input_ids"].numel()), labels))
+        return batch
+
+
+def _step_clock(counter: TokenCounter, record: dict):
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            record.setdefault("first_step_at", time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            record.setdefault("step_end_s", []).append(time.perf_counter())
+            record.setdefault("cum_real", []).append(counter.real)
+            record.setdefault("cum_total", []).append(counter.total)
+
+    return StepClock()
+
+
+def _result(cfg: dict, record: dict, extra: dict) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from measure import pad_fraction, steady_throughput
+
+    warm = cfg["warmup"]
+    thr = steady_throughput(record["step_end_s"], record["cum_real"], warm)
+    tot = record["cum_total"][-1] - record["cum_total"][warm - 1]
+    out = {
+        "method": cfg["method"], "model": cfg["model_name"],
+        "real_tokens_per_s": round(thr["tokens_per_s"], 1),
+        "s_per_step": round(thr["s_per_step"], 4),
+        "real_tokens_per_step": round(thr["tokens_per_step"], 1),
+        "measured_steps": thr["steps"], "warmup_steps": warm,
+        "pad_fraction": round(pad_fraction(thr["real_tokens"], tot), 4),
+        "time_to_first_step_s": round(record["first_step_at"] - T_START, 2),
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+        "torch_threads": cfg["threads"],
+    }
+    out.update(extra)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _recipe(cfg: dict, packing: bool, out_dir: str):
+    from plugtune.config import validate_recipe
+
+    return validate_recipe(dict(
+        base_model=cfg["model_dir"], adapter="none", dtype="fp32", sample_packing=packing,
+        sequence_len=cfg["sequence_len"], micro_batch_size=cfg["rows_per_batch"],
+        chat_template="alpaca", datasets=cfg["datasets"], max_steps=cfg["warmup"] + cfg["steps"],
+        logging_steps=cfg["logging_steps"], output_dir=out_dir, save_total_limit=1,
+        learning_rate=2e-4))
+
+
+def run_plugtune(cfg: dict) -> dict:
+    """(a) ``plugtune.train.train`` with packing; the Trainer subclass only adds measurement."""
+    import plugtune.train as pt
+
+    counter, record, prep = TokenCounter(), {}, {}
+    real_prepare, base = pt.prepare, pt.PlugtuneTrainer
+
+    def timed_prepare(*a, **kw):
+        t = time.perf_counter()
+        data = real_prepare(*a, **kw)
+        prep["data_prep_s"] = round(time.perf_counter() - t, 2)
+        prep["stats"] = {k: v for k, v in data.stats.items() if k not in ("per_dataset", "eval")}
+        return data
+
+    class MeasuredTrainer(base):
+        def __init__(self, *a, data_collator=None, callbacks=None, **kw):
+            super().__init__(*a, data_collator=counter.wrap(data_collator),
+                             callbacks=[*(callbacks or []), _step_clock(counter, record)], **kw)
+            counter.attach(self.model)
+            prep["collator"] = type(data_collator).__qualname__
+            prep["optimizer"] = self.args.optim
+
+    pt.prepare, pt.PlugtuneTrainer = timed_prepare, MeasuredTrainer
+    with tempfile.TemporaryDirectory() as out:
+        res = pt.train(_recipe(cfg, True, out))
+    st = prep["stats"]
+    n_samples = st["kept"] + st["truncated"]
+    return _result(cfg, record, {
+        "data_prep_s": prep["data_prep_s"], "collator": prep["collator"], "optimizer": prep["optimizer"],
+        "rows": st["rows"], "samples": n_samples, "dropped_samples": st["dropped"],
+        "mean_sample_len": round(st["real_tokens"] / max(n_samples, 1), 2),
+        "first_loss": res.metrics.get("first_logged_loss"), "last_loss": res.metrics.get("last_logged_loss"),
+        "forwards": counter.forwards})
+
+
+def _canonical(cfg: dict):
+    from plugtune.config import DatasetConfig
+    from plugtune.data.loading import load_datasets
+
+    ds, _ = load_datasets([DatasetConfig(**d) for d in cfg["datasets"]], None, 42)
+    return ds
+
+
+def run_trl(cfg: dict) -> dict:
+    """(b)/(c) TRL ``SFTTrainer`` on the same examples as conversational prompt/completion
+    pairs (rendered with the same alpaca chat template), defaults except fp32 / no gradient
+    checkpointing / ``max_length`` / batch shape / steps."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from plugtune.data.templates import ensure_chat_template
+
+    packing = cfg["method"] == "trl_packing"
+    counter, record = TokenCounter(), {}
+    t = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(cfg["model_dir"])
+    ensure_chat_template(tok, "alpaca")
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ds = _canonical(cfg)
+    ds = ds.map(lambda ex: {"prompt": ex["messages"][:-1], "completion": ex["messages"][-1:]},
+                remove_columns=ds.column_names)
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(
+            output_dir=out, max_steps=cfg["warmup"] + cfg["steps"], report_to="none",
+            save_strategy="no", logging_steps=cfg["logging_steps"], seed=42,
+            bf16=False, gradient_checkpointing=False,  # fp32 / no GC like (a): see module doc
+            max_length=cfg["sequence_len"], packing=packing,
+            per_device_train_batch_size=cfg["micro_batch"],
+            gradient_accumulation_steps=cfg["grad_accum"], learning_rate=2e-4)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                             callbacks=[_step_clock(counter, record)])
+        prep_s = time.perf_counter() - t
+        collator = type(trainer.data_collator).__qualname__
+        padding_free = getattr(trainer.data_collator, "padding_free", None)
+        trainer.data_collator = counter.wrap(trainer.data_collator)
+        counter.attach(trainer.model)
+        lengths = trainer.train_dataset["input_ids"]
+        n_rows = len(lengths)
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        optim = trainer.args.optim
+    return _result(cfg, record, {
+        "data_prep_s": round(prep_s, 2), "model_load_s": round(load_s, 2), "collator": collator,
+        "padding_free": padding_free, "optimizer": str(optim), "rows": n_rows,
+        "micro_batch": cfg["micro_batch"], "grad_accum": cfg["grad_accum"],
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "forwards": counter.forwards})
+
+
+def run_bare(cfg: dict) -> dict:
+    """(d) plugtune's packed rows collated into tensors up front, then a plain loop of
+    ``model(input_ids, position_ids, labels, use_cache=False)``, ``backward``, AdamW ``step``.
+    No Trainer, no gradient clipping, no scheduler, no logging: the practical limit."""
+    import torch
+
+    from plugtune.data import prepare
+    from plugtune.plugins import get_plugin_manager
+    from plugtune.train import build_spec
+
+    pm = get_plugin_manager()
+    with tempfile.TemporaryDirectory() as out:
+        recipe = _recipe(cfg, True, out)
+        spec = build_spec(recipe, pm)
+        loaded = pm.hook.plugtune_load(spec=spec)
+        model, tok = loaded.model, loaded.tokenizer
+        t = time.perf_counter()
+        data = prepare(spec.recipe, tok)
+        collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tok, processor=None)
+        rows = data.train.remove_columns("length").to_list()
+        g = torch.Generator().manual_seed(42)
+        order = torch.randperm(len(rows), generator=g).tolist()
+        b = cfg["rows_per_batch"]
+        batches = []
+        for k in range(0, len(order) - b + 1, b):
+            feats = [rows[i] for i in order[k:k + b]]
+            batches.append((collate(feats), sum(len(f["input_ids"]) for f in feats)))
+        prep_s = time.perf_counter() - t
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
+    record: dict = {"first_step_at": time.perf_counter()}
+    real = total = 0
+    losses = []
+    for step in range(cfg["warmup"] + cfg["steps"]):
+        batch, n_real = batches[step % len(batches)]
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        real += n_real
+        total += batch["input_ids"].numel()
+        record.setdefault("step_end_s", []).append(time.perf_counter())
+        record.setdefault("cum_real", []).append(real)
+        record.setdefault("cum_total", []).append(total)
+        if step == 0 or step == cfg["warmup"] + cfg["steps"] - 1:
+            losses.append(round(loss.item(), 4))
+    return _result(cfg, record, {"data_prep_s": round(prep_s, 2), "optimizer": "torch.optim.AdamW",
+                                       "collator": type(collate).__qualname__,
+                                       "first_loss": losses[0], "last_loss": losses[-1]})
+
+
+def run_prep_scaling(cfg: dict) -> dict:
+    """plugtune data preparation (load, template, tokenize + mask, pack) on the Dolly file
+    replicated ``scales`` times; a fresh datasets cache per size so nothing is reused."""
+    import datasets
+
+    import plugtune.data.pipeline as pipe
+    from plugtune.config import validate_recipe
+    from plugtune.plugins import get_plugin_manager
+    from plugtune.train import build_spec
+
+    datasets.disable_caching()
+    phases: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    pipe.load_datasets = timed("load", pipe.load_datasets)
+    pipe.tokenize_dataset = timed("tokenize", pipe.tokenize_dataset)
+    pipe.finalize = timed("filter_pack_stats", pipe.finalize)
+
+    src = Path(cfg["dolly_file"])
+    records = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    pm = get_plugin_manager()
+    points = []
+    with tempfile.TemporaryDirectory() as tmp:
+        def recipe_for(path: Path):
+            return validate_recipe(dict(
+                base_model=cfg["model_dir"], adapter="none", sample_packing=True,
+                sequence_len=cfg["sequence_len"], chat_template="alpaca", output_dir=tmp,
+                datasets=[dict(path=str(path), type="dolly")]))
+
+        spec = build_spec(recipe_for(src), pm)
+        tok = pm.hook.plugtune_load(spec=spec).tokenizer
+        for scale in [0, *cfg["scales"]]:  # 0: a 16-record warm-up, not reported
+            path = Path(tmp) / f"dolly_x{scale}.jsonl"
+            path.write_text("\n".join(records[:16] if scale == 0 else records * scale) + "\n",
+                            encoding="utf-8")
+            os.environ["HF_DATASETS_CACHE"] = str(Path(tmp) / f"cache{scale}")
+            phases.clear()
+            t = time.perf_counter()
+            data = pipe.prepare(recipe_for(path), tok)
+            secs = time.perf_counter() - t
+            if scale:
+                n = data.stats["samples"]
+                points.append({"scale": scale, "samples": n, "seconds": round(secs, 3),
+                               "samples_per_s": round(n / secs, 1), "rows": data.stats["rows"],
+                               "phases_s": {k: round(v, 3) for k, v in phases.items()}})
+    return {"method": "prep_scaling", "points": points, "peak_rss_mib": round(_peak_rss_mib(), 1)}
+
+
+WORKLOADS = {"plugtune": run_plugtune, "trl_default": run_trl, "trl_packing": run_trl,
+             "bare_loop": run_bare, "prep_scaling": run_prep_scaling}
+
+
+def worker_main(cfg_path: str) -> None:
+    """Entry of a worker process: read the config JSON, run, write ``cfg["out"]``.
+
+    The libraries every workload uses are imported first, and the clock behind
+    ``time_to_first_step_s`` starts after them, so import time (the same for all) is reported
+    apart as ``import_s``."""
+    global T_START
+    cfg = json.loads(Path(cfg_path).read_text())
+    t = time.perf_counter()
+    import datasets  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+    import plugtune.train  # noqa: F401
+
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    T_START = time.perf_counter()
+    import_s = T_START - t
+    with contextlib.redirect_stdout(sys.stderr):  # keep library chatter out of our pipe
+        result = WORKLOADS[cfg["method"]](cfg)
+    result["import_s"] = round(import_s, 2)
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    Path(cfg["out"]).write_text(json.dumps(result, indent=1, default=str))
