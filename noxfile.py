@@ -69,3 +69,12 @@ def demo(session: nox.Session) -> None:
     _install(session, _core("eval"), *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS])
     session.run("plugtune", "train", "demo", "--set", "output_dir=runs/demo", *session.posargs)
     session.run("plugtune", "generate", "runs/demo", "--prompt", "reverse abcdef =")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Throughput / padding / memory: plugtune vs TRL SFTTrainer (default, packing) vs a bare
+    torch loop, plus data-preparation scaling; writes bench/results/<timestamp>.{json,md,png}.
+    Extra arguments go to bench/run.py (e.g. ``nox -s bench -- --quick``)."""
+    _install(session, _core("test"), f"{ROOT}/packages/plugin-llama", "trl")
+    session.run("python", "bench/run.py", *session.posargs)
