@@ -9,11 +9,12 @@ from collections import Counter
 
 import pytest
 import torch
+from transformers import FalconForCausalLM
+
 from plugtune.config import validate_recipe
 from plugtune.modeling import load_model
 from plugtune.testing import make_spec
 from plugtune.train import apply_adapter, read_model_type
-from transformers import FalconForCausalLM
 
 VARIANTS = ["multi_query", "new_decoder"]
 BLOCK_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, FalconForCausalLM
+
 from plugtune.modeling import ModelLoadError
 from plugtune.testing import make_spec
 from plugtune.train import read_model_type
 from plugtune_falcon._legacy import falcon_config_from_legacy, legacy_to_kwargs
-from transformers import AutoModelForCausalLM, FalconForCausalLM
 
 # The config.json of the original remote-code releases (values from tiiuae/falcon-7b and
 # tiiuae/falcon-40b before their port to transformers; auto_map trimmed).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from plugtune.testing import load_shared_tokenizer
 
 #: family -> (shared tokenizer, chat_template for recipes: None = the tokenizer's own)

@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from plugtune.data.collate import Collator
 from plugtune.data.packing import pack_rows
 from plugtune.modeling import ModelLoadError, load_model
 from plugtune.testing import make_spec
 from plugtune_llama._bloom import UnpackingCollator, split_packed
 from plugtune_llama.tiny import tiny_config
-from transformers import AutoModelForCausalLM
 
 
 def _model():

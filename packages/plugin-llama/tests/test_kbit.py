@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+
 from plugtune.config import validate_recipe
 from plugtune.testing import make_spec
 from plugtune.train import apply_adapter
@@ -17,6 +18,7 @@ NAMES = ["llama2", "llama3", "qwen2", "bloom"]
 # the 128k / 152k vocabularies make the Llama 3.2 and Qwen2.5 tiny models ~10x heavier
 FAST = ["llama2", pytest.param("llama3", marks=pytest.mark.slow),
         pytest.param("qwen2", marks=pytest.mark.slow), "bloom"]
+TEMPLATE = {"llama2": "llama2", "llama3": None, "qwen2": None, "bloom": "alpaca"}
 FAMILY = {"llama2": "llama", "llama3": "llama", "qwen2": "qwen2", "bloom": "bloom"}
 LINEARS = {
     "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
@@ -93,14 +95,13 @@ def test_bloom_8bit_lora_trains_and_warns_once(tiny_dirs, caplog):
 def test_qlora_run_with_packing_then_generate(tiny_dirs, chat_jsonl, tmp_path, name):
     """``adapter: qlora`` through ``plugtune.train.train``: 2 steps on packed rows, the adapter
     saved, then the run reloaded (4-bit base + adapter) and generating without dtype errors."""
-    from conftest import PAIRS
     from plugtune.runs import load_run
     from plugtune.train import train
 
     out = tmp_path / "run"
     rec = validate_recipe(dict(
         base_model=str(tiny_dirs(name)), adapter="qlora", lora_r=8, lora_target_modules="all-linear",
-        chat_template=PAIRS[name][2], datasets=[{"path": str(chat_jsonl), "type": "alpaca"}],
+        chat_template=TEMPLATE[name], datasets=[{"path": str(chat_jsonl), "type": "alpaca"}],
         sequence_len=128, sample_packing=True, micro_batch_size=2, max_steps=2, logging_steps=1,
         learning_rate=1e-3, output_dir=str(out)))
     m = train(rec).metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from plugtune.data.templates import ensure_chat_template
 from plugtune.data.tokenize import probe_template, tokenize_chat
 from plugtune.modeling import generate_causal, stop_token_ids

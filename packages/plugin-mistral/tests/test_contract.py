@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from transformers import AutoModelForCausalLM
+
 from plugtune.testing import PluginContract, load_shared_tokenizer
 from plugtune_mistral.tiny import tiny_config
-from transformers import AutoModelForCausalLM
 
 
 class TestZephyrContract(PluginContract):

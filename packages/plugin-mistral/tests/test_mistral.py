@@ -8,6 +8,8 @@ from collections import Counter
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from plugtune.config import validate_recipe
 from plugtune.data.packing import pack_rows
 from plugtune.data.templates import ensure_chat_template
@@ -15,7 +17,6 @@ from plugtune.data.tokenize import probe_template, tokenize_chat
 from plugtune.testing import make_spec
 from plugtune.train import apply_adapter
 from plugtune_mistral.tiny import tiny_config
-from transformers import AutoModelForCausalLM
 
 
 def _packed_setup(sliding_window):

@@ -28,7 +28,6 @@ from plugtune.modeling import (
     loss_from_batch,
 )
 from plugtune.spec import Family, Loaded
-
 from plugtune_falcon._legacy import LEGACY_TYPES, falcon_config_from_legacy
 
 FAMILIES = [Family("falcon", ("falcon", *LEGACY_TYPES), "causal",

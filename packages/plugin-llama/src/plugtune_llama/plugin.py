@@ -30,7 +30,6 @@ from plugtune.modeling import (
     loss_from_batch,
 )
 from plugtune.spec import Family, Loaded
-
 from plugtune_llama import _bloom
 from plugtune_llama._tokens import STOP_TOKENS, set_family_pad
 
