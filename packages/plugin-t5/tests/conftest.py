@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from plugtune.testing import load_shared_tokenizer
 
 

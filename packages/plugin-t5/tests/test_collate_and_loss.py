@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+
 from plugtune.data.tokenize import tokenize_seq2seq
 from plugtune.testing import make_spec
 from plugtune_t5._loss import seq2seq_loss

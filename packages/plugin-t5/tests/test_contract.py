@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from transformers import AutoModelForSeq2SeqLM, MT5Config, UMT5Config
+
 from plugtune.testing import PluginContract, load_shared_tokenizer
 from plugtune_t5.tiny import tiny_t5
-from transformers import AutoModelForSeq2SeqLM, MT5Config, UMT5Config
 
 
 class TestFlanT5Contract(PluginContract):

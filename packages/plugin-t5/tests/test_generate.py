@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from plugtune.testing import make_spec
 from plugtune_t5._generate import generate_ids, source_text
 from plugtune_t5.tiny import tiny_t5

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForSeq2SeqLM
+
 from plugtune.testing import make_spec
 from plugtune_t5 import _policy
 from plugtune_t5._policy import T5PrecisionWarning, safe_dtype
 from plugtune_t5.tiny import tiny_t5
-from transformers import AutoModelForSeq2SeqLM
 
 
 @pytest.fixture(scope="module")

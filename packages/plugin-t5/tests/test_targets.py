@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from plugtune.config import RecipeError
 from plugtune.testing import make_spec
 from plugtune_t5.tiny import tiny_t5

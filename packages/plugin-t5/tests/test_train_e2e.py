@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+
 from plugtune.cli import main as cli_main
 from plugtune.config import load_recipe
 from plugtune.evaluate import rouge

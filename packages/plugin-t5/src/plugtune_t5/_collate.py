@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from plugtune.data.collate import Collator
 from plugtune.data.tokenize import IGNORE_INDEX
 

@@ -12,6 +12,7 @@ import logging
 import warnings
 
 import torch
+
 from plugtune.spec import ModelSpec, cuda_supports_bf16
 
 log = logging.getLogger(__name__)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
+from torch import nn
+
 from plugtune.config import RecipeError
 from plugtune.modeling import linear_module_names
-from torch import nn
 
 #: The FLAN-T5 LoRA recipe (Schmid, "Efficient Large Language Model training with LoRA and
 #: Hugging Face", 2023) and peft's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["t5"]``.

@@ -13,9 +13,9 @@ Family quirks handled here (helpers beside this file):
 from __future__ import annotations
 
 import torch
+
 from plugtune import hookimpl
 from plugtune.spec import Family, Loaded
-
 from plugtune_t5 import _targets
 from plugtune_t5._collate import Seq2SeqCollator
 from plugtune_t5._generate import generate_seq2seq
@@ -44,8 +44,9 @@ def plugtune_load(spec):
     """
     if not _ours(spec):
         return None
-    from plugtune.modeling import load_model, load_tokenizer
     from transformers import AutoModelForSeq2SeqLM
+
+    from plugtune.modeling import ModelLoadError, load_model, load_tokenizer
 
     dtype = safe_dtype(spec)
     spec.torch_dtype = dtype
@@ -59,7 +60,7 @@ def plugtune_load(spec):
     if cfg.decoder_start_token_id is None:  # T5 starts decoding from the pad token
         cfg.decoder_start_token_id = cfg.pad_token_id
     if tokenizer.pad_token_id is not None and cfg.pad_token_id != tokenizer.pad_token_id:
-        raise ValueError(f"{spec.path}: tokenizer pad id {tokenizer.pad_token_id} differs from the "
+        raise ModelLoadError(f"{spec.path}: tokenizer pad id {tokenizer.pad_token_id} differs from the "
                          f"model's pad_token_id {cfg.pad_token_id}; use the model's own tokenizer")
     return Loaded(model=model, tokenizer=tokenizer)
 
