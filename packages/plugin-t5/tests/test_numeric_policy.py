@@ -80,7 +80,7 @@ def test_safe_requests_are_kept_silently(dtype, recwarn):
 
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
 def test_kbit_bases_load_quantized_without_fp16(tiny_dir, quant):
-    import bitsandbytes as bnb
+    bnb = pytest.importorskip("bitsandbytes")
 
     extra = {"load_in_8bit": True} if quant == "8bit" else {"adapter": "qlora"}
     spec, pm = make_spec("t5", path=str(tiny_dir), **extra)

@@ -71,6 +71,7 @@ def test_full_finetune_falls_and_evaluates(tiny_dir, tmp_path, capsys):
 
 
 def test_lora_8bit_falls_and_evaluates(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
     recipe, result = _run("flan-t5-samsum-lora", tiny_dir, tmp_path / "lora", "learning_rate=1e-2")
     assert (recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout) == (16, 32, 0.05)
     assert recipe.quantization == "8bit"
@@ -82,6 +83,7 @@ def test_lora_8bit_falls_and_evaluates(tiny_dir, tmp_path, capsys):
 
 
 def test_qlora_4bit_all_linear_trains(tiny_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
     recipe = load_recipe("flan-t5-samsum-lora", [
         f"base_model={tiny_dir}", f"output_dir={tmp_path / 'qlora'}", "adapter=qlora",
         "load_in_8bit=false", "lora_target_modules=all-linear",
