@@ -73,6 +73,14 @@ _OPTIMIZER_STATES = {  # (states per trainable parameter, bytes per state or Non
 }
 
 
+def nf4_bytes(n: int, blocksize: int = 64) -> int:
+    """Bytes of one bitsandbytes NF4 weight of ``n`` elements with double quantization: packed
+    4-bit codes, one 8-bit absmax per block, one fp32 constant per 256 absmax blocks, and the
+    16-entry NF4 and 256-entry nested code tables (fp32) of its quantization state."""
+    blocks = -(-n // blocksize)
+    return n // 2 + blocks + 4 * -(-blocks // 256) + 4 * (16 + 256)
+
+
 class EstimateError(ValueError):
     """The estimate cannot be made (unknown architecture, bad memory size)."""
 
@@ -268,7 +276,7 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
         for pname, p in mod.named_parameters(recurse=False):
             quant_linear = (isinstance(mod, nn.Linear) and pname == "weight" and mod is not out_emb)
             if spec.quantization == "4bit" and quant_linear:
-                weights += p.numel() * NF4_BYTES
+                weights += nf4_bytes(p.numel())
             elif spec.quantization == "8bit" and quant_linear:
                 weights += p.numel() + mod.out_features * 4
             else:
@@ -372,87 +380,103 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
 # measurement (to check the estimate)
 
 
-def _measure_child(recipe_json: str, queue) -> None:  # pragma: no cover - runs in a subprocess
-    import os
+def _limit_malloc_caching() -> None:
+    """Make glibc return freed blocks of 64 KiB and more to the OS at once (``mallopt``), so the
+    resident set follows the live tensors (no-op where glibc is absent)."""
+    import ctypes
+    import ctypes.util
 
-    torch.set_num_threads(1)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD (also turns off its dynamic adjustment)
+        libc.mallopt(-1, 0)      # M_TRIM_THRESHOLD: trim the heap top at once
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss() -> tuple[int, int]:
+    """``(VmRSS, VmHWM)`` of this process in bytes (Linux ``/proc/self/status``)."""
+    vals = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS", "VmHWM")):
+                k, v = line.split(":")
+                vals[k] = int(v.split()[0]) * 1024
+    return vals["VmRSS"], vals["VmHWM"]
+
+
+def measure_in_process(recipe: Recipe) -> dict[str, Any]:
+    """Train ``recipe`` (use a small ``max_steps``) here and measure the peak memory of training.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` from the start of training. On CPU (Linux): the
+    model's parameter + buffer bytes plus the growth of the resident set above its size when
+    training starts (high-water mark reset through ``/proc/self/clear_refs``; freed tensors are
+    returned to the OS at once, see :func:`_limit_malloc_caching`).
+
+    Returns:
+        ``{"measured_peak": bytes, "weights_bytes": bytes, ...}``.
+    """
+    import gc
 
     import plugtune.train as T
-    from plugtune.config import validate_recipe
-
-    def rss() -> tuple[int, int]:
-        vals = {}
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(("VmRSS", "VmHWM")):
-                    k, v = line.split(":")
-                    vals[k] = int(v.split()[0]) * 1024
-        return vals["VmRSS"], vals["VmHWM"]
 
     result: dict[str, Any] = {}
     cuda = torch.cuda.is_available()
+    if not cuda:
+        _limit_malloc_caching()
 
     class Probe(T.CompleteCheckpointCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
-            m = model
-            result["weights_bytes"] = sum(p.numel() * p.element_size() for p in m.parameters()) + \
-                sum(b.numel() * b.element_size() for b in m.buffers())
+            gc.collect()  # garbage of earlier runs must not be freed (and shrink RSS) mid-run
+            result["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()) \
+                + sum(b.numel() * b.element_size() for b in model.buffers())
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                result["cuda_start"] = torch.cuda.memory_allocated()
             else:
                 with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")
-                result["rss_start"] = rss()[0]
-
-        def on_step_end(self, args, state, control, **kw):
-            if not cuda:
-                result["rss_hwm"] = rss()[1]
+                    fh.write("5")  # reset VmHWM to the current RSS
+                result["rss_start"] = _rss()[0]
 
         def on_train_end(self, args, state, control, **kw):
             if cuda:
-                result["cuda_peak"] = torch.cuda.max_memory_allocated()
+                result["measured_peak"] = torch.cuda.max_memory_allocated()
             else:
-                result["rss_hwm"] = max(result.get("rss_hwm", 0), rss()[1])
+                result["rss_peak"] = _rss()[1]
+                result["measured_peak"] = (result["weights_bytes"] + result["rss_peak"]
+                                           - result["rss_start"])
 
+    original = T.CompleteCheckpointCallback
     T.CompleteCheckpointCallback = Probe
-    recipe = validate_recipe(json.loads(recipe_json))
-    T.train(recipe)
-    if cuda:
-        result["measured_peak"] = result["cuda_peak"]
-    else:  # weights were resident before training began; the rest is the growth of RSS
-        result["measured_peak"] = result["weights_bytes"] + result["rss_hwm"] - result["rss_start"]
-    result["pid"] = os.getpid()
-    queue.put(result)
+    try:
+        T.train(recipe)
+    finally:
+        T.CompleteCheckpointCallback = original
+    return result
 
 
-def measure_peak(recipe: Recipe, timeout: float = 600) -> dict[str, Any]:
-    """Run ``recipe`` (use a small ``max_steps``) in a fresh process and measure its peak memory.
+def _measure_child(recipe_json: str, queue) -> None:  # pragma: no cover - runs in a subprocess
+    from plugtune.config import validate_recipe
 
-    On CUDA: ``torch.cuda.max_memory_allocated`` over training. On CPU (Linux): the model's
-    parameter + buffer bytes plus the growth of the resident set during training (its high-water
-    mark, reset through ``/proc/self/clear_refs`` when training starts). Run with
-    ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the resident set at once.
+    torch.set_num_threads(1)
+    queue.put(measure_in_process(validate_recipe(json.loads(recipe_json))))
 
-    Returns:
-        ``{"measured_peak": bytes, "weights_bytes": ..., ...}``.
-    """
+
+def measure_peak(recipe: Recipe, timeout: float = 900) -> dict[str, Any]:
+    """:func:`measure_in_process` in a fresh (spawned) process, so nothing allocated before
+    counts or is reused. Returns its dict."""
     import multiprocessing as mp
-    import os
 
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(target=_measure_child, args=(json.dumps(recipe.model_dump(mode="json")), q))
     proc.start()
     try:
-        res = q.get(timeout=timeout)
+        return q.get(timeout=timeout)
     finally:
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
-    return res
 
 
 def format_estimate(est: MemoryEstimate, device_bytes: int | None = None) -> list[tuple[str, str]]:
