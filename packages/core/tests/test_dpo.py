@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from plugtune.config import RecipeError, validate_recipe
 from plugtune.data.templates import ensure_chat_template
 from plugtune.data.tokenize import probe_template, tokenize_chat
@@ -125,8 +126,9 @@ def _check_rising(res):
 @pytest.mark.slow
 def test_dpo_lora_rewards_rise_reference_is_adapter_disabled(tmp_path):
     from peft import PeftModel
-    from plugtune.train import train
     from transformers import AutoModelForCausalLM
+
+    from plugtune.train import train
 
     torch.set_num_threads(1)
     data = shared_path("llama_factory", "dpo_en_demo.json")
@@ -144,8 +146,9 @@ def test_dpo_lora_rewards_rise_reference_is_adapter_disabled(tmp_path):
 
 @pytest.mark.slow
 def test_dpo_full_weights_rewards_rise_with_frozen_reference(tmp_path):
-    from plugtune.train import train
     from safetensors.torch import load_file
+
+    from plugtune.train import train
 
     torch.set_num_threads(1)
     data = shared_path("torchtune_assets", "stack_exchange_paired_tiny.json")
@@ -170,6 +173,7 @@ def test_dpo_needs_preference_data(tmp_path):
 
 def test_dpo_stops_on_nan_loss_naming_the_step(tmp_path, monkeypatch):
     import trl
+
     from plugtune.train import TrainingError, train
 
     def nan_loss(self, model, inputs, return_outputs):
@@ -195,3 +199,50 @@ def test_dpo_resume_from_checkpoint(tmp_path):
                 resume=True)
     steps = [h["step"] for h in res.log_history if "rewards/accuracies" in h]
     assert res.metrics["global_step"] == 3 and steps[-1] == 3
+
+
+@pytest.mark.slow
+def test_zephyr_recipes_sft_merge_dpo(tmp_path, monkeypatch):
+    """The bundled Zephyr pair on a tiny Mistral: QLoRA SFT -> merge -> QLoRA DPO."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from plugtune.cli import main
+    from plugtune.data.templates import ZEPHYR
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    tok = load_shared_tokenizer("mistral_v1")
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=1024, sliding_window=128)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tiny-mistral")
+    tok.save_pretrained(tmp_path / "tiny-mistral")
+    quick = ["--set", "max_steps=2", "--set", "sequence_len=256", "--set", "logging_steps=1",
+             "--set", "micro_batch_size=2", "--set", "gradient_accumulation_steps=1",
+             "--set", "learning_rate=1e-3", "--set", "datasets.0.max_samples=24",
+             "--set", "val_set_size=0"]
+    sft_data = shared_path("llama_factory", "alpaca_en_demo.json")
+    assert main(["train", "zephyr-sft", *quick, "--set", f"base_model={tmp_path / 'tiny-mistral'}",
+                 "--set", f"datasets.0.path={sft_data}"]) == 0
+    sft = tmp_path / "runs" / "zephyr-sft"
+    assert (sft / "adapter_config.json").exists()
+    assert main(["merge", str(sft), str(tmp_path / "runs" / "zephyr-sft-merged")]) == 0
+    dpo_data = shared_path("llama_factory", "dpo_en_demo.json")
+    assert main(["train", "zephyr-dpo", *quick, "--set", f"datasets.0.path={dpo_data}"]) == 0
+    run = tmp_path / "runs" / "zephyr-dpo"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["rl"] == "dpo" and metrics["global_step"] == 2
+    assert metrics["reference"] == "base model with the adapter disabled"
+    assert metrics["first_rewards_accuracies"] is not None
+    recipe = yaml_load(run / "recipe.yaml")
+    assert recipe["base_model"] == "./runs/zephyr-sft-merged" and recipe["dpo_beta"] == 0.01
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(run).chat_template == ZEPHYR
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
