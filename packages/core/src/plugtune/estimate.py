@@ -27,12 +27,17 @@ read), so parameter counts and the shapes of every layer are exact. Components (
   activation input (``i``); a ``nn.Linear`` saves its input only when its weight trains, a LoRA
   branch saves its (dropout) input and a 1-byte dropout mask plus its ``r``-wide bottleneck.
   Outside the layers: the final norm, the head input and the fp32 log-softmax of the loss
-  (``V`` per token), with two more ``V``-wide fp32 buffers while the loss backward runs.
+  (``V`` per token).
   With gradient checkpointing (full recomputation, Korthikanti sec. 4.1; Chen et al. 2016) only
   each layer's input (``h`` per token) is kept, plus one layer's activations during recompute.
-* **peak** = weights + adapter + optimizer states + max(activations, gradients): the Trainer frees
-  gradients after each optimizer step and activations are freed as backward produces gradients,
-  so the two peaks do not add up.
+* **DPO** (``rl: dpo``): chosen and rejected answers run as one batch of ``2b`` rows; full-weight
+  DPO adds a frozen reference copy of the weights (with LoRA the reference is the base with the
+  adapter disabled: no copy).
+* **backward working set**: while backward runs, gradients of the widest tensors are alive next
+  to the saved activations: two fp32 ``V``-wide buffers for the loss, or three MLP-wide and two
+  residual-wide ones for a layer, whichever is larger.
+* **peak** = weights + adapter + gradients + optimizer states + activations + backward working
+  set. (Gradients and activations overlap only partly, so this leans high when both are large.)
 
 With DeepSpeed ZeRO over N GPUs (Rajbhandari et al. 2020, arXiv:1910.02054): stage 1 divides the
 optimizer states by N, stage 2 also the gradients, stage 3 also the weights; offload moves the
@@ -322,7 +327,8 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
             per_layer.append(_layer_activation(
                 layer, f"{prefix}.{k}", cfg, lora, r, recipe.lora_dropout, impl, s, act_bytes,
                 1 if on_cuda else act_bytes))  # dropout masks: bool on CUDA, input dtype on CPU
-    tokens = b * s
+    # DPO scores chosen and rejected answers in one batch of 2b rows (TRL concatenates them)
+    tokens = b * s * (2 if recipe.rl == "dpo" else 1)
     # final norm (+ head input when the head trains) and the fp32 log-softmax of the loss
     outside = (h * (2 if lora is None else 1) + (h if lora is None else 0)) * act_bytes + vocab * 4
     no_gc = tokens * (sum(per_layer) + outside)
@@ -334,6 +340,10 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
                  and m is not out_emb), default=4 * h)
     working = tokens * max(2 * vocab * 4, (3 * inter + 2 * h) * act_bytes)
 
+    reference = 0.0
+    if recipe.rl == "dpo" and lora_names is None:
+        reference = weights  # full-weight DPO keeps a frozen copy of the initial model
+    weights += reference
     # DeepSpeed ZeRO partitioning
     details: dict[str, Any] = {
         "dtype": str(dtype).replace("torch.", ""), "quantization": spec.quantization,
@@ -343,6 +353,7 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
         "micro_batch_size": b, "sequence_len": s, "layers": len(per_layer),
         "hidden_size": h, "vocab_size": vocab, "attention": impl,
         "gradient_checkpointing": recipe.gradient_checkpointing, "device": "cuda" if on_cuda else "cpu",
+        "rl": recipe.rl, "dpo_reference_copy": int(reference),
     }
     stage = 0
     if recipe.deepspeed:
@@ -492,7 +503,8 @@ def format_estimate(est: MemoryEstimate, device_bytes: int | None = None) -> lis
         (f"activations, no checkpointing (b={d['micro_batch_size']}, s={d['sequence_len']})",
          human(est.activations_without_checkpointing)),
         ("activations, gradient checkpointing", human(est.activations_with_checkpointing)),
-        ("peak (weights + adapter + optimizer + max(activations, gradients))", human(est.peak)),
+        ("backward working set", human(est.backward_working_set)),
+        ("peak (sum of the above, with the recipe's checkpointing)", human(est.peak)),
     ]
     if "zero_stage" in d:
         rows.append((f"ZeRO-{d['zero_stage']} over {d['num_gpus']} GPUs, offloaded to CPU",
