@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
+
+
+TESTS_DIR = Path(__file__).parent
+sys.path.insert(0, str(TESTS_DIR))
 
 
 @pytest.fixture(autouse=True)
@@ -13,6 +21,11 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.getbasetemp() / "plugtune-home"
     monkeypatch.setenv("PLUGTUNE_HOME", str(home))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    # core tests never depend on family plugins: only the test family module is loaded
+    # (also in subprocesses, through PYTHONPATH)
+    monkeypatch.setenv("PLUGTUNE_LOAD_PLUGINS", "plugtune_test_families")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(TESTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
 
 def tiny_llama(vocab_size: int, **kw):
