@@ -1,0 +1,40 @@
+"""The bundled Falcon-7B QLoRA recipe: valid, routed here (native and legacy), runnable on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plugtune.config import load_recipe
+from plugtune.plugins import get_plugin_manager
+from plugtune.train import build_spec
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_recipe_is_valid_and_routes_to_plugin_falcon(tiny_dirs, legacy):
+    rec = load_recipe("falcon-7b-qlora", [f"base_model={tiny_dirs('new_decoder', legacy)}"])
+    assert (rec.quantization, rec.sequence_len, rec.lora_target_modules) == ("4bit", 512, "all-linear")
+    spec = build_spec(rec, get_plugin_manager())
+    assert spec.plugin == "plugtune-falcon" and spec.family.name == "falcon"
+    assert spec.model_type == ("RefinedWeb" if legacy else "falcon")
+
+
+@pytest.mark.slow
+def test_recipe_runs_on_tiny_legacy_model(tiny_dirs, tmp_path):
+    """``plugtune train falcon-7b-qlora --set base_model=<tiny RefinedWeb> --set max_steps=2``."""
+    root = Path(__file__).resolve().parents[3]  # the recipe's data path is relative to it
+    if not (root.parent / "shared" / "data" / "dolly").is_dir():
+        pytest.skip("../shared/data beside the repository is absent")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "plugtune", "train", "falcon-7b-qlora", "--set",
+           f"base_model={tiny_dirs('new_decoder', True)}", "--set", "max_steps=2", "--set",
+           f"output_dir={out}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "model_type=RefinedWeb family=falcon" in res.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["global_step"] == 2 and m["train_loss"] > 0
