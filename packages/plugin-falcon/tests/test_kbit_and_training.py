@@ -136,3 +136,19 @@ def test_qlora_run_then_generate(tiny_dirs, chat_jsonl, tmp_path, variant, legac
                                      prompts=["Add 2 and 2.", "Add 10 and 1."], max_new_tokens=4,
                                      images=None)
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+
+
+def test_target_modules_auto_all_linear_and_explicit():
+    from transformers import AutoModelForCausalLM
+
+    from plugtune_falcon.tiny import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("new_decoder", 300))
+    spec, pm = make_spec("falcon")
+    tm = pm.hook.plugtune_target_modules
+    assert tm(spec=spec, model=model, method="auto") == ["query_key_value"]
+    assert tm(spec=spec, model=model, method="all-linear") == sorted(BLOCK_LINEARS)  # no lm_head
+    with pytest.raises(ValueError, match=r"mlp \(FalconMLP\).*dense_h_to_4h"):
+        tm(spec=spec, model=model, method=["query_key_value", "mlp"])
+    with pytest.raises(ValueError, match=r"\['q_proj'\] not found.*query_key_value"):
+        tm(spec=spec, model=model, method=["q_proj"])

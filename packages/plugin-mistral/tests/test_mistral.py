@@ -164,3 +164,16 @@ def test_qlora_run_zephyr_then_generate(tiny_dir, chat_jsonl, tmp_path):
                                      prompts=["Add 2 and 2.", "Add 10 and 1."], max_new_tokens=4,
                                      images=None)
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+
+
+def test_target_modules_auto_all_linear_and_explicit():
+    model = AutoModelForCausalLM.from_config(tiny_config(300))
+    spec, pm = make_spec("mistral")
+    tm = pm.hook.plugtune_target_modules
+    assert tm(spec=spec, model=model, method="auto") == ["q_proj", "v_proj"]
+    assert tm(spec=spec, model=model, method="all-linear") == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    with pytest.raises(ValueError, match=r"\['query_key_value'\] not found.*q_proj"):
+        tm(spec=spec, model=model, method=["q_proj", "query_key_value"])
+    with pytest.raises(ValueError, match=r"mlp \(MistralMLP\)"):
+        tm(spec=spec, model=model, method=["mlp"])
