@@ -148,6 +148,7 @@ def test_zero2_step_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_zero3_saves_the_gathered_adapter(tmp_path):
+    pytest.importorskip("deepspeed", reason="pip install 'plugtune[deepspeed]'")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
