@@ -177,3 +177,25 @@ def test_target_modules_auto_all_linear_and_explicit():
         tm(spec=spec, model=model, method=["q_proj", "query_key_value"])
     with pytest.raises(ValueError, match=r"mlp \(MistralMLP\)"):
         tm(spec=spec, model=model, method=["mlp"])
+
+
+def test_packed_loss_through_the_loaded_stack_matches_unpacked(tiny_dir):
+    """The same check through ``plugtune_load`` with ``sample_packing: true`` (whatever attention
+    core installs for packed rows) and samples longer than the saved model's window of 16."""
+    spec, pm = make_spec("mistral", path=str(tiny_dir), sample_packing=True)
+    loaded = pm.hook.plugtune_load(spec=spec)
+    model = loaded.model.eval()
+    assert model.config.sliding_window == 16
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randint(5, 1000, (n,), generator=g).tolist() for n in (40, 25))
+    collate = pm.hook.plugtune_collate(spec=spec, tokenizer=loaded.tokenizer)
+    rows = pack_rows([a, b], [a, b], 80)
+    packed = collate([{k: v[0] for k, v in rows.items()}])
+    unpacked = collate([{"input_ids": a, "labels": [-100, *a[1:]]},
+                        {"input_ids": b, "labels": [-100, *b[1:]]}])
+    n = int((unpacked["labels"] != -100).sum())
+    with torch.no_grad():
+        lp, lu = (float(pm.hook.plugtune_train_step(spec=spec, model=model, batch=x,
+                                                    num_items_in_batch=n))
+                  for x in (packed, unpacked))
+    assert math.isclose(lp, lu, rel_tol=1e-5), (lp, lu)
