@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
+
 from plugtune.scale import (
     PRESETS,
     DeepSpeedConfigError,
