@@ -159,9 +159,18 @@ def load_model(spec: ModelSpec, auto_class=None, **kwargs: Any):
         args["dtype"] = torch.bfloat16 if spec.quantization == "4bit" else spec.torch_dtype
     args.update(kwargs)
     try:
-        return auto_class.from_pretrained(spec.path, **args)
+        model = auto_class.from_pretrained(spec.path, **args)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {spec.path!r} with {auto_class.__name__}: {exc}") from exc
+    if (args.get("attn_implementation") == "sdpa" and spec.recipe.sample_packing
+            and spec.task == "causal" and not torch.cuda.is_available()):
+        # packed rows on CPU: sdpa per packed sample, not over the whole masked row
+        # (plugtune.attention; falls back to plain sdpa whenever the split is not exact)
+        from plugtune import attention
+
+        if attention.enable(model):
+            log.info("packed rows use %s attention (per-sample sdpa on CPU)", attention.NAME)
+    return model
 
 
 def linear_module_names(model: nn.Module, exclude: Iterable[str] = ("lm_head",),
@@ -305,13 +314,111 @@ def generate_causal(model, tokenizer, prompts: Sequence[str | list[dict]], max_n
 
 def loss_from_batch(model, batch: dict, num_items_in_batch=None, **extra: Any) -> torch.Tensor:
     """Forward with ``use_cache=False`` (required for packed rows: see FINDINGS.md) and return
-    the model's loss, normalised by ``num_items_in_batch`` label tokens when given."""
+    the model's loss, normalised by ``num_items_in_batch`` label tokens when given.
+
+    Decoder-only text models get the same loss from the LM head applied to the labelled
+    positions only (:func:`label_only_loss`), verified once per model against the model's own
+    loss."""
     kwargs = dict(batch)
-    if num_items_in_batch is not None:
-        kwargs["num_items_in_batch"] = num_items_in_batch
     cfg = getattr(model, "config", None)
     if cfg is not None and not getattr(cfg, "is_encoder_decoder", False):
         kwargs.setdefault("use_cache", False)
     kwargs.update(extra)
+    loss = label_only_loss(model, kwargs, num_items_in_batch)
+    if loss is not None:
+        return loss
+    if num_items_in_batch is not None:
+        kwargs["num_items_in_batch"] = num_items_in_batch
     out = model(**kwargs)
     return out.loss
+
+
+#: config attributes that transform logits after the LM head (softcapping, scaling): models that
+#: set one keep their own forward (the list TRL's ``add_fused_lm_head`` handles, trl 1.16)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
+                     "lm_head_multiplier", "logits_scaling")
+_PLAIN_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "labels", "use_cache"})
+_VERDICT = "_plugtune_label_only_head"
+
+
+def _label_only_parts(model, kwargs: dict):
+    """``(base, backbone, head)`` when the loss may be computed from the labelled positions'
+    hidden states alone, else ``None``: a bare (or peft-wrapped, not DDP/DeepSpeed-wrapped)
+    decoder-only text ``PreTrainedModel`` with a plain ``nn.Linear`` head, no logit transform,
+    no router loss, and only text inputs in the batch."""
+    from transformers import PreTrainedModel
+
+    if "labels" not in kwargs or set(kwargs) - _PLAIN_INPUTS:
+        return None
+    base = model
+    if hasattr(model, "get_base_model") and not isinstance(model, PreTrainedModel):
+        base = model.get_base_model()  # peft
+    if not isinstance(base, PreTrainedModel) or getattr(base, _VERDICT, None) is False:
+        return None
+    cfg = base.config
+    if (getattr(cfg, "is_encoder_decoder", False) or cfg.get_text_config() is not cfg
+            or getattr(cfg, "output_router_logits", False)
+            or any(getattr(cfg, a, None) is not None for a in _LOGIT_TRANSFORMS)):
+        return None
+    head = base.get_output_embeddings()
+    backbone = base.base_model
+    if type(head) is not nn.Linear or backbone is base:
+        return None
+    return base, backbone, head
+
+
+def label_only_loss(model, kwargs: dict, num_items_in_batch=None) -> torch.Tensor | None:
+    """The causal-LM loss with the LM head applied only where a label is trained.
+
+    Prompt tokens (``-100`` labels), packed-sample boundaries and padding need no logits, yet a
+    plain forward projects every position onto the vocabulary: with a 32k vocabulary that is
+    most of a small model's step. Here the backbone runs as usual, then only the hidden states
+    of positions ``t`` with ``labels[t + 1] != -100`` go through the head and the float32
+    cross-entropy, summed and divided by ``num_items_in_batch`` (else by the number of
+    labelled tokens), as transformers' ``ForCausalLMLoss`` does (the idea of TRL's fused LM
+    head, which on CPU still scores every position).
+
+    The first call for a model also runs its own forward (no grad, same RNG state, so dropout
+    matches) and keeps this path only if both losses agree (rtol 1e-4); otherwise the model is
+    marked and always uses its own forward.
+
+    Args:
+        model: the (possibly peft-wrapped) model; kwargs: its inputs incl. ``labels``
+            ``(batch, seq)``.
+
+    Returns:
+        The scalar loss, or ``None`` when this path does not apply (see ``_label_only_parts``).
+    """
+    parts = _label_only_parts(model, kwargs)
+    if parts is None:
+        return None
+    base, backbone, head = parts
+    ref = None
+    if getattr(base, _VERDICT, None) is None:
+        full = dict(kwargs)
+        if num_items_in_batch is not None:
+            full["num_items_in_batch"] = num_items_in_batch
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        with torch.no_grad():
+            ref = model(**full).loss
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    labels = kwargs["labels"]
+    out = backbone(**{k: v for k, v in kwargs.items() if k != "labels"})
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    shift = labels[:, 1:].to(hidden.device)
+    keep = shift != -100
+    logits = head(hidden[:, :-1][keep]).float()
+    loss = nn.functional.cross_entropy(logits, shift[keep], reduction="sum")
+    denom = keep.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = loss / (denom.to(loss.device) if torch.is_tensor(denom) else denom)
+    if ref is not None:
+        ok = bool(torch.allclose(loss.detach(), ref.detach().float().to(loss.device), rtol=1e-4, atol=1e-6))
+        setattr(base, _VERDICT, ok)
+        if not ok:
+            log.info("%s: label-only LM head disagrees with the model's loss (%.6g vs %.6g); "
+                     "using the model's forward", type(base).__name__, loss.item(), ref.item())
+            return None
+    return loss
