@@ -10,12 +10,15 @@ run measures:
   (a) plugtune      plugtune's SFT path (``plugtune.train.train``) with ``sample_packing``
   (b) trl_default   TRL ``SFTTrainer`` defaults: one padded sample per row, no packing
   (c) trl_packing   TRL ``SFTTrainer(packing=True)``: best-fit rows, padding-free (flattened)
-  (d) bare_loop     forward/backward/AdamW on plugtune's packed rows pre-collated to tensors
+  (d) bare_loop     forward/backward/AdamW on plugtune's packed rows pre-collated to tensors,
+                    same model and loss as (a); (d') the same loop with the model's own loss
 
 (b) and (c) override TRL's bf16 and gradient checkpointing defaults with fp32 / no checkpointing
 (both are 3-24x slower on a CPU without AMX: ../shared/FINDINGS.md), so the comparison is about
-data layout. All runs are full fine-tuning in fp32 with sdpa attention and the same torch thread
-count. The padded run (b) gets about the real tokens per optimizer step of the packed runs by
+data layout. All runs are full fine-tuning in fp32 with the same torch thread count. TRL runs
+use transformers' ``sdpa``; plugtune's packed CPU path (a, d) loads the model with its per-sample
+``sdpa`` (``plugtune.attention``) and computes the LM head only on trained positions
+(``plugtune.modeling.label_only_loss``). The padded run (b) gets about the real tokens per optimizer step of the packed runs by
 taking ``round(tokens_per_step / mean_sample_len)`` samples per step (micro-batches of <= 8, TRL's
 default, with gradient accumulation).
 
@@ -54,7 +57,7 @@ LETTER = {"plugtune": "a", "trl_default": "b", "trl_packing": "c", "bare_loop": 
 #: measured steps / warm-up steps per model (full run); --quick divides the measured steps
 MODELS = {
     "llama-20m": {"steps": 12, "warmup": 2},
-    "stories260k": {"steps": 40, "warmup": 3},
+    "stories260k": {"steps": 16, "warmup": 2},
 }
 
 
@@ -69,6 +72,44 @@ def data_files(shared: Path) -> list[dict]:
         {"path": str(d / "dolly" / "dolly_validation_151.instruction_context_response.jsonl"), "type": "dolly"},
         {"path": str(d / "llama_factory" / "alpaca_en_demo.json"), "type": "alpaca"},
     ]
+
+
+def fitting_data(files: list[dict], model_dir: str, sequence_len: int, dest: Path,
+                 margin: int = 4) -> tuple[list[dict], dict]:
+    """Copies of the data files (same formats) without the samples that do not fit
+    ``sequence_len`` with this model's tokenizer, so no method truncates or drops anything and
+    all four see the same samples (plugtune drops over-long samples, TRL truncates them).
+
+    A sample's length is its alpaca-template rendering tokenized with BOS, plus ``margin``
+    tokens of slack for tokenizing the prompt and response apart. Returns the new dataset
+    entries and ``{file name: [kept, total]}``.
+    """
+    from transformers import AutoTokenizer
+
+    from plugtune.data.formats import ADAPTERS
+    from plugtune.data.templates import ensure_chat_template
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ensure_chat_template(tok, "alpaca")
+    dest.mkdir(parents=True, exist_ok=True)
+    out, counts = [], {}
+    for d in files:
+        src = Path(d["path"])
+        text = src.read_text(encoding="utf-8")
+        records = ([json.loads(x) for x in text.splitlines() if x.strip()] if src.suffix == ".jsonl"
+                   else json.loads(text))
+        keep = []
+        for rec in records:
+            msgs = ADAPTERS[d["type"]](rec, {})["messages"]
+            rendered = tok.apply_chat_template(msgs, tokenize=False)
+            if len(tok(rendered)["input_ids"]) + margin <= sequence_len:
+                keep.append(rec)
+        path = dest / src.name
+        path.write_text("\n".join(json.dumps(r) for r in keep) + "\n" if src.suffix == ".jsonl"
+                        else json.dumps(keep), encoding="utf-8")
+        out.append({**d, "path": str(path)})
+        counts[src.name] = [len(keep), len(records)]
+    return out, counts
 
 
 def build_llama_20m(dest: Path) -> dict:
@@ -111,7 +152,7 @@ COLUMNS = [("run", "run", ""), ("real_tokens_per_s", "real tok/s", ".0f"),
            ("pad_pct", "pad %", ".1f"), ("real_tokens_per_step", "real tok/step", ".0f"),
            ("s_per_step", "s/step", ".2f"), ("batch", "micro x accum", ""),
            ("time_to_first_step_s", "s to 1st step", ".1f"), ("data_prep_s", "data prep s", ".1f"),
-           ("peak_rss_mib", "peak RSS MiB", ".0f")]
+           ("peak_rss_mib", "peak RSS MiB", ".0f"), ("attn_implementation", "attention", "")]
 
 
 def summarize(models: dict) -> str:
@@ -124,9 +165,17 @@ def summarize(models: dict) -> str:
                 continue
             rows.append({**r, "run": f"({LETTER[meth]}) {meth}", "pad_pct": 100 * r["pad_fraction"],
                          "batch": f"{r.get('micro_batch', m['rows_per_batch'])} x {r.get('grad_accum', 1)}"})
+            if r.get("model_loss_real_tokens_per_s"):
+                rows.append({"run": "(d') bare_loop, model's own loss", "batch": rows[-1]["batch"],
+                             "real_tokens_per_s": r["model_loss_real_tokens_per_s"],
+                             "s_per_step": r["model_loss_s_per_step"], "pad_pct": rows[-1]["pad_pct"],
+                             "real_tokens_per_step": r["real_tokens_per_step"],
+                             "attn_implementation": r.get("attn_implementation")})
         rt = ", ".join(f"{k} = {v}" for k, v in m["ratios"].items())
+        kept = ", ".join(f"{k} {a}/{b}" for k, (a, b) in m.get("samples_kept_of_total", {}).items())
         out.append(f"### {name} ({m['params'] / 1e6:.2f}M params, sequence_len {m['sequence_len']}, "
-                   f"{m['measured_steps']} measured steps after {m['warmup_steps']} warm-up)\n\n"
+                   f"{m['measured_steps']} measured steps after {m['warmup_steps']} warm-up; "
+                   f"samples that fit: {kept})\n\n"
                    + table(rows, COLUMNS) + f"\n\nratios: {rt}\n")
     return "\n".join(out)
 
@@ -244,11 +293,15 @@ def main(argv: list[str] | None = None) -> int:
             info = {"path": str(path), "params": params}
         steps = max(4, round(MODELS[model_name]["steps"] * scale))
         warm = MODELS[model_name]["warmup"]
-        base = {"model_name": model_name, "model_dir": info["path"], "datasets": data_files(shared),
+        files, kept = fitting_data(data_files(shared), info["path"], args.sequence_len,
+                                   tmp / f"data-{model_name}")
+        info["samples_kept_of_total"] = kept
+        base = {"model_name": model_name, "model_dir": info["path"], "datasets": files,
                 "sequence_len": args.sequence_len, "rows_per_batch": args.rows_per_batch,
                 "steps": steps, "warmup": warm, "threads": args.threads, "logging_steps": 10}
         runs: dict = {}
-        print(f"bench: {model_name}: {info['params'] / 1e6:.2f}M params, {warm}+{steps} steps", flush=True)
+        print(f"bench: {model_name}: {info['params'] / 1e6:.2f}M params, {warm}+{steps} steps, samples "
+              f"that fit sequence_len {args.sequence_len}: {kept}", flush=True)
         for meth in methods:
             cfg = {**base, "method": meth}
             if meth == "trl_default":

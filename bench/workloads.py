@@ -9,7 +9,10 @@ warm caches never mix between runs.
                      this CPU (../shared/FINDINGS.md), which would measure dtype, not data layout
 (c) ``trl_packing``  the same with ``packing=True`` (best-fit decreasing, padding-free rows)
 (d) ``bare_loop``    forward, backward, AdamW step on plugtune's packed rows, pre-collated to
-                     tensors before the clock starts: the practical limit of this layout
+                     tensors before the clock starts, same model and loss as (a) (the
+                     ``plugtune_train_step`` hook): the practical limit; then the same loop
+                     with the model's own ``.loss`` (what a hand-written loop does), reported
+                     as ``model_loss_real_tokens_per_s`` of this layout
 ``prep_scaling``     plugtune data preparation on 1x, 4x, 16x the Dolly file
 
 Every training workload reports real (non-pad) tokens/s over steps ``warmup+1..N`` measured from
@@ -156,6 +159,7 @@ def run_plugtune(cfg: dict) -> dict:
             counter.attach(self.model)
             prep["collator"] = type(data_collator).__qualname__
             prep["optimizer"] = self.args.optim
+            prep["model"] = self.model
 
     pt.prepare, pt.PlugtuneTrainer = timed_prepare, MeasuredTrainer
     with tempfile.TemporaryDirectory() as out:
@@ -167,7 +171,14 @@ def run_plugtune(cfg: dict) -> dict:
         "rows": st["rows"], "samples": n_samples, "dropped_samples": st["dropped"],
         "mean_sample_len": round(st["real_tokens"] / max(n_samples, 1), 2),
         "first_loss": res.metrics.get("first_logged_loss"), "last_loss": res.metrics.get("last_logged_loss"),
-        "forwards": counter.forwards})
+        "forwards": counter.forwards, **_model_facts(prep["model"])})
+
+
+def _model_facts(model) -> dict:
+    """Attention implementation and whether plugtune's label-only LM head loss was used."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"attn_implementation": base.config._attn_implementation,
+            "label_only_head": getattr(base, "_plugtune_label_only_head", None)}
 
 
 def _canonical(cfg: dict):
@@ -225,7 +236,7 @@ def run_trl(cfg: dict) -> dict:
         "padding_free": padding_free, "optimizer": str(optim), "rows": n_rows,
         "micro_batch": cfg["micro_batch"], "grad_accum": cfg["grad_accum"],
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "forwards": counter.forwards})
+        "forwards": counter.forwards, "attn_implementation": model.config._attn_implementation})
 
 
 def run_bare(cfg: dict) -> dict:
@@ -258,25 +269,47 @@ def run_bare(cfg: dict) -> dict:
         prep_s = time.perf_counter() - t
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
-    record: dict = {"first_step_at": time.perf_counter()}
-    real = total = 0
-    losses = []
-    for step in range(cfg["warmup"] + cfg["steps"]):
-        batch, n_real = batches[step % len(batches)]
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        real += n_real
-        total += batch["input_ids"].numel()
-        record.setdefault("step_end_s", []).append(time.perf_counter())
-        record.setdefault("cum_real", []).append(real)
-        record.setdefault("cum_total", []).append(total)
-        if step == 0 or step == cfg["warmup"] + cfg["steps"] - 1:
-            losses.append(round(loss.item(), 4))
-    return _result(cfg, record, {"data_prep_s": round(prep_s, 2), "optimizer": "torch.optim.AdamW",
-                                       "collator": type(collate).__qualname__,
-                                       "first_loss": losses[0], "last_loss": losses[-1]})
+
+    def plugtune_step(batch):  # the loss plugtune's Trainer computes (plugtune_train_step hook)
+        return pm.hook.plugtune_train_step(spec=spec, model=model, batch=batch, num_items_in_batch=None)
+
+    def model_step(batch):  # what a hand-written loop usually does: the model's own loss
+        return model(**batch, use_cache=False).loss
+
+    def loop(step_fn, offset: int) -> tuple[dict, list]:
+        record: dict = {"first_step_at": time.perf_counter()}
+        real = total = 0
+        losses = []
+        n = cfg["warmup"] + cfg["steps"]
+        for step in range(n):
+            batch, n_real = batches[(offset + step) % len(batches)]
+            loss = step_fn(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            real += n_real
+            total += batch["input_ids"].numel()
+            record.setdefault("step_end_s", []).append(time.perf_counter())
+            record.setdefault("cum_real", []).append(real)
+            record.setdefault("cum_total", []).append(total)
+            if step in (0, n - 1):
+                losses.append(round(loss.item(), 4))
+        return record, losses
+
+    record, losses = loop(plugtune_step, 0)
+    res = _result(cfg, record, {"data_prep_s": round(prep_s, 2), "optimizer": "torch.optim.AdamW",
+                                "collator": type(collate).__qualname__, "loss": "plugtune_train_step",
+                                "first_loss": losses[0], "last_loss": losses[-1], **_model_facts(model)})
+    if cfg.get("bare_model_loss", True):  # same loop, the model's own forward/loss (full LM head)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from measure import steady_throughput
+
+        rec2, _ = loop(model_step, cfg["warmup"] + cfg["steps"])
+        thr = steady_throughput(rec2["step_end_s"], rec2["cum_real"], cfg["warmup"])
+        res["model_loss_real_tokens_per_s"] = round(thr["tokens_per_s"], 1)
+        res["model_loss_s_per_step"] = round(thr["s_per_step"], 4)
+        res["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    return res
 
 
 def run_prep_scaling(cfg: dict) -> dict:
