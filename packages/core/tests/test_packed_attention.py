@@ -98,7 +98,7 @@ def test_label_only_loss_equals_the_models_loss_and_grads(make_tiny_llama, n_ite
     b = make_tiny_llama(vocab_size=100)
     batch, _ = _packed_batch()
     la = loss_from_batch(a, batch, n_items)  # label-only (verified on this first call)
-    assert getattr(a, "_plugtune_label_only_head") is True
+    assert a._plugtune_label_only_head is True
     kw = {"num_items_in_batch": n_items} if n_items is not None else {}
     lb = b(**batch, use_cache=False, **kw).loss
     torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-5)
@@ -117,7 +117,7 @@ def test_label_only_loss_with_lora_and_dropout(make_tiny_llama):
     batch, _ = _packed_batch()
     torch.manual_seed(5)
     loss = loss_from_batch(model, batch)  # verified with the same dropout masks
-    assert getattr(model.get_base_model(), "_plugtune_label_only_head") is True
+    assert model.get_base_model()._plugtune_label_only_head is True
     torch.manual_seed(5)
     expect = model(**batch, use_cache=False).loss
     torch.testing.assert_close(loss, expect, atol=1e-6, rtol=1e-5)
@@ -145,6 +145,6 @@ def test_label_only_loss_falls_back_when_the_model_disagrees(make_tiny_llama):
     model.forward = scaled_forward
     batch, _ = _packed_batch()
     loss = loss_from_batch(model, batch)
-    assert getattr(model, "_plugtune_label_only_head") is False
+    assert model._plugtune_label_only_head is False
     torch.testing.assert_close(loss, scaled_forward(**batch, use_cache=False).loss)
     assert label_only_loss(model, dict(batch)) is None  # decided once
