@@ -242,6 +242,13 @@ def test_missing_or_unreadable_image_names_sample_and_path(tmp_path):
         to_canonical(DatasetConfig(path=str(data), type="vision"))
 
 
+def _real(paths):
+    """Compare image paths after resolving symlinks (../shared may be a link)."""
+    import os
+
+    return [os.path.realpath(p) for p in paths]
+
+
 def test_vision_dataset_layouts_resolve_paths():
     from plugtune.config import DatasetConfig
     from plugtune.data.loading import to_canonical
@@ -250,10 +257,10 @@ def test_vision_dataset_layouts_resolve_paths():
     demo, _ = to_canonical(DatasetConfig(path=str(shared_path("llama_factory", "mllm_demo.json")),
                                          type="vision"))
     assert len(demo) == 6
-    assert demo[0]["images"] == [demo_image("1.jpg"), demo_image("1.jpg")]
+    assert _real(demo[0]["images"]) == _real([demo_image("1.jpg"), demo_image("1.jpg")])
     caps, _ = to_canonical(DatasetConfig(
         path=str(shared_path("vision", "skimage_clip_captions", "captions.json")), type="vision"))
     assert len(caps) == 8
     assert caps[1]["messages"][0]["content"] == "<image>Describe this image."
     assert caps[1]["messages"][1]["content"] == "a facial photo of a tabby cat"
-    assert caps[1]["images"] == [caption_image("chelsea.png")]
+    assert _real(caps[1]["images"]) == _real([caption_image("chelsea.png")])
