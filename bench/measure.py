@@ -43,9 +43,11 @@ def steady_throughput(step_end_s: Sequence[float], cum_real_tokens: Sequence[int
         warmup: steps excluded from the measurement (first-step allocations, lazy init).
 
     Returns:
-        ``{"steps", "seconds", "real_tokens", "tokens_per_s", "s_per_step", "tokens_per_step"}``
-        over steps ``warmup+1 .. N``: the interval starts at the end of step ``warmup``, so
-        everything between two steps (data loading, collation, logging) is included.
+        ``{"steps", "seconds", "real_tokens", "tokens_per_s", "tokens_per_s_median",
+        "s_per_step", "tokens_per_step"}`` over steps ``warmup+1 .. N``: the interval starts at
+        the end of step ``warmup``, so everything between two steps (data loading, collation,
+        logging) is included. ``tokens_per_s_median`` is the median of the per-step rates, less
+        sensitive to bursts of other load on a shared machine.
 
     Raises:
         ValueError: mismatched lengths or fewer than ``warmup + 1`` steps.
@@ -57,18 +59,23 @@ def steady_throughput(step_end_s: Sequence[float], cum_real_tokens: Sequence[int
     steps = len(step_end_s) - warmup
     secs = step_end_s[-1] - step_end_s[warmup - 1]
     toks = cum_real_tokens[-1] - cum_real_tokens[warmup - 1]
+    rates = sorted((cum_real_tokens[i] - cum_real_tokens[i - 1]) / (step_end_s[i] - step_end_s[i - 1])
+                   for i in range(warmup, len(step_end_s)) if step_end_s[i] > step_end_s[i - 1])
+    median = (rates[len(rates) // 2] if len(rates) % 2 else
+              (rates[len(rates) // 2 - 1] + rates[len(rates) // 2]) / 2) if rates else math.nan
     return {"steps": steps, "seconds": secs, "real_tokens": toks,
             "tokens_per_s": toks / secs if secs > 0 else math.nan,
+            "tokens_per_s_median": median,
             "s_per_step": secs / steps, "tokens_per_step": toks / steps}
 
 
 def padded_batching(packed_tokens_per_step: float, mean_sample_len: float,
-                    max_micro_batch: int = 8) -> tuple[int, int]:
+                    max_micro_batch: int = 16) -> tuple[int, int]:
     """``(micro_batch, grad_accum)`` for a padded (one sample per row) run that consumes about
     as many real tokens per optimizer step as a packed run.
 
     The samples per step ``round(packed_tokens_per_step / mean_sample_len)`` are split into the
-    fewest micro-batches of at most ``max_micro_batch`` (TRL's default batch size is 8).
+    fewest micro-batches of at most ``max_micro_batch`` samples.
 
     Raises:
         ValueError: non-positive inputs.

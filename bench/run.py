@@ -19,8 +19,8 @@ data layout. All runs are full fine-tuning in fp32 with the same torch thread co
 use transformers' ``sdpa``; plugtune's packed CPU path (a, d) loads the model with its per-sample
 ``sdpa`` (``plugtune.attention``) and computes the LM head only on trained positions
 (``plugtune.modeling.label_only_loss``). The padded run (b) gets about the real tokens per optimizer step of the packed runs by
-taking ``round(tokens_per_step / mean_sample_len)`` samples per step (micro-batches of <= 8, TRL's
-default, with gradient accumulation).
+taking ``round(tokens_per_step / mean_sample_len)`` samples per step (micro-batches of <= 16,
+with gradient accumulation beyond).
 
 Writes ``bench/results/<name>.json`` (ratios of the first model at the top level under "a/b",
 "a/c", "a/d"; every model under "models"), ``<name>.png`` (bar chart) and ``<name>.md`` (table).
@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,8 +57,8 @@ LETTER = {"plugtune": "a", "trl_default": "b", "trl_packing": "c", "bare_loop": 
 
 #: measured steps / warm-up steps per model (full run); --quick divides the measured steps
 MODELS = {
-    "llama-20m": {"steps": 12, "warmup": 2},
-    "stories260k": {"steps": 16, "warmup": 2},
+    "llama-20m": {"steps": 4, "warmup": 1},
+    "stories260k": {"steps": 6, "warmup": 1},
 }
 
 
@@ -149,6 +150,7 @@ def run_worker(cfg: dict, tmp: Path, env: dict, timeout: float) -> dict:
 
 
 COLUMNS = [("run", "run", ""), ("real_tokens_per_s", "real tok/s", ".0f"),
+           ("real_tokens_per_s_median", "median", ".0f"),
            ("pad_pct", "pad %", ".1f"), ("real_tokens_per_step", "real tok/step", ".0f"),
            ("s_per_step", "s/step", ".2f"), ("batch", "micro x accum", ""),
            ("time_to_first_step_s", "s to 1st step", ".1f"), ("data_prep_s", "data prep s", ".1f"),
@@ -168,10 +170,12 @@ def summarize(models: dict) -> str:
             if r.get("model_loss_real_tokens_per_s"):
                 rows.append({"run": "(d') bare_loop, model's own loss", "batch": rows[-1]["batch"],
                              "real_tokens_per_s": r["model_loss_real_tokens_per_s"],
+                             "real_tokens_per_s_median": r.get("model_loss_real_tokens_per_s_median"),
                              "s_per_step": r["model_loss_s_per_step"], "pad_pct": rows[-1]["pad_pct"],
                              "real_tokens_per_step": r["real_tokens_per_step"],
                              "attn_implementation": r.get("attn_implementation")})
-        rt = ", ".join(f"{k} = {v}" for k, v in m["ratios"].items())
+        rt = ", ".join(f"{k} = {v}" for k, v in m["ratios"].items()) + " (from medians: " + ", ".join(
+            f"{k} = {v}" for k, v in m.get("ratios_from_median_step", {}).items()) + ")"
         kept = ", ".join(f"{k} {a}/{b}" for k, (a, b) in m.get("samples_kept_of_total", {}).items())
         out.append(f"### {name} ({m['params'] / 1e6:.2f}M params, sequence_len {m['sequence_len']}, "
                    f"{m['measured_steps']} measured steps after {m['warmup_steps']} warm-up; "
@@ -232,13 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help="comma list (plugtune always runs)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in every run")
     p.add_argument("--sequence-len", type=int, default=512)
-    p.add_argument("--rows-per-batch", type=int, default=8, help="packed rows per micro-batch")
+    p.add_argument("--rows-per-batch", type=int, default=4, help="packed rows per micro-batch")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply measured steps")
     p.add_argument("--quick", action="store_true", help="a short smoke run (steps / 4, no 16x prep)")
     p.add_argument("--prep-scales", default="1,4,16")
     p.add_argument("--no-prep", action="store_true")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp folder (models, logs)")
     args = p.parse_args(argv)
     if args.worker:
         from workloads import worker_main
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = {**base, "method": meth}
             if meth == "trl_default":
                 a = runs["plugtune"]
-                mb, ga = padded_batching(a["real_tokens_per_step"], a["mean_sample_len"], args.rows_per_batch)
+                mb, ga = padded_batching(a["real_tokens_per_step"], a["mean_sample_len"])
                 cfg.update(micro_batch=mb, grad_accum=ga)
             elif meth == "trl_packing":
                 cfg.update(micro_batch=args.rows_per_batch, grad_accum=1)
@@ -317,10 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"first step after {r['time_to_first_step_s']:.1f}s, RSS {r['peak_rss_mib']:.0f} MiB "
                   f"({r['wall_s']:.0f}s wall)", flush=True)
         rat = ratios({k: v["real_tokens_per_s"] for k, v in runs.items()})
+        rat_med = ratios({k: v["real_tokens_per_s_median"] for k, v in runs.items()})
         results["models"][model_name] = {
             **{k: v for k, v in info.items() if k != "path"}, "path": info["path"] if model_name != "llama-20m" else "built from config",
             "sequence_len": args.sequence_len, "rows_per_batch": args.rows_per_batch,
             "measured_steps": steps, "warmup_steps": warm, "runs": runs, "ratios": rat,
+            "ratios_from_median_step": rat_med,
             "targets_met": verdicts(rat, runs["plugtune"]["pad_fraction"])}
     first = next(iter(results["models"].values()), None)
     if first:
@@ -355,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     chart(results, out_dir / f"{name}.png")
     print("\n" + md)
     print(f"bench: wrote {out_dir / (name + '.json')}, .md and .png")
+    if args.keep_tmp:
+        print(f"bench: models, data and logs kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

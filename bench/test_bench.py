@@ -39,6 +39,10 @@ def test_steady_throughput_skips_warmup_and_includes_gaps_between_steps():
     assert r["steps"] == 4 and r["seconds"] == pytest.approx(8.0)
     assert r["real_tokens"] == 400 and r["s_per_step"] == pytest.approx(2.0)
     assert r["tokens_per_s"] == pytest.approx(50.0)
+    assert r["tokens_per_s_median"] == pytest.approx(50.0)
+    burst = steady_throughput([1.0, 2.0, 3.0, 13.0, 14.0], [10, 20, 30, 40, 50], warmup=1)
+    assert burst["tokens_per_s"] == pytest.approx(40 / 13)  # one step slowed by other load
+    assert burst["tokens_per_s_median"] == pytest.approx(10.0)
     assert r["tokens_per_step"] == pytest.approx(100)
     r2 = steady_throughput(ends, cum, warmup=2)
     assert r2["tokens_per_s"] == pytest.approx(300 / 6)
@@ -50,14 +54,14 @@ def test_steady_throughput_skips_warmup_and_includes_gaps_between_steps():
 
 @pytest.mark.parametrize("tokens,mean,expect", [
     (4064, 196.6, (7, 3)),   # 21 samples per step -> 3 micro-batches of 7
-    (4064, 508, (8, 1)),     # long samples: 8 per step, one micro-batch
-    (4064, 1000, (4, 1)),
+    (2040, 186.4, (11, 1)),  # 11 samples fit one micro-batch of <= 16
+    (4064, 508, (8, 1)),
     (100, 1000, (1, 1)),     # never zero samples
 ])
 def test_padded_batching_matches_real_tokens_per_step(tokens, mean, expect):
-    mb, ga = padded_batching(tokens, mean, max_micro_batch=8)
+    mb, ga = padded_batching(tokens, mean, max_micro_batch=8 if tokens == 4064 else 16)
     assert (mb, ga) == expect
-    assert mb <= 8
+    assert mb <= 16
     if tokens > mean:
         assert abs(mb * ga * mean - tokens) <= mean * ga  # within one sample per micro-batch
 
@@ -80,3 +84,24 @@ def test_linearity_and_table():
     assert linearity([(151, 1.0)]) is None
     md = table([{"a": 1.234, "b": None}], [("a", "A", ".1f"), ("b", "B", "")])
     assert md.splitlines() == ["| A | B |", "|---|---|", "| 1.2 | - |"]
+
+
+def test_token_counter_attributes_batches_to_steps_in_collation_order():
+    from workloads import CountingCollator, TokenCounter
+
+    c = TokenCounter()
+
+    class Pad:  # stands in for a collator: pads to the longest feature
+        def __call__(self, feats):
+            import types
+            n = max(len(f["input_ids"]) for f in feats) * len(feats)
+            return {"input_ids": types.SimpleNamespace(numel=lambda: n)}
+
+    collate = CountingCollator(Pad(), c)
+    for feats in ([[1, 2, 3], [4]], [[5, 6]], [[7], [8], [9]]):  # 3 micro-batches, one fetched ahead
+        collate([{"input_ids": f} for f in feats])
+    assert c.upto(1) == (4, 6)  # step 1 (accum 1) consumed only the first batch
+    assert c.upto(2) == (6, 8)
+    assert c.upto(3) == (9, 11)
+    with pytest.raises(RuntimeError):
+        c.upto(4)

@@ -23,7 +23,6 @@ data-preparation time and the process's peak RSS.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import os
@@ -41,39 +40,39 @@ def _peak_rss_mib() -> float:
 
 
 class TokenCounter:
-    """Counts real and total tokens of the micro-batches the model actually runs.
+    """Real and total tokens of the micro-batches consumed by each optimizer step.
 
-    The collator wrapper queues ``(real, total)`` per collated batch; a forward pre-hook on the
-    model pops one entry per forward call, so batches the data loader fetches ahead (accelerate
-    looks one batch ahead) are counted only when they run.
+    The collator wrapper records ``(real, total)`` per collated micro-batch in collation order;
+    optimizer step ``k`` consumes micro-batches ``(k-1)*accum .. k*accum - 1`` of that order, so
+    batches the data loader fetches ahead (accelerate looks one batch ahead) are never counted
+    early, and no model hook is needed (plugtune's loss does not call ``model.forward``).
     """
 
     def __init__(self) -> None:
-        self.pending: collections.deque = collections.deque()
-        self.real = 0
-        self.total = 0
-        self.label_tokens = 0
-        self.forwards = 0
+        self.cum_real: list[int] = [0]
+        self.cum_total: list[int] = [0]
 
     def wrap(self, collate):
         return CountingCollator(collate, self)
 
-    def hook(self, module, args, kwargs):
-        if self.pending:
-            real, total, labels = self.pending.popleft()
-            self.real += real
-            self.total += total
-            self.label_tokens += labels
-            self.forwards += 1
-        return None
+    def add(self, real: int, total: int) -> None:
+        self.cum_real.append(self.cum_real[-1] + real)
+        self.cum_total.append(self.cum_total[-1] + total)
 
-    def attach(self, model) -> None:
-        model.register_forward_pre_hook(self.hook, with_kwargs=True)
+    def upto(self, n_batches: int) -> tuple[int, int]:
+        """``(real, total)`` tokens of the first ``n_batches`` micro-batches.
+
+        Raises:
+            RuntimeError: fewer micro-batches were collated (the count would be wrong).
+        """
+        if n_batches >= len(self.cum_real):
+            raise RuntimeError(f"step needs {n_batches} micro-batches, only {len(self.cum_real) - 1} collated")
+        return self.cum_real[n_batches], self.cum_total[n_batches]
 
 
 class CountingCollator:
-    """Calls ``inner`` and queues the real token count (sum of feature lengths), the tensor
-    positions (``input_ids.numel()``) and the trained label positions of the batch."""
+    """Calls ``inner`` and records the real token count (sum of the features' lengths) and the
+    tensor positions (``input_ids.numel()``) of the batch."""
 
     def __init__(self, inner, counter: TokenCounter):
         self.inner = inner
@@ -81,9 +80,7 @@ class CountingCollator:
 
     def __call__(self, features):
         batch = self.inner(features)
-        real = sum(len(f["input_ids"]) for f in features)
-        labels = int((batch["labels"] != -100).sum()) if "labels" in batch else 0
-        self.counter.pending.append((real, int(batch["input_ids"].numel()), labels))
+        self.counter.add(sum(len(f["input_ids"]) for f in features), int(batch["input_ids"].numel()))
         return batch
 
 
@@ -95,9 +92,10 @@ def _step_clock(counter: TokenCounter, record: dict):
             record.setdefault("first_step_at", time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
+            real, total = counter.upto(state.global_step * args.gradient_accumulation_steps)
             record.setdefault("step_end_s", []).append(time.perf_counter())
-            record.setdefault("cum_real", []).append(counter.real)
-            record.setdefault("cum_total", []).append(counter.total)
+            record.setdefault("cum_real", []).append(real)
+            record.setdefault("cum_total", []).append(total)
 
     return StepClock()
 
@@ -112,6 +110,7 @@ def _result(cfg: dict, record: dict, extra: dict) -> dict:
     out = {
         "method": cfg["method"], "model": cfg["model_name"],
         "real_tokens_per_s": round(thr["tokens_per_s"], 1),
+        "real_tokens_per_s_median": round(thr["tokens_per_s_median"], 1),
         "s_per_step": round(thr["s_per_step"], 4),
         "real_tokens_per_step": round(thr["tokens_per_step"], 1),
         "measured_steps": thr["steps"], "warmup_steps": warm,
@@ -156,7 +155,6 @@ def run_plugtune(cfg: dict) -> dict:
         def __init__(self, *a, data_collator=None, callbacks=None, **kw):
             super().__init__(*a, data_collator=counter.wrap(data_collator),
                              callbacks=[*(callbacks or []), _step_clock(counter, record)], **kw)
-            counter.attach(self.model)
             prep["collator"] = type(data_collator).__qualname__
             prep["optimizer"] = self.args.optim
             prep["model"] = self.model
@@ -171,7 +169,7 @@ def run_plugtune(cfg: dict) -> dict:
         "rows": st["rows"], "samples": n_samples, "dropped_samples": st["dropped"],
         "mean_sample_len": round(st["real_tokens"] / max(n_samples, 1), 2),
         "first_loss": res.metrics.get("first_logged_loss"), "last_loss": res.metrics.get("last_logged_loss"),
-        "forwards": counter.forwards, **_model_facts(prep["model"])})
+        **_model_facts(prep["model"])})
 
 
 def _model_facts(model) -> dict:
@@ -225,7 +223,6 @@ def run_trl(cfg: dict) -> dict:
         collator = type(trainer.data_collator).__qualname__
         padding_free = getattr(trainer.data_collator, "padding_free", None)
         trainer.data_collator = counter.wrap(trainer.data_collator)
-        counter.attach(trainer.model)
         lengths = trainer.train_dataset["input_ids"]
         n_rows = len(lengths)
         trainer.train()
@@ -236,7 +233,7 @@ def run_trl(cfg: dict) -> dict:
         "padding_free": padding_free, "optimizer": str(optim), "rows": n_rows,
         "micro_batch": cfg["micro_batch"], "grad_accum": cfg["grad_accum"],
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "forwards": counter.forwards, "attn_implementation": model.config._attn_implementation})
+        "attn_implementation": model.config._attn_implementation})
 
 
 def run_bare(cfg: dict) -> dict:
@@ -307,6 +304,7 @@ def run_bare(cfg: dict) -> dict:
         rec2, _ = loop(model_step, cfg["warmup"] + cfg["steps"])
         thr = steady_throughput(rec2["step_end_s"], rec2["cum_real"], cfg["warmup"])
         res["model_loss_real_tokens_per_s"] = round(thr["tokens_per_s"], 1)
+        res["model_loss_real_tokens_per_s_median"] = round(thr["tokens_per_s_median"], 1)
         res["model_loss_s_per_step"] = round(thr["s_per_step"], 4)
         res["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     return res
