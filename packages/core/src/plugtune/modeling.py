@@ -378,9 +378,9 @@ def label_only_loss(model, kwargs: dict, num_items_in_batch=None) -> torch.Tenso
     labelled tokens), as transformers' ``ForCausalLMLoss`` does (the idea of TRL's fused LM
     head, which on CPU still scores every position).
 
-    The first call for a model also runs its own forward (no grad, same RNG state, so dropout
-    matches) and keeps this path only if both losses agree (rtol 1e-4); otherwise the model is
-    marked and always uses its own forward.
+    The first call for a model checks the path on one row of the batch against the model's own
+    forward (no grad, same RNG state, so dropout matches) and keeps it only if both losses agree
+    (rtol 1e-4); otherwise the model is marked and always uses its own forward.
 
     Args:
         model: the (possibly peft-wrapped) model; kwargs: its inputs incl. ``labels``
@@ -393,18 +393,12 @@ def label_only_loss(model, kwargs: dict, num_items_in_batch=None) -> torch.Tenso
     if parts is None:
         return None
     base, backbone, head = parts
-    ref = None
-    if getattr(base, _VERDICT, None) is None:
-        full = dict(kwargs)
-        if num_items_in_batch is not None:
-            full["num_items_in_batch"] = num_items_in_batch
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        with torch.no_grad():
-            ref = model(**full).loss
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+    if getattr(base, _VERDICT, None) is None and not _verify_label_only(model, base, backbone, head, kwargs):
+        return None
+    return _label_only(backbone, head, kwargs, num_items_in_batch)
+
+
+def _label_only(backbone, head, kwargs: dict, num_items_in_batch=None) -> torch.Tensor:
     labels = kwargs["labels"]
     out = backbone(**{k: v for k, v in kwargs.items() if k != "labels"})
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -413,12 +407,35 @@ def label_only_loss(model, kwargs: dict, num_items_in_batch=None) -> torch.Tenso
     logits = head(hidden[:, :-1][keep]).float()
     loss = nn.functional.cross_entropy(logits, shift[keep], reduction="sum")
     denom = keep.sum() if num_items_in_batch is None else num_items_in_batch
-    loss = loss / (denom.to(loss.device) if torch.is_tensor(denom) else denom)
-    if ref is not None:
-        ok = bool(torch.allclose(loss.detach(), ref.detach().float().to(loss.device), rtol=1e-4, atol=1e-6))
-        setattr(base, _VERDICT, ok)
-        if not ok:
-            log.info("%s: label-only LM head disagrees with the model's loss (%.6g vs %.6g); "
-                     "using the model's forward", type(base).__name__, loss.item(), ref.item())
-            return None
-    return loss
+    return loss / (denom.to(loss.device) if torch.is_tensor(denom) else denom)
+
+
+def _verify_label_only(model, base, backbone, head, kwargs: dict) -> bool:
+    """Compare :func:`_label_only` with the model's own loss on the first row that has labels
+    (no grad, equal RNG states); record the verdict on ``base``. ``False`` = do not use it now."""
+    labels = kwargs["labels"]
+    rows = (labels[:, 1:] != -100).any(dim=1).nonzero()
+    if not len(rows):
+        return False  # nothing to compare on yet; decide on a later batch
+    r = int(rows[0])
+    one = {k: v[r:r + 1] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == labels.shape[0] else v
+           for k, v in kwargs.items()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore() -> None:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+    with torch.no_grad():
+        ref = model(**one).loss.float()
+        restore()
+        mine = _label_only(backbone, head, one)
+        restore()
+    ok = bool(torch.allclose(mine, ref.to(mine.device), rtol=1e-4, atol=1e-6))
+    setattr(base, _VERDICT, ok)
+    if not ok:
+        log.info("%s: label-only LM head disagrees with the model's loss (%.6g vs %.6g); "
+                 "using the model's forward", type(base).__name__, mine.item(), ref.item())
+    return ok
