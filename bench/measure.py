@@ -123,6 +123,27 @@ def linearity(points: Sequence[tuple[int, float]]) -> float | None:
     return round((n1 / s1) / (n0 / s0), 3)
 
 
+def linear_fit(points: Sequence[tuple[int, float]]) -> dict | None:
+    """Least-squares ``seconds = fixed_s + samples * per_sample_s`` over ``(samples, seconds)``.
+
+    Returns ``{"fixed_s", "per_sample_ms", "r2"}`` (``r2`` = 1 for perfectly linear cost), or
+    ``None`` with fewer than 2 distinct sizes.
+    """
+    pts = list(points)
+    n = len(pts)
+    if n < 2 or len({x for x, _ in pts}) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
+    fixed = my - slope * mx
+    ss_tot = sum((y - my) ** 2 for _, y in pts)
+    ss_res = sum((y - fixed - slope * x) ** 2 for x, y in pts)
+    return {"fixed_s": round(fixed, 3), "per_sample_ms": round(1000 * slope, 3),
+            "r2": round(1 - ss_res / ss_tot, 4) if ss_tot > 0 else 1.0}
+
+
 def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
     """A Markdown table of ``rows``; ``columns`` are ``(key, header, format)`` triples."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"

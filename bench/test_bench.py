@@ -11,6 +11,7 @@ import math
 import pytest
 from measure import (
     TARGETS,
+    linear_fit,
     linearity,
     pad_fraction,
     padded_batching,
@@ -82,6 +83,10 @@ def test_linearity_and_table():
     assert linearity([(151, 1.0), (604, 4.0), (2416, 16.0)]) == 1.0
     assert linearity([(151, 1.0), (2416, 32.0)]) == 0.5
     assert linearity([(151, 1.0)]) is None
+    fit = linear_fit([(100, 1.5), (400, 3.0), (1600, 9.0)])  # 1 s fixed + 5 ms per sample
+    assert fit == {"fixed_s": 1.0, "per_sample_ms": 5.0, "r2": 1.0}
+    assert linear_fit([(100, 1.0), (400, 2.0), (1600, 30.0)])["r2"] < 0.99  # super-linear
+    assert linear_fit([(100, 1.0)]) is None
     md = table([{"a": 1.234, "b": None}], [("a", "A", ".1f"), ("b", "B", "")])
     assert md.splitlines() == ["| A | B |", "|---|---|", "| 1.2 | - |"]
 
