@@ -51,16 +51,17 @@ def plugin(session: nox.Session, name: str) -> None:
 
 @nox.session(tags=["tests"])
 def integration(session: nox.Session) -> None:
-    """End-to-end tests with every plugin installed (real inputs from ../shared/data)."""
+    """End-to-end tests with every plugin installed (real inputs from ../shared/data), plus the
+    benchmark's bookkeeping tests (no timing)."""
     _install(session, _core("test,eval,quant,vision"),
              *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS])
-    session.run(*PYTEST, "tests", *session.posargs)
+    session.run(*PYTEST, "tests", "bench/test_bench.py", *session.posargs)
 
 
 @nox.session(tags=["tests"])
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "packages", "tests", "noxfile.py")
+    session.run("ruff", "check", "packages", "tests", "bench", "noxfile.py")
 
 
 @nox.session

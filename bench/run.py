@@ -10,8 +10,11 @@ run measures:
   (a) plugtune      plugtune's SFT path (``plugtune.train.train``) with ``sample_packing``
   (b) trl_default   TRL ``SFTTrainer`` defaults: one padded sample per row, no packing
   (c) trl_packing   TRL ``SFTTrainer(packing=True)``: best-fit rows, padding-free (flattened)
-  (d) bare_loop     forward/backward/AdamW on plugtune's packed rows pre-collated to tensors,
-                    same model and loss as (a); (d') the same loop with the model's own loss
+  (d) bare_loop     forward/backward/optimizer step on the very micro-batches (a) trains on
+                    (its Trainer's dataloader, collated to tensors before the clock starts),
+                    with (a)'s model, loss and optimizer (fused AdamW) and nothing else: no
+                    clipping, scheduler, logging or data loading; (d') the same loop with the
+                    model's own ``.loss`` (full LM head)
 
 (b) and (c) override TRL's bf16 and gradient checkpointing defaults with fp32 / no checkpointing
 (both are 3-24x slower on a CPU without AMX: ../shared/FINDINGS.md), so the comparison is about
@@ -189,6 +192,8 @@ def summarize(models: dict) -> str:
                              "attn_implementation": r.get("attn_implementation")})
         rt = ", ".join(f"{k} = {v}" for k, v in m["ratios"].items()) + " (from medians: " + ", ".join(
             f"{k} = {v}" for k, v in m.get("ratios_from_median_step", {}).items()) + ")"
+        if m.get("peak_rss_ratios"):
+            rt += "; peak RSS " + ", ".join(f"{k} = {v}" for k, v in m["peak_rss_ratios"].items())
         kept = ", ".join(f"{k} {a}/{b}" for k, (a, b) in m.get("samples_kept_of_total", {}).items())
         out.append(f"### {name} ({m['params'] / 1e6:.2f}M params, sequence_len {m['sequence_len']}, "
                    f"{m['measured_steps']} measured steps after {m['warmup_steps']} warm-up; "
@@ -353,11 +358,13 @@ def main(argv: list[str] | None = None) -> int:
             runs[meth] = best_of(rs)
         rat = ratios({k: v["real_tokens_per_s"] for k, v in runs.items()})
         rat_med = ratios({k: v["real_tokens_per_s_median"] for k, v in runs.items()})
+        # memory side by side: plugtune's peak RSS over each other run's (below 1 = less memory)
+        rss = ratios({k: v["peak_rss_mib"] for k, v in runs.items()})
         results["models"][model_name] = {
             **{k: v for k, v in info.items() if k != "path"}, "path": info["path"] if model_name != "llama-20m" else "built from config",
             "sequence_len": args.sequence_len, "rows_per_batch": args.rows_per_batch,
             "measured_steps": steps, "warmup_steps": warm, "runs": runs, "ratios": rat,
-            "ratios_from_median_step": rat_med, "rounds": args.rounds,
+            "ratios_from_median_step": rat_med, "peak_rss_ratios": rss, "rounds": args.rounds,
             "all_rounds": {m: [{k: r[k] for k in ("round", "real_tokens_per_s", "real_tokens_per_s_median",
                                                    "time_to_first_step_s", "peak_rss_mib", "loadavg_end")}
                                for r in rs] for m, rs in every.items()},

@@ -8,11 +8,12 @@ warm caches never mix between runs.
                      checkpointing like (a): TRL defaults to bf16 + checkpointing, 3-24x slower on
                      this CPU (../shared/FINDINGS.md), which would measure dtype, not data layout
 (c) ``trl_packing``  the same with ``packing=True`` (best-fit decreasing, padding-free rows)
-(d) ``bare_loop``    forward, backward, AdamW step on plugtune's packed rows, pre-collated to
-                     tensors before the clock starts, same model and loss as (a) (the
-                     ``plugtune_train_step`` hook): the practical limit; then the same loop
-                     with the model's own ``.loss`` (what a hand-written loop does), reported
-                     as ``model_loss_real_tokens_per_s`` of this layout
+(d) ``bare_loop``    forward, backward, optimizer step on the first micro-batches of (a)'s own
+                     Trainer dataloader, collated to tensors before the clock starts, with
+                     (a)'s model, loss (the ``plugtune_train_step`` hook) and optimizer: the
+                     practical limit; then the same loop with the model's own ``.loss``
+                     (what a hand-written loop does), reported as
+                     ``model_loss_real_tokens_per_s``
 ``prep_scaling``     plugtune data preparation on 1x, 4x, 16x the Dolly file
 
 Every training workload reports real (non-pad) tokens/s over steps ``warmup+1..N`` measured from
@@ -236,78 +237,107 @@ def run_trl(cfg: dict) -> dict:
         "attn_implementation": model.config._attn_implementation})
 
 
+class _BareDone(Exception):
+    """Raised from the hijacked ``Trainer.train`` once the bare loop has run."""
+
+
 def run_bare(cfg: dict) -> dict:
-    """(d) plugtune's packed rows collated into tensors up front, then a plain loop of
-    ``model(input_ids, position_ids, labels, use_cache=False)``, ``backward``, AdamW ``step``.
-    No Trainer, no gradient clipping, no scheduler, no logging: the practical limit."""
+    """(d) the practical limit on (a)'s own tensors: ``plugtune.train.train`` builds everything
+    as in (a) (model, data, collator, Trainer), then ``Trainer.train`` is replaced by: take the
+    Trainer's optimizer (``create_optimizer``: same class, fused AdamW by default, same
+    parameter groups) and the first ``warmup + steps`` micro-batches of its own dataloader,
+    collated to tensors before the clock starts, and run ``loss = plugtune_train_step(batch)``,
+    ``backward``, ``step``, ``zero_grad``. No gradient clipping, scheduler, logging, callbacks
+    or data loading inside the loop. Then (d') the same loop on the same batches with the
+    model's own ``model(**batch).loss`` (full LM head), what a hand-written loop usually does."""
     import torch
 
-    from plugtune.data import prepare
-    from plugtune.plugins import get_plugin_manager
-    from plugtune.train import build_spec
+    import plugtune.train as pt
 
-    pm = get_plugin_manager()
-    with tempfile.TemporaryDirectory() as out:
-        recipe = _recipe(cfg, True, out)
-        spec = build_spec(recipe, pm)
-        loaded = pm.hook.plugtune_load(spec=spec)
-        model, tok = loaded.model, loaded.tokenizer
+    sys.path.insert(0, str(Path(__file__).parent))
+    from measure import steady_throughput
+
+    prep: dict = {}
+    real_prepare, base = pt.prepare, pt.PlugtuneTrainer
+
+    def timed_prepare(*a, **kw):
         t = time.perf_counter()
-        data = prepare(spec.recipe, tok)
-        collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tok, processor=None)
-        rows = data.train.remove_columns("length").to_list()
-        g = torch.Generator().manual_seed(42)
-        order = torch.randperm(len(rows), generator=g).tolist()
-        b = cfg["rows_per_batch"]
-        batches = []
-        for k in range(0, len(order) - b + 1, b):
-            feats = [rows[i] for i in order[k:k + b]]
-            batches.append((collate(feats), sum(len(f["input_ids"]) for f in feats)))
-        prep_s = time.perf_counter() - t
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
+        data = real_prepare(*a, **kw)
+        prep["data_prep_s"] = time.perf_counter() - t
+        return data
 
-    def plugtune_step(batch):  # the loss plugtune's Trainer computes (plugtune_train_step hook)
-        return pm.hook.plugtune_train_step(spec=spec, model=model, batch=batch, num_items_in_batch=None)
+    counter = TokenCounter()
 
-    def model_step(batch):  # what a hand-written loop usually does: the model's own loss
-        return model(**batch, use_cache=False).loss
+    class BareTrainer(base):
+        def __init__(self, *a, data_collator=None, **kw):
+            super().__init__(*a, data_collator=counter.wrap(data_collator), **kw)
 
-    def loop(step_fn, offset: int) -> tuple[dict, list]:
-        record: dict = {"first_step_at": time.perf_counter()}
-        real = total = 0
-        losses = []
-        n = cfg["warmup"] + cfg["steps"]
-        for step in range(n):
-            batch, n_real = batches[(offset + step) % len(batches)]
-            loss = step_fn(batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            real += n_real
-            total += batch["input_ids"].numel()
-            record.setdefault("step_end_s", []).append(time.perf_counter())
-            record.setdefault("cum_real", []).append(real)
-            record.setdefault("cum_total", []).append(total)
-            if step in (0, n - 1):
-                losses.append(round(loss.item(), 4))
-        return record, losses
+        def train(self, *a, **kw):
+            t = time.perf_counter()
+            n = cfg["warmup"] + cfg["steps"]
+            accum = self.args.gradient_accumulation_steps
+            batches = []
+            for batch in self.get_train_dataloader():
+                batches.append(batch)
+                if len(batches) == n * accum:
+                    break
+            if len(batches) < n * accum:
+                raise RuntimeError(f"only {len(batches)} micro-batches, need {n * accum}")
+            prep["collate_s"] = time.perf_counter() - t
+            model = self.model
+            model.train()
+            self.create_optimizer()
+            opt = self.optimizer
+            prep["optimizer"] = f"{type(opt).__module__}.{type(opt).__qualname__}" + (
+                " (fused)" if opt.defaults.get("fused") else "")
+            pm, spec = self.pm, self.spec
 
-    record, losses = loop(plugtune_step, 0)
-    res = _result(cfg, record, {"data_prep_s": round(prep_s, 2), "optimizer": "torch.optim.AdamW",
-                                "collator": type(collate).__qualname__, "loss": "plugtune_train_step",
-                                "first_loss": losses[0], "last_loss": losses[-1], **_model_facts(model)})
-    if cfg.get("bare_model_loss", True):  # same loop, the model's own forward/loss (full LM head)
-        sys.path.insert(0, str(Path(__file__).parent))
-        from measure import steady_throughput
+            def plugtune_step(batch, n_items):
+                return pm.hook.plugtune_train_step(spec=spec, model=model, batch=batch,
+                                                   num_items_in_batch=n_items)
 
-        rec2, _ = loop(model_step, cfg["warmup"] + cfg["steps"])
-        thr = steady_throughput(rec2["step_end_s"], rec2["cum_real"], cfg["warmup"])
-        res["model_loss_real_tokens_per_s"] = round(thr["tokens_per_s"], 1)
-        res["model_loss_real_tokens_per_s_median"] = round(thr["tokens_per_s_median"], 1)
-        res["model_loss_s_per_step"] = round(thr["s_per_step"], 4)
-        res["peak_rss_mib"] = round(_peak_rss_mib(), 1)
-    return res
+            def model_step(batch, n_items):
+                return model(**batch, use_cache=False).loss / accum
+
+            def loop(step_fn) -> tuple[dict, list]:
+                record: dict = {"first_step_at": time.perf_counter()}
+                losses = []
+                for step in range(n):
+                    micro = batches[step * accum:(step + 1) * accum]
+                    n_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b in micro)
+                    for batch in micro:
+                        loss = step_fn(batch, torch.tensor(n_items) if accum > 1 else None)
+                        loss.backward()
+                    real, total = counter.upto((step + 1) * accum)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    record.setdefault("step_end_s", []).append(time.perf_counter())
+                    record.setdefault("cum_real", []).append(real)
+                    record.setdefault("cum_total", []).append(total)
+                    if step in (0, n - 1):
+                        losses.append(round(loss.item() * accum, 4))
+                return record, losses
+
+            prep["record"], prep["losses"] = loop(plugtune_step)
+            rec2, _ = loop(model_step)
+            prep["model_loss"] = steady_throughput(rec2["step_end_s"], rec2["cum_real"], cfg["warmup"])
+            prep["model"] = model
+            raise _BareDone
+
+    pt.prepare, pt.PlugtuneTrainer = timed_prepare, BareTrainer
+    with tempfile.TemporaryDirectory() as out:
+        try:
+            pt.train(_recipe(cfg, True, out))
+        except _BareDone:
+            pass
+    thr = prep["model_loss"]
+    return _result(cfg, prep["record"], {
+        "data_prep_s": round(prep["data_prep_s"], 2), "collate_s": round(prep["collate_s"], 2),
+        "optimizer": prep["optimizer"], "loss": "plugtune_train_step",
+        "first_loss": prep["losses"][0], "last_loss": prep["losses"][-1],
+        "model_loss_real_tokens_per_s": round(thr["tokens_per_s"], 1),
+        "model_loss_real_tokens_per_s_median": round(thr["tokens_per_s_median"], 1),
+        "model_loss_s_per_step": round(thr["s_per_step"], 4), **_model_facts(prep["model"])})
 
 
 def run_prep_scaling(cfg: dict) -> dict:

@@ -139,3 +139,32 @@ def test_column_mapping(tmp_path):
     p.write_text(json.dumps({"question": "Why?", "answer": "Because."}) + "\n")
     ds, _ = to_canonical(_cfg(p, "completion", columns={"prompt": "question", "completion": "answer"}))
     assert ds[0]["messages"][1]["content"] == "Because."
+
+
+@pytest.mark.parametrize(("prefix", "source", "expected"), [
+    (None, "A: hi", "A: hi"),
+    ("", "A: hi", "A: hi"),
+    ("summarize:", "A: hi", "summarize: A: hi"),
+    ("Summarize this dialogue:\n", "A: hi", "Summarize this dialogue:\nA: hi"),
+    ("translate English to German: ", "cat", "translate English to German: cat"),
+])
+def test_seq2seq_system_prompt_is_the_task_prefix(tmp_path, prefix, source, expected):
+    """An encoder-decoder has no system turn: ``system_prompt`` prefixes the source (T5 style),
+    and generation prompts get the same prefix (``with_system_prompt``)."""
+    from plugtune.data.formats import with_system_prompt
+
+    f = tmp_path / "s.jsonl"
+    f.write_text(json.dumps({"dialogue": source, "summary": "greeting"}) + "\n")
+    ds, _ = to_canonical(DatasetConfig(path=str(f), type="seq2seq", system_prompt=prefix,
+                                       columns={"source": "dialogue", "target": "summary"}))
+    assert ds[0]["source"] == expected and ds[0]["target"] == "greeting"
+    assert with_system_prompt(source, prefix, "seq2seq") == expected
+
+
+def test_chat_generation_prompt_gets_the_system_turn():
+    from plugtune.data.formats import with_system_prompt
+
+    assert with_system_prompt("hi", "Be brief.", "chat") == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert with_system_prompt("hi", None, "chat") == "hi"
+    assert with_system_prompt("Once upon", "Be brief.", "text") == "Once upon"

@@ -158,3 +158,18 @@ def test_stories260k_dolly_lora_real_run(tmp_path, capsys):
     text = capsys.readouterr().out.strip()
     assert len(text) > 10
     assert torch.isfinite(torch.tensor(losses)).all()
+
+
+def test_eval_max_samples_cuts_before_tokenizing(tmp_path, capsys):
+    """``plugtune eval --max-samples N`` reads only the first N records: a bad record after
+    them is never formatted (without the flag the same file stops with its line number)."""
+    result = train(_small_demo(tmp_path, "max_steps=2", "test_datasets.0.max_samples=4"))
+    data = tmp_path / "test.jsonl"
+    good = [{"prompt": f"reverse {w} =", "completion": f" {w[::-1]}"} for w in ("abc", "bcd", "cde")]
+    data.write_text("\n".join(json.dumps(r) for r in [*good, {"prompt": "reverse x ="}]) + "\n")
+    capsys.readouterr()
+    assert main(["eval", str(result.output_dir), "--data", str(data), "--max-samples", "3"]) == 0
+    assert '"eval_loss"' in capsys.readouterr().out
+    assert main(["eval", str(result.output_dir), "--data", str(data)]) != 0
+    err = capsys.readouterr()
+    assert "test.jsonl:4" in err.out + err.err and "completion" in err.out + err.err

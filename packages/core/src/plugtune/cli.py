@@ -175,12 +175,20 @@ def cmd_prepare(args, console: Console) -> int:
 
 
 def cmd_generate(args, console: Console) -> int:
+    from plugtune.data.formats import with_system_prompt
     from plugtune.runs import load_run
 
     spec, loaded, pm = load_run(args.run_dir)
     n = args.max_new_tokens or spec.recipe.generation.max_new_tokens
+    prompts = args.prompt
+    first = spec.recipe.datasets[0] if spec.recipe.datasets else None
+    if first is not None and first.system_prompt and spec.task != "vision":
+        # the prompt as training saw it: the recipe's system turn / seq2seq task prefix
+        kind = "seq2seq" if spec.task == "seq2seq" else (
+            "chat" if first.type in ("alpaca", "dolly", "sharegpt", "messages") else "text")
+        prompts = [with_system_prompt(p, first.system_prompt, kind) for p in prompts]
     outs = pm.hook.plugtune_generate(spec=spec, model=loaded.model, tokenizer=loaded.tokenizer,
-                                     prompts=args.prompt, max_new_tokens=n, images=args.image,
+                                     prompts=prompts, max_new_tokens=n, images=args.image,
                                      processor=loaded.processor)
     for prompt, out in zip(args.prompt, outs):
         if len(args.prompt) > 1:
@@ -199,12 +207,16 @@ def cmd_eval(args, console: Console) -> int:
     recipe = spec.recipe
     if args.data:
         dtype = args.type or recipe.datasets[0].type
-        test = [DatasetConfig(path=args.data, type=dtype, columns=recipe.datasets[0].columns)]
+        test = [DatasetConfig(path=args.data, type=dtype, columns=recipe.datasets[0].columns,
+                              system_prompt=recipe.datasets[0].system_prompt)]
     elif recipe.test_datasets:
         test = recipe.test_datasets
     else:
         console.print("error: no --data and the recipe has no test_datasets")
         return 2
+    if args.max_samples:  # cut before tokenizing (not after: a big test file stays cheap)
+        test = [d.model_copy(update={"max_samples": min(args.max_samples, d.max_samples or args.max_samples)})
+                for d in test]
     rec = recipe.model_copy(update={"datasets": test, "test_datasets": test, "sample_packing": False,
                                     "eval_max_samples": args.max_samples or recipe.eval_max_samples})
     from plugtune.data.pipeline import hook_encoder

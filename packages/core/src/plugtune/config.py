@@ -110,7 +110,9 @@ class Recipe(_Strict):
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    optimizer: str = "adamw_torch"
+    #: transformers' own default (torch >= 2.8): one fused kernel per step, 4.8x faster than the
+    #: per-tensor AdamW on this CPU for 19.5M parameters (25 vs 118 ms/step, bench/README)
+    optimizer: str = "adamw_torch_fused"
     max_grad_norm: float = Field(1.0, ge=0)
     num_epochs: float = Field(1, gt=0)
     max_steps: int = -1

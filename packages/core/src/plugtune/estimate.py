@@ -300,7 +300,7 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
         train_bytes = 4
         adapter = trainable * 4
     grads = trainable * train_bytes
-    opt = (recipe.optimizer or "adamw_torch").lower()
+    opt = (recipe.optimizer or "adamw_torch_fused").lower()
     key = next((k for k in sorted(_OPTIMIZER_STATES, key=len, reverse=True) if k in opt), "adamw")
     n_states, state_bytes = _OPTIMIZER_STATES[key]
     optim = trainable * n_states * (state_bytes or train_bytes)

@@ -135,8 +135,35 @@ def text(rec: Mapping, cols: Mapping[str, str], system: str | None = None) -> di
 
 
 def seq2seq(rec: Mapping, cols: Mapping[str, str], system: str | None = None) -> dict:
-    """``source`` / ``target`` (SAMSum: ``columns: {source: dialogue, target: summary}``)."""
-    return {"source": _get(rec, cols, "source"), "target": _get(rec, cols, "target")}
+    """``source`` / ``target`` (SAMSum: ``columns: {source: dialogue, target: summary}``).
+
+    An encoder-decoder has no system turn: ``system_prompt`` becomes the task prefix of the
+    source, T5 style (``system_prompt: "summarize:"`` gives ``"summarize: <dialogue>"``; Raffel
+    et al. 2020, and the FLAN-T5 SAMSum recipes), see :func:`with_task_prefix`."""
+    return {"source": with_task_prefix(_get(rec, cols, "source"), system),
+            "target": _get(rec, cols, "target")}
+
+
+def with_task_prefix(source: str, prefix: str | None) -> str:
+    """``prefix`` + ``source``, separated by one space unless ``prefix`` already ends in
+    whitespace (``"summarize:"`` -> ``"summarize: text"``, ``"Summarize:\n"`` -> as is);
+    ``source`` unchanged when there is no prefix."""
+    if not prefix:
+        return source
+    return prefix + source if prefix[-1].isspace() else f"{prefix} {source}"
+
+
+def with_system_prompt(prompt: str, system: str | None, task: str) -> str | list[dict]:
+    """A generation prompt as the training data saw it: for ``seq2seq`` the task prefix is
+    prepended (:func:`with_task_prefix`); for chat a system turn is added (a message list for
+    the chat template); anything else is returned unchanged."""
+    if not system:
+        return prompt
+    if task == "seq2seq":
+        return with_task_prefix(prompt, system)
+    if task == "chat":
+        return _with_system([{"role": "user", "content": prompt}], system)
+    return prompt
 
 
 def preference(rec: Mapping, cols: Mapping[str, str], system: str | None = None) -> dict:
