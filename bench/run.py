@@ -235,6 +235,11 @@ def chart(results: dict, path: Path) -> None:
             ax.annotate(f"{p['scale']}x: {p['samples_per_s']:.0f}/s", (p["samples"], p["samples_per_s"]),
                         fontsize=8, xytext=(4, 4), textcoords="offset points")
         ax.set_xscale("log")
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        ax.set_xticks([p["samples"] for p in pts])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(0, max(p["samples_per_s"] for p in pts) * 1.3)
         ax.set_xlabel("samples (Dolly replicated)")
         ax.set_ylabel("data preparation samples / s")
