@@ -60,9 +60,10 @@ METHODS = ["plugtune", "trl_default", "trl_packing", "bare_loop"]
 LETTER = {"plugtune": "a", "trl_default": "b", "trl_packing": "c", "bare_loop": "d"}
 
 #: measured steps / warm-up steps per model (full run); --quick divides the measured steps
+#: ``inproc_steps``: measured steps of each of the 4 alternating phases of the (d) process
 MODELS = {
-    "llama-20m": {"steps": 4, "warmup": 1},
-    "stories260k": {"steps": 6, "warmup": 1},
+    "llama-20m": {"steps": 4, "warmup": 1, "inproc_steps": 6},
+    "stories260k": {"steps": 6, "warmup": 1, "inproc_steps": 12},
 }
 
 
@@ -135,13 +136,10 @@ def build_llama_20m(dest: Path) -> dict:
 
 def best_of(rounds: list[dict]) -> dict:
     """The round with the highest real tokens/s (other load only ever slows a run down, as in
-    ``timeit``'s best-of), with the peak RSS the largest of all rounds."""
+    ``timeit``'s best-of), every other figure from that same round, except the peak RSS: the
+    largest of all rounds."""
     best = dict(max(rounds, key=lambda r: r["real_tokens_per_s"]))
     best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rounds)
-    if "model_loss_real_tokens_per_s" in best:
-        best["model_loss_real_tokens_per_s"] = max(r.get("model_loss_real_tokens_per_s") or 0 for r in rounds)
-        best["model_loss_real_tokens_per_s_median"] = max(
-            r.get("model_loss_real_tokens_per_s_median") or 0 for r in rounds)
     return best
 
 
@@ -183,6 +181,12 @@ def summarize(models: dict) -> str:
                 continue
             rows.append({**r, "run": f"({LETTER[meth]}) {meth}", "pad_pct": 100 * r["pad_fraction"],
                          "batch": f"{r.get('micro_batch', m['rows_per_batch'])} x {r.get('grad_accum', 1)}"})
+            if r.get("same_process"):
+                sp = r["same_process"]
+                rows.append({"run": "(a) plugtune again, in (d)'s process", "batch": rows[-1]["batch"],
+                             "real_tokens_per_s": sp["trainer_real_tokens_per_s"],
+                             "pad_pct": rows[-1]["pad_pct"], "real_tokens_per_step": r["real_tokens_per_step"],
+                             "attn_implementation": r.get("attn_implementation")})
             if r.get("model_loss_real_tokens_per_s"):
                 rows.append({"run": "(d') bare_loop, model's own loss", "batch": rows[-1]["batch"],
                              "real_tokens_per_s": r["model_loss_real_tokens_per_s"],
@@ -223,7 +227,8 @@ def chart(results: dict, path: Path) -> None:
             ax.annotate(f"{r['real_tokens_per_s']:.0f}\npad {100 * r['pad_fraction']:.1f}%",
                         (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
                         fontsize=8)
-        ax.set_title(f"{name}: " + ", ".join(f"{k} {v}" for k, v in m["ratios"].items()), fontsize=9)
+        ax.set_title(f"{name}: " + ", ".join(f"{k} {m['ratios'][k]}" for k in ("a/b", "a/c", "a/d")
+                                             if k in m["ratios"]), fontsize=9)
         ax.set_ylabel("real (non-pad) tokens / s")
         ax.set_ylim(0, max(vals) * 1.25)
         ax.tick_params(axis="x", labelsize=8)
@@ -266,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2,
                    help="runs per method, order reversed each round (ABBA); the best round counts")
     p.add_argument("--quick", action="store_true", help="a short smoke run (steps / 4, no 16x prep)")
-    p.add_argument("--prep-scales", default="1,4,16")
+    p.add_argument("--prep-scales", default="1,4,16,64")
+    p.add_argument("--prep-repeats", type=int, default=2, help="runs per size; the fastest counts")
     p.add_argument("--no-prep", action="store_true")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
@@ -332,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         info["samples_kept_of_total"] = kept
         base = {"model_name": model_name, "model_dir": info["path"], "datasets": files,
                 "sequence_len": args.sequence_len, "rows_per_batch": args.rows_per_batch,
-                "steps": steps, "warmup": warm, "threads": args.threads, "logging_steps": 10}
+                "steps": steps, "warmup": warm, "threads": args.threads, "logging_steps": 1}
         runs: dict = {}
         every: dict = {m: [] for m in methods}
         print(f"bench: {model_name}: {info['params'] / 1e6:.2f}M params, {warm}+{steps} steps, samples "
@@ -350,7 +356,15 @@ def main(argv: list[str] | None = None) -> int:
                         batching = {"micro_batch": mb, "grad_accum": ga}
                     cfg.update(batching)
                 elif meth == "trl_packing":
-                    cfg.update(micro_batch=args.rows_per_batch, grad_accum=1)
+                    # TRL's padding-free collator concatenates a micro-batch into ONE row; CPU
+                    # sdpa has no varlen kernel, so 4 rows per micro-batch pay (4*512)^2
+                    # attention (3x slower than this). One row per micro-batch, accumulated
+                    # to the same tokens per optimizer step, is TRL's best layout here.
+                    cfg.update(micro_batch=1, grad_accum=args.rows_per_batch)
+                elif meth == "bare_loop":
+                    if rnd > 0:  # one process alternates (d) and (a) itself: no rounds needed
+                        continue
+                    cfg.update(steps=max(4, round(MODELS[model_name]["inproc_steps"] * scale)))
                 r = run_worker({**cfg, "round": rnd}, tmp, env, args.timeout)
                 r["round"] = rnd
                 every[meth].append(r)
@@ -363,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
             runs[meth] = best_of(rs)
         rat = ratios({k: v["real_tokens_per_s"] for k, v in runs.items()})
         rat_med = ratios({k: v["real_tokens_per_s_median"] for k, v in runs.items()})
+        same = runs.get("bare_loop", {}).get("same_process")
+        if same:  # a/d from (a) and (d) alternating in one process on the same batches
+            rat["a/d_across_processes"] = rat["a/d"]
+            rat["a/d"] = same["a/d"]
+            rat_med.pop("a/d", None)
         # memory side by side: plugtune's peak RSS over each other run's (below 1 = less memory)
         rss = ratios({k: v["peak_rss_mib"] for k, v in runs.items()})
         results["models"][model_name] = {
@@ -382,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str(tmp / "llama-20m") if (tmp / "llama-20m").exists() else str(build_llama_20m(tmp / "llama-20m")["path"])
         cfg = {"method": "prep_scaling", "model_name": "llama2-tokenizer", "model_dir": model_dir,
                "dolly_file": data_files(shared)[0]["path"], "scales": prep_scales,
-               "sequence_len": args.sequence_len, "threads": args.threads}
+               "sequence_len": args.sequence_len, "threads": args.threads,
+               "repeats": 1 if args.quick else args.prep_repeats}
         prep = run_worker(cfg, tmp, env, args.timeout)
         prep["linearity"] = linearity([(p["samples"], p["seconds"]) for p in prep["points"]])
         prep["linear_fit"] = linear_fit([(p["samples"], p["seconds"]) for p in prep["points"]])
@@ -399,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         md += "\n### data preparation (plugtune, Dolly replicated, llama2 tokenizer, packing on)\n\n" + table(
             [{**p, "phases": ", ".join(f"{k} {v:.1f}s" for k, v in p["phases_s"].items())} for p in pr["points"]],
             [("scale", "scale", ""), ("samples", "samples", ""), ("seconds", "s", ".2f"),
-             ("samples_per_s", "samples/s", ".0f"), ("phases", "phases", "")])
+             ("samples_per_s", "samples/s", ".0f"), ("ms_per_sample", "ms/sample", ".2f"),
+             ("all_seconds", "all runs s", ""), ("phases", "phases", "")])
         md += (f"\n\nsamples/s at the largest size / at the smallest: {pr['linearity']}; least-squares "
                f"fit seconds = fixed + samples x per-sample: {pr['linear_fit']}\n")
     md += (f"\nload average {results['meta']['loadavg_start']} at start, {results['meta']['loadavg_end']} at end; "

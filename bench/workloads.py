@@ -242,14 +242,24 @@ class _BareDone(Exception):
 
 
 def run_bare(cfg: dict) -> dict:
-    """(d) the practical limit on (a)'s own tensors: ``plugtune.train.train`` builds everything
-    as in (a) (model, data, collator, Trainer), then ``Trainer.train`` is replaced by: take the
-    Trainer's optimizer (``create_optimizer``: same class, fused AdamW by default, same
-    parameter groups) and the first ``warmup + steps`` micro-batches of its own dataloader,
-    collated to tensors before the clock starts, and run ``loss = plugtune_train_step(batch)``,
-    ``backward``, ``step``, ``zero_grad``. No gradient clipping, scheduler, logging, callbacks
-    or data loading inside the loop. Then (d') the same loop on the same batches with the
-    model's own ``model(**batch).loss`` (full LM head), what a hand-written loop usually does."""
+    """(d) the practical limit on (a)'s own tensors, and (a) itself again in the same process.
+
+    ``plugtune.train.train`` builds everything as in (a) (model, data, collator, Trainer), then
+    ``Trainer.train`` is replaced by:
+
+    1. take the first ``warmup + inproc_steps`` micro-batches of the Trainer's own dataloader,
+       collated to tensors before any clock starts, and an optimizer from the Trainer's
+       ``create_optimizer`` (same class, fused AdamW by default, same parameter groups);
+    2. alternate, on those same batches: bare loop, the real ``Trainer.train``, bare loop,
+       ``Trainer.train`` (ABAB). The bare loop is ``loss = plugtune_train_step(batch)``,
+       ``backward``, ``step``, ``zero_grad`` and nothing else (no clipping, scheduler,
+       logging, callbacks or data loading). Each phase skips its first step. Running both in
+       one process removes process-to-process variation (allocator and page-fault state:
+       8-30 % between processes here), which is larger than the Trainer's own cost;
+    3. peak RSS is read after the first bare loop (before any Trainer run or step 4);
+    4. (d') the bare loop on the same batches with the model's own ``model(**batch).loss``
+       (full LM head), what a hand-written loop usually does.
+    """
     import torch
 
     import plugtune.train as pt
@@ -266,11 +276,11 @@ def run_bare(cfg: dict) -> dict:
         prep["data_prep_s"] = time.perf_counter() - t
         return data
 
-    counter = TokenCounter()
-
     class BareTrainer(base):
         def __init__(self, *a, data_collator=None, **kw):
-            super().__init__(*a, data_collator=counter.wrap(data_collator), **kw)
+            self._inner_collator = data_collator
+            self._counter = TokenCounter()
+            super().__init__(*a, data_collator=self._counter.wrap(data_collator), **kw)
 
         def train(self, *a, **kw):
             t = time.perf_counter()
@@ -283,11 +293,12 @@ def run_bare(cfg: dict) -> dict:
                     break
             if len(batches) < n * accum:
                 raise RuntimeError(f"only {len(batches)} micro-batches, need {n * accum}")
+            counter = self._counter
             prep["collate_s"] = time.perf_counter() - t
             model = self.model
             model.train()
             self.create_optimizer()
-            opt = self.optimizer
+            opt, self.optimizer = self.optimizer, None  # the Trainer phases make their own
             prep["optimizer"] = f"{type(opt).__module__}.{type(opt).__qualname__}" + (
                 " (fused)" if opt.defaults.get("fused") else "")
             pm, spec = self.pm, self.spec
@@ -308,19 +319,46 @@ def run_bare(cfg: dict) -> dict:
                     for batch in micro:
                         loss = step_fn(batch, torch.tensor(n_items) if accum > 1 else None)
                         loss.backward()
-                    real, total = counter.upto((step + 1) * accum)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                    real, total = counter.upto((step + 1) * accum)
                     record.setdefault("step_end_s", []).append(time.perf_counter())
                     record.setdefault("cum_real", []).append(real)
                     record.setdefault("cum_total", []).append(total)
-                    if step in (0, n - 1):
-                        losses.append(round(loss.item() * accum, 4))
+                    losses.append(round(loss.item() * accum, 4))
                 return record, losses
 
-            prep["record"], prep["losses"] = loop(plugtune_step)
+            def trainer_phase() -> dict:
+                fresh = TokenCounter()
+                record: dict = {}
+                self.data_collator = fresh.wrap(self._inner_collator)
+                self.optimizer, self.lr_scheduler = None, None
+                clock = _step_clock(fresh, record)
+                self.add_callback(clock)
+                try:
+                    base.train(self, *a, **kw)
+                finally:
+                    self.remove_callback(clock)
+                if fresh.cum_real[1:n * accum + 1] != counter.cum_real[1:n * accum + 1]:
+                    raise RuntimeError("the Trainer phase saw other batches than the bare loop")
+                return record
+
+            phases = []
+            for kind in ("bare", "trainer", "bare", "trainer"):
+                if kind == "bare":
+                    rec, losses = loop(plugtune_step)
+                    if "record" not in prep:
+                        prep["record"], prep["losses"] = rec, losses
+                        prep["peak_rss_mib"] = _peak_rss_mib()
+                else:
+                    rec = trainer_phase()
+                thr = steady_throughput(rec["step_end_s"], rec["cum_real"], 1)
+                phases.append({"phase": kind, "real_tokens_per_s": round(thr["tokens_per_s"], 1),
+                               "s_per_step": round(thr["s_per_step"], 4),
+                               "seconds": thr["seconds"], "real_tokens": thr["real_tokens"]})
+            prep["phases"] = phases
             rec2, _ = loop(model_step)
-            prep["model_loss"] = steady_throughput(rec2["step_end_s"], rec2["cum_real"], cfg["warmup"])
+            prep["model_loss"] = steady_throughput(rec2["step_end_s"], rec2["cum_real"], 1)
             prep["model"] = model
             raise _BareDone
 
@@ -330,14 +368,29 @@ def run_bare(cfg: dict) -> dict:
             pt.train(_recipe(cfg, True, out))
         except _BareDone:
             pass
+
+    def pooled(kind: str) -> float:
+        ph = [p for p in prep["phases"] if p["phase"] == kind]
+        return sum(p["real_tokens"] for p in ph) / sum(p["seconds"] for p in ph)
+
+    bare, trainer = pooled("bare"), pooled("trainer")
     thr = prep["model_loss"]
-    return _result(cfg, prep["record"], {
+    res = _result({**cfg, "warmup": 1}, prep["record"], {
         "data_prep_s": round(prep["data_prep_s"], 2), "collate_s": round(prep["collate_s"], 2),
         "optimizer": prep["optimizer"], "loss": "plugtune_train_step",
         "first_loss": prep["losses"][0], "last_loss": prep["losses"][-1],
+        "same_process": {"phases": prep["phases"], "bare_real_tokens_per_s": round(bare, 1),
+                         "trainer_real_tokens_per_s": round(trainer, 1),
+                         "a/d": round(trainer / bare, 3)},
         "model_loss_real_tokens_per_s": round(thr["tokens_per_s"], 1),
         "model_loss_real_tokens_per_s_median": round(thr["tokens_per_s_median"], 1),
         "model_loss_s_per_step": round(thr["s_per_step"], 4), **_model_facts(prep["model"])})
+    # (d)'s throughput: both bare phases pooled (tokens / seconds), like (a)'s in-process twin
+    res["first_phase_real_tokens_per_s"] = res["real_tokens_per_s"]
+    res["real_tokens_per_s"] = round(bare, 1)
+    res["peak_rss_mib"] = round(prep["peak_rss_mib"], 1)  # before any Trainer phase or (d')
+    res["peak_rss_note"] = "read after the first bare loop"
+    return res
 
 
 def run_prep_scaling(cfg: dict) -> dict:
@@ -383,16 +436,21 @@ def run_prep_scaling(cfg: dict) -> dict:
             path = Path(tmp) / f"dolly_x{scale}.jsonl"
             path.write_text("\n".join(records[:16] if scale == 0 else records * scale) + "\n",
                             encoding="utf-8")
-            os.environ["HF_DATASETS_CACHE"] = str(Path(tmp) / f"cache{scale}")
-            phases.clear()
-            t = time.perf_counter()
-            data = pipe.prepare(recipe_for(path), tok)
-            secs = time.perf_counter() - t
+            runs = []
+            for rep in range(1 if scale == 0 else cfg.get("repeats", 1)):
+                os.environ["HF_DATASETS_CACHE"] = str(Path(tmp) / f"cache{scale}-{rep}")
+                phases.clear()
+                t = time.perf_counter()
+                data = pipe.prepare(recipe_for(path), tok)
+                runs.append((time.perf_counter() - t, dict(phases), data.stats))
             if scale:
-                n = data.stats["samples"]
+                secs, ph, stats = min(runs, key=lambda x: x[0])  # fastest of the repeats
+                n = stats["samples"]
                 points.append({"scale": scale, "samples": n, "seconds": round(secs, 3),
-                               "samples_per_s": round(n / secs, 1), "rows": data.stats["rows"],
-                               "phases_s": {k: round(v, 3) for k, v in phases.items()}})
+                               "samples_per_s": round(n / secs, 1),
+                               "ms_per_sample": round(1000 * secs / n, 3), "rows": stats["rows"],
+                               "all_seconds": [round(x[0], 2) for x in runs],
+                               "phases_s": {k: round(v, 3) for k, v in ph.items()}})
     return {"method": "prep_scaling", "points": points, "peak_rss_mib": round(_peak_rss_mib(), 1)}
 
 

@@ -148,3 +148,16 @@ def test_label_only_loss_falls_back_when_the_model_disagrees(make_tiny_llama):
     assert model._plugtune_label_only_head is False
     torch.testing.assert_close(loss, scaled_forward(**batch, use_cache=False).loss)
     assert label_only_loss(model, dict(batch)) is None  # decided once
+
+
+def test_label_only_loss_never_lets_packed_samples_attend_to_each_other(make_tiny_llama):
+    """Called directly, without ``use_cache=False``: still the per-sample loss (a cache would
+    make transformers ignore the position-id restarts)."""
+    model = make_tiny_llama(vocab_size=100)
+    model.config.use_cache = True
+    batch, _ = _packed_batch()
+    ref = model(**batch, use_cache=False).loss
+    leaky = model(**batch, use_cache=True).loss
+    assert not torch.allclose(ref, leaky, atol=1e-4)  # the control: a cache does leak here
+    got = label_only_loss(model, {k: v for k, v in batch.items() if k != "use_cache"})
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)

@@ -392,6 +392,10 @@ def label_only_loss(model, kwargs: dict, num_items_in_batch=None) -> torch.Tenso
     parts = _label_only_parts(model, kwargs)
     if parts is None:
         return None
+    # never with a cache: with ``use_cache=True`` transformers ignores the position-id restarts
+    # and packed samples attend to each other (../shared/FINDINGS.md), and the one-row check
+    # below would compare two equally wrong losses
+    kwargs = {**kwargs, "use_cache": False}
     base, backbone, head = parts
     if getattr(base, _VERDICT, None) is None and not _verify_label_only(model, base, backbone, head, kwargs):
         return None
