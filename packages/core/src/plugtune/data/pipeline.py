@@ -171,15 +171,20 @@ def finalize(tok: datasets.Dataset, recipe: Recipe, packing: bool) -> tuple[data
         "chunked_extra_rows": status.count("chunked"),
     }
     tok = tok.filter(lambda s: s != "dropped", input_columns="status").remove_columns("status")
+    # one Arrow -> Python conversion per column (indexing a datasets column row by row costs
+    # ~1 ms per row: 3.4 of 6.8 s of preparing 1085 samples)
+    labels = tok.select_columns(["labels"]).to_dict()["labels"] if len(tok) else []
     if packing and len(tok):
-        rows = pack_rows(tok["input_ids"], tok["labels"], recipe.sequence_len)
+        rows = pack_rows(tok.select_columns(["input_ids"]).to_dict()["input_ids"], labels,
+                         recipe.sequence_len)
+        labels = rows["labels"]
         tok = datasets.Dataset.from_dict(rows)
-    lengths = tok["length"] if len(tok) else []
+    lengths = list(tok["length"]) if len(tok) else []
     real = sum(lengths)
     stats.update(
         rows=len(tok),
         real_tokens=real,
-        trained_tokens=sum(sum(1 for x in lab if x != -100) for lab in tok["labels"]) if len(tok) else 0,
+        trained_tokens=sum(sum(1 for x in lab if x != -100) for lab in labels),
         packed=packing,
         pad_fraction=round(_pad_fraction(lengths, recipe.micro_batch_size,
                                          recipe.group_by_length and not packing,
