@@ -63,7 +63,7 @@ LETTER = {"plugtune": "a", "trl_default": "b", "trl_packing": "c", "bare_loop": 
 #: ``inproc_steps``: measured steps of each of the 4 alternating phases of the (d) process
 MODELS = {
     "llama-20m": {"steps": 4, "warmup": 1, "inproc_steps": 6},
-    "stories260k": {"steps": 6, "warmup": 1, "inproc_steps": 12},
+    "stories260k": {"steps": 16, "warmup": 1, "inproc_steps": 16},
 }
 
 
@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequence-len", type=int, default=512)
     p.add_argument("--rows-per-batch", type=int, default=4, help="packed rows per micro-batch")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply measured steps")
+    p.add_argument("--logging-steps", type=int, default=1,
+                   help="loss logged every N steps in every run (1: first/last loss of each run)")
     p.add_argument("--rounds", type=int, default=2,
                    help="runs per method, order reversed each round (ABBA); the best round counts")
     p.add_argument("--quick", action="store_true", help="a short smoke run (steps / 4, no 16x prep)")
@@ -338,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         info["samples_kept_of_total"] = kept
         base = {"model_name": model_name, "model_dir": info["path"], "datasets": files,
                 "sequence_len": args.sequence_len, "rows_per_batch": args.rows_per_batch,
-                "steps": steps, "warmup": warm, "threads": args.threads, "logging_steps": 1}
+                "steps": steps, "warmup": warm, "threads": args.threads,
+                "logging_steps": args.logging_steps}
         runs: dict = {}
         every: dict = {m: [] for m in methods}
         print(f"bench: {model_name}: {info['params'] / 1e6:.2f}M params, {warm}+{steps} steps, samples "
