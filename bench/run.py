@@ -268,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequence-len", type=int, default=512)
     p.add_argument("--rows-per-batch", type=int, default=4, help="packed rows per micro-batch")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply measured steps")
-    p.add_argument("--logging-steps", type=int, default=1,
-                   help="loss logged every N steps in every run (1: first/last loss of each run)")
+    p.add_argument("--logging-steps", type=int, default=None,
+                   help="Trainer logging interval in every run (default: each tool's own: plugtune "
+                        "5, TRL 10); losses are recorded every step regardless")
     p.add_argument("--rounds", type=int, default=2,
                    help="runs per method, order reversed each round (ABBA); the best round counts")
     p.add_argument("--quick", action="store_true", help="a short smoke run (steps / 4, no 16x prep)")

@@ -101,6 +101,31 @@ def _step_clock(counter: TokenCounter, record: dict):
     return StepClock()
 
 
+def _capture_losses(trainer, store: list) -> None:
+    """Keep every micro-batch's training loss (detached, no sync) whatever the logging
+    interval, by wrapping ``trainer.compute_loss``; read with :func:`_loss_ends`."""
+    inner = trainer.compute_loss
+
+    def compute_loss(*a, **kw):
+        out = inner(*a, **kw)
+        if trainer.model.training:
+            store.append((out[0] if isinstance(out, tuple) else out).detach())
+        return out
+
+    trainer.compute_loss = compute_loss
+
+
+def _loss_ends(store: list, accum: int = 1) -> dict:
+    """First and last optimizer step's loss from :func:`_capture_losses`: the SUM of the
+    step's micro-batch losses, since transformers 5 divides each micro-batch's summed token
+    loss by the whole step's label count (``num_items_in_batch``)."""
+    if len(store) < accum:
+        return {"first_loss": None, "last_loss": None}
+    step = [float(x) for x in store]
+    return {"first_loss": round(sum(step[:accum]), 4),
+            "last_loss": round(sum(step[-accum:]), 4), "steps_with_loss": len(step) // accum}
+
+
 def _result(cfg: dict, record: dict, extra: dict) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from measure import pad_fraction, steady_throughput
@@ -134,7 +159,8 @@ def _recipe(cfg: dict, packing: bool, out_dir: str):
         base_model=cfg["model_dir"], adapter="none", dtype="fp32", sample_packing=packing,
         sequence_len=cfg["sequence_len"], micro_batch_size=cfg["rows_per_batch"],
         chat_template="alpaca", datasets=cfg["datasets"], max_steps=cfg["warmup"] + cfg["steps"],
-        logging_steps=cfg["logging_steps"], output_dir=out_dir, save_total_limit=1,
+        **({"logging_steps": cfg["logging_steps"]} if cfg.get("logging_steps") else {}),
+        output_dir=out_dir, save_total_limit=1,
         learning_rate=2e-4))
 
 
@@ -142,7 +168,7 @@ def run_plugtune(cfg: dict) -> dict:
     """(a) ``plugtune.train.train`` with packing; the Trainer subclass only adds measurement."""
     import plugtune.train as pt
 
-    counter, record, prep = TokenCounter(), {}, {}
+    counter, record, prep, losses = TokenCounter(), {}, {}, []
     real_prepare, base = pt.prepare, pt.PlugtuneTrainer
 
     def timed_prepare(*a, **kw):
@@ -158,18 +184,20 @@ def run_plugtune(cfg: dict) -> dict:
                              callbacks=[*(callbacks or []), _step_clock(counter, record)], **kw)
             prep["collator"] = type(data_collator).__qualname__
             prep["optimizer"] = self.args.optim
+            prep["logging_steps"] = self.args.logging_steps
             prep["model"] = self.model
+            _capture_losses(self, losses)
 
     pt.prepare, pt.PlugtuneTrainer = timed_prepare, MeasuredTrainer
     with tempfile.TemporaryDirectory() as out:
-        res = pt.train(_recipe(cfg, True, out))
+        pt.train(_recipe(cfg, True, out))
     st = prep["stats"]
     n_samples = st["kept"] + st["truncated"]
     return _result(cfg, record, {
         "data_prep_s": prep["data_prep_s"], "collator": prep["collator"], "optimizer": prep["optimizer"],
         "rows": st["rows"], "samples": n_samples, "dropped_samples": st["dropped"],
         "mean_sample_len": round(st["real_tokens"] / max(n_samples, 1), 2),
-        "first_loss": res.metrics.get("first_logged_loss"), "last_loss": res.metrics.get("last_logged_loss"),
+        **_loss_ends(losses, 1), "logging_steps": prep["logging_steps"],
         **_model_facts(prep["model"])})
 
 
@@ -213,7 +241,8 @@ def run_trl(cfg: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out, max_steps=cfg["warmup"] + cfg["steps"], report_to="none",
-            save_strategy="no", logging_steps=cfg["logging_steps"], seed=42,
+            save_strategy="no", seed=42,
+            **({"logging_steps": cfg["logging_steps"]} if cfg.get("logging_steps") else {}),
             bf16=False, gradient_checkpointing=False,  # fp32 / no GC like (a): see module doc
             max_length=cfg["sequence_len"], packing=packing,
             per_device_train_batch_size=cfg["micro_batch"],
@@ -224,16 +253,18 @@ def run_trl(cfg: dict) -> dict:
         collator = type(trainer.data_collator).__qualname__
         padding_free = getattr(trainer.data_collator, "padding_free", None)
         trainer.data_collator = counter.wrap(trainer.data_collator)
+        losses: list = []
+        _capture_losses(trainer, losses)
         lengths = trainer.train_dataset["input_ids"]
         n_rows = len(lengths)
         trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        logging_steps = trainer.args.logging_steps
         optim = trainer.args.optim
     return _result(cfg, record, {
         "data_prep_s": round(prep_s, 2), "model_load_s": round(load_s, 2), "collator": collator,
         "padding_free": padding_free, "optimizer": str(optim), "rows": n_rows,
         "micro_batch": cfg["micro_batch"], "grad_accum": cfg["grad_accum"],
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        **_loss_ends(losses, cfg["grad_accum"]), "logging_steps": logging_steps,
         "attn_implementation": model.config._attn_implementation})
 
 
