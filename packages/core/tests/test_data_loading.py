@@ -168,3 +168,19 @@ def test_chat_generation_prompt_gets_the_system_turn():
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     assert with_system_prompt("hi", None, "chat") == "hi"
     assert with_system_prompt("Once upon", "Be brief.", "text") == "Once upon"
+
+
+@pytest.mark.parametrize(("dtype", "rec"), [
+    ("alpaca", {"instruction": "i", "input": "", "output": "o"}),
+    ("dolly", {"instruction": "i", "context": "", "response": "r"}),
+    ("completion", {"prompt": "p", "completion": "c"}),
+    ("messages", {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}),
+    ("text", {"text": "t"}),
+    ("seq2seq", {"source": "s", "target": "t"}),
+])
+def test_kinds_table_matches_what_each_adapter_produces(dtype, rec):
+    """``KINDS`` (used to shape generation prompts) covers every type and agrees with the adapter."""
+    from plugtune.data.formats import ADAPTERS, KINDS, kind_of
+
+    assert set(KINDS) == set(ADAPTERS)
+    assert kind_of(ADAPTERS[dtype](rec, {})) == KINDS[dtype]

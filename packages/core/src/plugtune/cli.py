@@ -175,7 +175,7 @@ def cmd_prepare(args, console: Console) -> int:
 
 
 def cmd_generate(args, console: Console) -> int:
-    from plugtune.data.formats import with_system_prompt
+    from plugtune.data.formats import KINDS, with_system_prompt
     from plugtune.runs import load_run
 
     spec, loaded, pm = load_run(args.run_dir)
@@ -184,9 +184,7 @@ def cmd_generate(args, console: Console) -> int:
     first = spec.recipe.datasets[0] if spec.recipe.datasets else None
     if first is not None and first.system_prompt and spec.task != "vision":
         # the prompt as training saw it: the recipe's system turn / seq2seq task prefix
-        kind = "seq2seq" if spec.task == "seq2seq" else (
-            "chat" if first.type in ("alpaca", "dolly", "sharegpt", "messages") else "text")
-        prompts = [with_system_prompt(p, first.system_prompt, kind) for p in prompts]
+        prompts = [with_system_prompt(p, first.system_prompt, KINDS[first.type]) for p in prompts]
     outs = pm.hook.plugtune_generate(spec=spec, model=loaded.model, tokenizer=loaded.tokenizer,
                                      prompts=prompts, max_new_tokens=n, images=args.image,
                                      processor=loaded.processor)

@@ -302,6 +302,12 @@ ADAPTERS: dict[str, Callable[..., dict]] = {
 }
 
 
+#: what each dataset ``type``'s adapter produces (see :func:`kind_of`)
+KINDS = {"alpaca": "chat", "dolly": "chat", "completion": "chat", "sharegpt": "chat",
+         "messages": "chat", "vision": "chat", "seq2seq": "seq2seq", "text": "text",
+         "preference": "preference"}
+
+
 def kind_of(example: Mapping) -> str:
     """``"chat"``, ``"text"``, ``"seq2seq"`` or ``"preference"`` for a canonical example."""
     if "chosen" in example:
