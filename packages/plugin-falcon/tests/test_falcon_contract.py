@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoModelForCausalLM
 
-from plugtune.testing import PluginContract, load_shared_tokenizer
+from plugtune.testing import PluginContract
 from plugtune_falcon.tiny import tiny_config
 
 
@@ -13,11 +13,7 @@ class _Falcon(PluginContract):
     model_type = "falcon"
     recipe = {"chat_template": "alpaca"}
     variant = "multi_query"
-
-    def make_tokenizer(self):
-        if not hasattr(type(self), "_tok"):
-            type(self)._tok = load_shared_tokenizer("falcon")
-        return type(self)._tok
+    tokenizer_name = "falcon"
 
     def make_model(self):
         return AutoModelForCausalLM.from_config(tiny_config(self.variant, len(self.make_tokenizer())))

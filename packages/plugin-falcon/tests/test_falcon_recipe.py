@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from plugtune.config import load_recipe
 from plugtune.plugins import get_plugin_manager
+from plugtune.testing import run_bundled_recipe
 from plugtune.train import build_spec
 
 
@@ -29,15 +27,8 @@ def test_recipe_runs_on_tiny_legacy_model(tiny_dirs, tmp_path):
     (one micro-batch per step here to stay under a minute; the recipe's own accumulation of
     16 / 8 micro-batches per step was run by hand)."""
     root = Path(__file__).resolve().parents[3]  # the recipe's data path is relative to it
-    if not (root.parent / "shared" / "data" / "dolly").is_dir():
-        pytest.skip("../shared/data beside the repository is absent")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "plugtune", "train", "falcon-7b-qlora", "--set",
-           f"base_model={tiny_dirs('new_decoder', True)}", "--set", "max_steps=2",
-           "--set", "gradient_accumulation_steps=1", "--set",
-           f"output_dir={out}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "model_type=RefinedWeb family=falcon" in res.stdout
-    m = json.loads((out / "metrics.json").read_text())
+    stdout, m = run_bundled_recipe("falcon-7b-qlora", tiny_dirs("new_decoder", True), out, root,
+                                   "gradient_accumulation_steps=1")
+    assert "model_type=RefinedWeb family=falcon" in stdout
     assert m["global_step"] == 2 and m["train_loss"] > 0

@@ -158,20 +158,11 @@ def test_target_modules_auto_all_linear_and_explicit():
 def test_packed_loss_through_the_loaded_stack_matches_unpacked(tiny_dirs, variant):
     """Through ``plugtune_load`` with ``sample_packing: true`` (whatever attention core installs
     for packed rows): a packed row's loss equals the same samples padded separately."""
-    from plugtune.data.packing import pack_rows
+    from plugtune.testing import packed_and_unpacked_loss
 
     spec, pm = _spec(tiny_dirs(variant), sample_packing=True)
     loaded = pm.hook.plugtune_load(spec=spec)
-    model = loaded.model.eval()
     g = torch.Generator().manual_seed(5)
-    a, b = (torch.randint(20, 2000, (n,), generator=g).tolist() for n in (30, 17))
-    collate = pm.hook.plugtune_collate(spec=spec, tokenizer=loaded.tokenizer)
-    packed = collate([{k: v[0] for k, v in pack_rows([a, b], [a, b], 64).items()}])
-    unpacked = collate([{"input_ids": a, "labels": [-100, *a[1:]]},
-                        {"input_ids": b, "labels": [-100, *b[1:]]}])
-    n = int((unpacked["labels"] != -100).sum())
-    with torch.no_grad():
-        lp, lu = (float(pm.hook.plugtune_train_step(spec=spec, model=model, batch=x,
-                                                    num_items_in_batch=n))
-                  for x in (packed, unpacked))
+    samples = [torch.randint(20, 2000, (n,), generator=g).tolist() for n in (30, 17)]
+    lp, lu = packed_and_unpacked_loss(pm, spec, loaded.model.eval(), loaded.tokenizer, samples, 64)
     assert math.isclose(lp, lu, rel_tol=1e-5), (lp, lu)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoModelForCausalLM
 
-from plugtune.testing import PluginContract, load_shared_tokenizer
+from plugtune.testing import PluginContract
 from plugtune_llama.tiny import tiny_config
 
 
@@ -12,11 +12,6 @@ class _Tiny(PluginContract):
     plugin_name = "plugtune-llama"
     family = "llama"
     tokenizer_name = "llama2"
-
-    def make_tokenizer(self):
-        if not hasattr(type(self), "_tok"):
-            type(self)._tok = load_shared_tokenizer(self.tokenizer_name)
-        return type(self)._tok
 
     def make_model(self):
         cfg = tiny_config(self.family, len(self.make_tokenizer()))

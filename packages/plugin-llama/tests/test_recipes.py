@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from plugtune.config import load_recipe
 from plugtune.plugins import get_plugin_manager
+from plugtune.testing import run_bundled_recipe
 from plugtune.train import build_spec
 
 RECIPES = {
@@ -36,13 +34,5 @@ def test_recipe_runs_on_tiny_model(name, tiny_dirs, tmp_path):
     """``plugtune train NAME --set base_model=<tiny> --set max_steps=2`` (the Qwen2.5 recipe is
     left out: its 152k vocabulary at 16 x 2048 tokens per step takes minutes on a CPU)."""
     root = Path(__file__).resolve().parents[3]  # the recipes' data paths are relative to it
-    if not (root.parent / "shared" / "data" / "dolly").is_dir():
-        pytest.skip("../shared/data beside the repository is absent")
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "plugtune", "train", name, "--set",
-           f"base_model={tiny_dirs(RECIPES[name][0])}", "--set", "max_steps=2", "--set",
-           f"output_dir={out}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
-    assert res.returncode == 0, res.stderr[-3000:]
-    m = json.loads((out / "metrics.json").read_text())
+    _, m = run_bundled_recipe(name, tiny_dirs(RECIPES[name][0]), tmp_path / "run", root)
     assert m["global_step"] == 2 and m["train_loss"] > 0

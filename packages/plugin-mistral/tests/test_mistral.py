@@ -14,7 +14,7 @@ from plugtune.config import validate_recipe
 from plugtune.data.packing import pack_rows
 from plugtune.data.templates import ensure_chat_template
 from plugtune.data.tokenize import probe_template, tokenize_chat
-from plugtune.testing import make_spec
+from plugtune.testing import make_spec, packed_and_unpacked_loss
 from plugtune.train import apply_adapter
 from plugtune_mistral.tiny import tiny_config
 
@@ -187,15 +187,6 @@ def test_packed_loss_through_the_loaded_stack_matches_unpacked(tiny_dir):
     model = loaded.model.eval()
     assert model.config.sliding_window == 16
     g = torch.Generator().manual_seed(5)
-    a, b = (torch.randint(5, 1000, (n,), generator=g).tolist() for n in (40, 25))
-    collate = pm.hook.plugtune_collate(spec=spec, tokenizer=loaded.tokenizer)
-    rows = pack_rows([a, b], [a, b], 80)
-    packed = collate([{k: v[0] for k, v in rows.items()}])
-    unpacked = collate([{"input_ids": a, "labels": [-100, *a[1:]]},
-                        {"input_ids": b, "labels": [-100, *b[1:]]}])
-    n = int((unpacked["labels"] != -100).sum())
-    with torch.no_grad():
-        lp, lu = (float(pm.hook.plugtune_train_step(spec=spec, model=model, batch=x,
-                                                    num_items_in_batch=n))
-                  for x in (packed, unpacked))
+    samples = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in (40, 25)]
+    lp, lu = packed_and_unpacked_loss(pm, spec, model, loaded.tokenizer, samples, 80)
     assert math.isclose(lp, lu, rel_tol=1e-5), (lp, lu)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoModelForCausalLM
 
-from plugtune.testing import PluginContract, load_shared_tokenizer
+from plugtune.testing import PluginContract
 from plugtune_mistral.tiny import tiny_config
 
 
@@ -12,11 +12,7 @@ class TestZephyrContract(PluginContract):
     plugin_name = "plugtune-mistral"
     model_type = "mistral"
     recipe = {"chat_template": "zephyr"}
-
-    def make_tokenizer(self):
-        if not hasattr(type(self), "_tok"):
-            type(self)._tok = load_shared_tokenizer("mistral_v1")
-        return type(self)._tok
+    tokenizer_name = "mistral_v1"
 
     def make_model(self):
         return AutoModelForCausalLM.from_config(tiny_config(len(self.make_tokenizer()), sliding_window=8))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from plugtune.config import load_recipe
 from plugtune.plugins import get_plugin_manager
+from plugtune.testing import run_bundled_recipe
 from plugtune.train import build_spec
 
 
@@ -27,15 +25,9 @@ def test_recipe_runs_on_tiny_model(tiny_dir, tmp_path):
     (one micro-batch per step here to stay under a minute; the recipe's own accumulation of
     16 / 8 micro-batches per step was run by hand)."""
     root = Path(__file__).resolve().parents[3]  # the recipe's data path is relative to it
-    if not (root.parent / "shared" / "data" / "llama_factory").is_dir():
-        pytest.skip("../shared/data beside the repository is absent")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "plugtune", "train", "mistral-7b-inst", "--set",
-           f"base_model={tiny_dir}", "--set", "max_steps=2",
-           "--set", "gradient_accumulation_steps=1", "--set", f"output_dir={out}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
-    assert res.returncode == 0, res.stderr[-3000:]
-    m = json.loads((out / "metrics.json").read_text())
+    _, m = run_bundled_recipe("mistral-7b-inst", tiny_dir, out, root,
+                              "gradient_accumulation_steps=1", needs="llama_factory")
     assert m["global_step"] == 2 and m["train_loss"] > 0
     assert "[INST]" in (out / "tokenizer_config.json").read_text() + "".join(
         p.read_text() for p in out.glob("chat_template.jinja"))

@@ -110,6 +110,50 @@ def make_spec(model_type: str, path: str = "tiny", pm=None, **recipe: Any) -> tu
                      recipe=rec, torch_dtype=torch.float32, quantization=rec.quantization), pm
 
 
+def run_bundled_recipe(name: str, base_model, out_dir: Path, cwd: Path, *sets: str,
+                       needs: str = "dolly") -> tuple[str, dict]:
+    """``plugtune train NAME --set base_model=... --set max_steps=2 --set output_dir=...
+    [--set ...]`` in a subprocess, from ``cwd`` (the bundled recipes' data paths are relative
+    to the repository root, ``../shared/data`` beside it).
+
+    Skips when ``cwd/../shared/data/<needs>`` is absent; fails with the stderr tail when the
+    command does. Returns ``(stdout, metrics.json of the run)``.
+    """
+    import json
+    import subprocess
+    import sys
+
+    if not (cwd.parent / "shared" / "data" / needs).is_dir():
+        pytest.skip("../shared/data beside the repository is absent")
+    cmd = [sys.executable, "-m", "plugtune", "train", name, "--set", f"base_model={base_model}",
+           "--set", "max_steps=2", "--set", f"output_dir={out_dir}"]
+    for kv in sets:
+        cmd += ["--set", kv]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout, json.loads((out_dir / "metrics.json").read_text())
+
+
+def packed_and_unpacked_loss(pm, spec, model, tokenizer, samples: list[list[int]],
+                             capacity: int) -> tuple[float, float]:
+    """The train-step loss of ``samples`` (token id lists, every token trained but each first)
+    packed into one row of ``capacity`` tokens, and of the same samples padded one per row,
+    both normalised by the same label count (no grad). Equal losses = no attention across
+    packed samples through the plugin's load/collate/train-step hooks."""
+    from plugtune.data.packing import pack_rows
+
+    collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tokenizer)
+    rows = pack_rows(samples, samples, capacity)
+    packed = collate([{k: v[0] for k, v in rows.items()}])
+    unpacked = collate([{"input_ids": s, "labels": [-100, *s[1:]]} for s in samples])
+    n = int((unpacked["labels"] != -100).sum())
+    with torch.no_grad():
+        lp, lu = (float(pm.hook.plugtune_train_step(spec=spec, model=model, batch=x,
+                                                    num_items_in_batch=n))
+                  for x in (packed, unpacked))
+    return lp, lu
+
+
 CHAT = [{"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "Paris is the capital of France."}]
 
@@ -122,13 +166,22 @@ class PluginContract:
     model_type: str = ""
     #: extra recipe keys for the spec (e.g. ``{"chat_template": "chatml"}``)
     recipe: dict = {}
+    #: a folder of ``../shared/data/tokenizers`` for the default :meth:`make_tokenizer`
+    tokenizer_name: str = ""
 
     # -- to implement -------------------------------------------------------------------------
     def make_model(self):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def make_tokenizer(self):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def make_tokenizer(self):
+        """The real tokenizer :attr:`tokenizer_name`, loaded once per contract class."""
+        if not self.tokenizer_name:  # pragma: no cover - abstract
+            raise NotImplementedError("set tokenizer_name or override make_tokenizer")
+        cache = type(self).__dict__.get("_tokenizer_cache")
+        if cache is None:
+            cache = load_shared_tokenizer(self.tokenizer_name)
+            type(self)._tokenizer_cache = cache
+        return cache
 
     def make_processor(self, tokenizer):
         """The ``Loaded.processor`` handed to collate/generate (vision families); ``None`` for
