@@ -285,8 +285,9 @@ def cmd_merge(args, console: Console) -> int:
     from plugtune.merge import merge_run
 
     out = merge_run(args.run_dir, args.out_dir, force=args.force, base=args.base, dtype=args.dtype)
-    console.print(f"merged model written to {out} (load it with AutoModelForCausalLM / "
-                  "AutoModelForSeq2SeqLM.from_pretrained)", markup=False)
+    auto = json.loads((out / "plugtune_merge.json").read_text())["auto_class"]
+    console.print(f"merged model written to {out} (load it with {auto}.from_pretrained)",
+                  markup=False)
     return 0
 
 

@@ -45,6 +45,13 @@ def load_run(run_dir: str | Path, pm=None) -> tuple[ModelSpec, Loaded, object]:
     updates = {"tokenizer": str(run)}
     if not adapter:
         updates["base_model"] = str(run)
+    else:  # the base as recorded at training time: loads from any working directory
+        from plugtune.export.portable import BaseModelMissing, resolve_base
+
+        try:
+            updates["base_model"] = resolve_base(run, recipe.base_model)
+        except BaseModelMissing as exc:
+            raise RunDirError(str(exc)) from exc
     recipe = recipe.model_copy(update=updates)
     pm = pm or get_plugin_manager()
     spec = build_spec(recipe, pm)

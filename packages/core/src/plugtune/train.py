@@ -76,8 +76,13 @@ def read_model_type(path: str, trust_remote_code: bool = False, revision: str | 
 def build_spec(recipe: Recipe, pm) -> ModelSpec:
     """Resolve the family for ``recipe.base_model`` and the dtype/quantization policy."""
     from plugtune import demo
+    from plugtune.export import gguf
 
     path = demo.materialize(recipe.base_model)
+    try:  # a .gguf base: its de-quantized, cached safetensors folder
+        src, path = gguf.find_gguf(path), gguf.materialize(path)
+    except gguf.GGUFError as exc:
+        raise TrainingError(str(exc)) from exc
     if path != recipe.base_model:
         recipe = recipe.model_copy(update={"base_model": path})
     model_type, cfg = read_model_type(path, recipe.trust_remote_code, recipe.revision)
@@ -85,7 +90,8 @@ def build_spec(recipe: Recipe, pm) -> ModelSpec:
     dtype = resolve_dtype(recipe.dtype)
     return ModelSpec(path=path, model_type=recipe.model_type or model_type, family=route.family,
                      plugin=route.plugin, recipe=recipe, hf_config=cfg, torch_dtype=dtype,
-                     quantization=recipe.quantization)
+                     quantization=recipe.quantization,
+                     extra={"gguf_source": str(src)} if src else {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +346,9 @@ def save_run(output_dir: Path, model, tokenizer, recipe: Recipe, spec: ModelSpec
         tokenizer.save_pretrained(staging)
         if processor is not None:
             processor.save_pretrained(staging)
+        from plugtune.export.portable import finish_run_folder
+
+        finish_run_folder(staging, spec, tokenizer, model, recipe)  # absolute base, stops, provenance
         (staging / "recipe.yaml").write_text(dump_recipe(recipe))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         (staging / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
@@ -347,7 +356,13 @@ def save_run(output_dir: Path, model, tokenizer, recipe: Recipe, spec: ModelSpec
         from plugtune.report import loss_curve_png, model_card
 
         loss_curve_png(log_history, staging / "loss.png")
-        (staging / "README.md").write_text(model_card(recipe, spec, metrics, stats))
+        ac = staging / "adapter_config.json"
+        base = json.loads(ac.read_text())["base_model_name_or_path"] if ac.is_file() else None
+        vocab = getattr(getattr(spec.hf_config, "get_text_config", lambda: spec.hf_config)(),
+                        "vocab_size", None)
+        (staging / "README.md").write_text(model_card(
+            recipe, spec, metrics, stats, tokenizer=tokenizer, run_dir=str(output_dir.resolve()),
+            base=base, added_tokens=bool(vocab and len(tokenizer) > vocab)))
         for f in staging.iterdir():
             os.replace(f, output_dir / f.name)
     finally:

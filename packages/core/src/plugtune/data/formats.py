@@ -67,8 +67,11 @@ def alpaca(rec: Mapping, cols: Mapping[str, str], system: str | None = None) -> 
     inp = _get(rec, cols, "input", required=False)
     out = _get(rec, cols, "output")
     user = f"{instr}\n\n{inp}" if inp.strip() else instr
+    # ``input`` kept beside the joined content: the named ``alpaca`` template renders Stanford's
+    # with-input prompt (``### Input:``) from it; other templates read ``content`` only
     return {"messages": _with_system(
-        [{"role": "user", "content": user}, {"role": "assistant", "content": out}], system)}
+        [{"role": "user", "content": user, "input": inp if inp.strip() else ""},
+         {"role": "assistant", "content": out, "input": ""}], system)}
 
 
 def dolly(rec: Mapping, cols: Mapping[str, str], system: str | None = None) -> dict:

@@ -200,7 +200,10 @@ def load_datasets(cfgs: list[DatasetConfig], num_proc: int | None = None,
     if len(parts) == 1:
         return parts[0], stats
     try:
-        mixed = datasets.concatenate_datasets(parts)
+        try:
+            mixed = datasets.concatenate_datasets(parts)
+        except ValueError:  # chat formats whose turns carry different keys (alpaca's ``input``)
+            mixed = datasets.Dataset.from_list([row for p in parts for row in p])
     except Exception as exc:
         raise DataError(
             "datasets in one recipe must share a kind (chat formats mix with each other; text, "
