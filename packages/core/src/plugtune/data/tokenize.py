@@ -28,9 +28,11 @@ class TemplateRenderError(ValueError):
     """The chat template cannot be split into prompt and response segments."""
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool,
+            tools: list[dict] | None = None) -> str:
+    kwargs = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
     )
 
 
@@ -103,11 +105,13 @@ def probe_template(tokenizer) -> TemplateInfo:
 
 
 def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
-                    train_on_inputs: bool = False) -> list[tuple[str, bool]]:
+                    train_on_inputs: bool = False, tools: list[dict] | None = None
+                    ) -> list[tuple[str, bool]]:
     """Render a conversation into ``[(text, trainable), ...]`` whose concatenation is the prompt.
 
-    Every assistant turn is trainable (multi-turn); turns after the last assistant turn are
-    dropped. A response the template does not end with a stop token gets the EOS appended.
+    Every assistant turn is trainable (multi-turn; tool calls included); turns after the last
+    assistant turn are dropped. A response the template does not end with a stop token gets the
+    EOS appended. ``tools`` (function schemas) is passed to the template on every render.
 
     Raises:
         TemplateRenderError: the template is not prefix-stable for this conversation.
@@ -118,8 +122,8 @@ def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], True) if i else ""
-        full = _render(tokenizer, messages[: i + 1], False)
+        prompt = _render(tokenizer, messages[:i], True, tools) if i else ""
+        full = _render(tokenizer, messages[: i + 1], False, tools)
         if not prompt.startswith(prev) or not full.startswith(prompt):
             raise TemplateRenderError(
                 f"chat template is not prefix-stable at turn {i}: cannot split prompt and "
@@ -200,9 +204,10 @@ def apply_length_policy(ids: list[int], labels: list[int], max_len: int, policy:
 
 
 def tokenize_chat(tokenizer, messages: list[dict], info: TemplateInfo, max_len: int,
-                  train_on_inputs: bool = False, policy: str = "prompt_then_drop") -> dict:
+                  train_on_inputs: bool = False, policy: str = "prompt_then_drop",
+                  tools: list[dict] | None = None) -> dict:
     """One chat example -> ``{"input_ids", "labels", "length", "status"}``."""
-    segs = render_segments(tokenizer, messages, info, train_on_inputs)
+    segs = render_segments(tokenizer, messages, info, train_on_inputs, tools)
     ids, labels = tokenize_segments(tokenizer, segs, info)
     keep = 1 if ids and info.bos_id is not None and ids[0] == info.bos_id else 0
     ids, labels, status = apply_length_policy(ids, labels, max_len, policy, keep)
