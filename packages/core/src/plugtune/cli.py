@@ -168,7 +168,10 @@ def cmd_prepare(args, console: Console) -> int:
         row = data.train[i]
         console.rule(f"row {i}")
         console.print(tok.decode(row["input_ids"]), markup=False)
-        trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+        if spec.task == "seq2seq":  # labels are the decoder's target, not aligned with inputs
+            trained = [lab for lab in row["labels"] if lab != -100]
+        else:
+            trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
         console.rule("trained labels")
         console.print(tok.decode(trained), markup=False)
     return 0

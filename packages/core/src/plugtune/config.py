@@ -65,6 +65,10 @@ class DatasetConfig(_Strict):
     system_prompt: str | None = None
     max_samples: int | None = Field(None, ge=1)
     on_bad_row: Literal["error", "skip"] = "error"
+    max_record_bytes: int | None = Field(
+        10_000_000, ge=1, description="largest record (one line of a jsonl/csv/txt file) in "
+        "bytes; a longer one is an error naming file and line, found before parsing. "
+        "null: no limit")
     image_dir: str | None = Field(
         None, description="folder that relative image paths of a vision dataset are resolved "
         "against (default: the dataset file's folder)")
