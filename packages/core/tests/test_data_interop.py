@@ -247,7 +247,7 @@ PREF = [
 def test_axolotl_preference_types(name, type_, extra, qwen):
     import datasets
 
-    from plugtune.dpo import tokenize_pair
+    from plugtune.data.preference import tokenize_pair
 
     raw = datasets.load_dataset("parquet", data_files=_fixture(name), split="train")
     ds, _ = to_canonical(DatasetConfig(path=_fixture(name), type=type_, **extra))

@@ -500,8 +500,17 @@ def preference(rec: Mapping, cols: Mapping[str, str], system: str | None = None,
                         "a pair must share its prompt")
     if prompt[-1]["role"] == "assistant":
         raise BadRecord(ck, "the prompt ends with an assistant turn; expected a user turn last")
-    return {"prompt": _with_system(prompt, _pref_system(rec, c, system)),
-            "chosen": chosen, "rejected": rejected}
+    return _distinct_pair({"prompt": _with_system(prompt, _pref_system(rec, c, system)),
+                           "chosen": chosen, "rejected": rejected}, {**c, "rejected": rk})
+
+
+def _distinct_pair(pair: dict, cols: Mapping[str, str]) -> dict:
+    """``pair`` unchanged, or :class:`BadRecord` when its chosen and rejected answers are the
+    same text (DPO's loss is then zero: the pair teaches nothing)."""
+    if pair["chosen"] == pair["rejected"]:
+        raise BadRecord(cols.get("rejected", "rejected"),
+                        "is identical to chosen; a preference pair needs two different answers")
+    return pair
 
 
 _TRUE = {True, "true", "True", "1", "yes"}
