@@ -36,6 +36,10 @@ def _tokenize(tok, example, max_len=4096):
     return tokenize_chat(tok, msgs, probe_template(tok), max_len, tools=tools)
 
 
+def _glaive():
+    return DatasetConfig(**resolve_llamafactory("glaive_toolcall_en_demo", _lf())[0])
+
+
 @pytest.fixture(scope="module")
 def qwen():
     return load_shared_tokenizer("qwen2_5")
@@ -45,7 +49,7 @@ def qwen():
 
 def test_dataset_info_entries_resolve_to_their_formats():
     names = "identity,alpaca_en_demo,glaive_toolcall_en_demo,mllm_demo,c4_demo,dpo_en_demo,kto_en_demo"
-    cfgs = resolve_llamafactory(names, _lf())
+    cfgs = [DatasetConfig(**d) for d in resolve_llamafactory(names, _lf())]
     assert [c.type for c in cfgs] == ["alpaca", "alpaca", "sharegpt", "vision", "text",
                                       "preference", "kto"]
     kinds = []
@@ -92,7 +96,7 @@ def test_alpaca_system_and_history_columns(tmp_path):
     (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json", "columns": {
         "prompt": "instruction", "query": "input", "response": "output", "system": "system",
         "history": "history"}}}))
-    ds, _ = to_canonical(resolve_llamafactory("d", tmp_path)[0])
+    ds, _ = to_canonical(DatasetConfig(**resolve_llamafactory("d", tmp_path)[0]))
     assert [(m["role"], m["content"]) for m in ds[0]["messages"]] == [
         ("system", "Be exact."), ("user", "1+1?"), ("assistant", "2"), ("user", "And 3+3?"),
         ("assistant", "6")]
@@ -114,7 +118,7 @@ def test_sharegpt_tool_calls_train_through_the_qwen25_template(qwen):
     """function_call turns are trained as the template's own tool-call text; observations and
     the tools schema are prompt."""
     raw = json.loads((_lf() / "glaive_toolcall_en_demo.json").read_text())
-    ds, _ = to_canonical(resolve_llamafactory("glaive_toolcall_en_demo", _lf())[0])
+    ds, _ = to_canonical(_glaive())
     qwen_call = lambda c: ('<tool_call>\n{"name": "' + c["name"] + '", "arguments": '  # noqa: E731
                            + json.dumps(c["arguments"], ensure_ascii=False) + "}\n</tool_call>")
     checked = 0
@@ -131,7 +135,7 @@ def test_sharegpt_tool_calls_train_through_the_qwen25_template(qwen):
 def test_tool_calls_through_llama32_template():
     tok = load_shared_tokenizer("llama3_2")
     raw = json.loads((_lf() / "glaive_toolcall_en_demo.json").read_text())
-    ds, _ = to_canonical(resolve_llamafactory("glaive_toolcall_en_demo", _lf())[0])
+    ds, _ = to_canonical(_glaive())
     i = next(i for i, r in enumerate(raw) if any(t["from"] == "function_call" for t in r["conversations"]))
     call = lambda c: ('{"name": "' + c["name"] + '", "parameters": '  # noqa: E731
                       + json.dumps(c["arguments"], ensure_ascii=False) + "}")
@@ -148,7 +152,7 @@ def test_tool_fallback_for_templates_without_tools(qwen):
 
     ensure_chat_template(qwen, "chatml")  # a fresh copy per module fixture is not needed: last use
     raw = json.loads((_lf() / "glaive_toolcall_en_demo.json").read_text())
-    ds, _ = to_canonical(resolve_llamafactory("glaive_toolcall_en_demo", _lf())[0])
+    ds, _ = to_canonical(_glaive())
     i = next(i for i, r in enumerate(raw) if any(t["from"] == "function_call" for t in r["conversations"]))
     row = _tokenize(qwen, ds[i])
     call = lambda c: json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False)  # noqa: E731

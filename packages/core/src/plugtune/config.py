@@ -244,7 +244,7 @@ class Recipe(_Strict):
 
             resolved = resolve_llamafactory(data.pop("dataset"), data.pop("dataset_dir", None) or "data")
             data["datasets"] = [*(data.get("datasets") or []),
-                                *(d.model_dump(exclude_defaults=True) for d in resolved)]
+                                *resolved]
         names = {d.get("chat_template") for d in data.get("datasets") or []
                  if isinstance(d, dict) and d.get("chat_template")}
         if len(names) > 1 or (names and data.get("chat_template") not in (None, *names)):

@@ -2,7 +2,9 @@
 
 A LLaMA-Factory user names datasets (``dataset: identity,alpaca_en_demo``) that a
 ``dataset_info.json`` in ``dataset_dir`` describes; :func:`resolve_llamafactory` turns those
-entries into plugtune :class:`~plugtune.config.DatasetConfig` entries, following the format as
+entries into plugtune dataset entries (plain dicts that validate as
+:class:`~plugtune.config.DatasetConfig`; this module does not import the config, which imports
+it for the recipe's ``dataset:`` key), following the format as
 LLaMA-Factory's ``data/README.md`` documents it (hiyouga/LLaMA-Factory, ``data/README.md``):
 
 ==========================  ==============================================================
@@ -29,7 +31,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from plugtune.config import DatasetConfig
 from plugtune.data.errors import DataError
 
 #: LLaMA-Factory ``columns`` key -> plugtune canonical column name
@@ -77,8 +78,8 @@ def _names(names: str | list[str]) -> list[str]:
 
 
 def entry_to_config(name: str, entry: dict, dataset_dir: Path, stage: str | None = None,
-                    source: str = "dataset_info.json", **overrides) -> DatasetConfig:
-    """One ``dataset_info.json`` entry -> a :class:`DatasetConfig` (see the module table).
+                    source: str = "dataset_info.json", **overrides) -> dict:
+    """One ``dataset_info.json`` entry -> a dataset entry dict (see the module table).
 
     Raises:
         DataError: an entry plugtune cannot read (script / cloud datasets, unknown
@@ -158,12 +159,13 @@ def entry_to_config(name: str, entry: dict, dataset_dir: Path, stage: str | None
     if stage == "kto" and cfg["type"] != "kto":
         raise DataError(f"{where}: stage kto needs a kto_tag column")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
-    return DatasetConfig(**cfg)
+    return cfg
 
 
 def resolve_llamafactory(names: str | list[str], dataset_dir: str | Path = "data",
-                         stage: str | None = None, **overrides) -> list[DatasetConfig]:
-    """LLaMA-Factory's ``dataset:`` names + ``dataset_dir`` -> plugtune dataset entries.
+                         stage: str | None = None, **overrides) -> list[dict]:
+    """LLaMA-Factory's ``dataset:`` names + ``dataset_dir`` -> plugtune dataset entries (dicts
+    for ``datasets:``; ``DatasetConfig(**entry)`` validates one).
 
     Args:
         names: ``"a,b"`` or ``["a", "b"]``: entries of ``dataset_dir/dataset_info.json``.
