@@ -38,7 +38,7 @@ def _train(tmp_path, monkeypatch, make_tiny_llama, chat_template="chatml", adapt
     torch.set_num_threads(1)
     recipe = validate_recipe(dict(
         base_model="models/tiny", adapter=adapter, chat_template=chat_template,
-        lora_target_modules="all-linear", datasets=[dict(path="train.jsonl", type="completion")],
+        lora_target_modules="all-linear", datasets=[dict(path="train.jsonl", type="prompt_completion")],
         sequence_len=64, micro_batch_size=4, max_steps=2, learning_rate=1e-2, output_dir="runs/r1",
         report_to="none"))
     train(recipe)
