@@ -76,6 +76,15 @@ class Recipe(_Strict):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     flash_attention: bool = False
     attn_implementation: str | None = None
+    liger_kernel: bool = Field(
+        False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear "
+        "cross-entropy) on CUDA; pip install 'plugtune[liger]'. Without CUDA or liger-kernel: "
+        "one notice, then plugtune's label-only LM head (plugtune.kernels)")
+    liger_kernel_config: dict[
+        Literal["rope", "rms_norm", "swiglu", "geglu", "layer_norm", "cross_entropy",
+                "fused_linear_cross_entropy"], bool] | None = Field(
+        None, description="switch single Liger kernels, e.g. {rope: false}; default: Liger's "
+        "own per-model defaults")
     # adapter
     adapter: Literal["none", "lora", "qlora"] = "lora"
     load_in_8bit: bool = False
@@ -156,6 +165,14 @@ class Recipe(_Strict):
             raise ValueError(
                 "a quantized base cannot be fully fine-tuned: set adapter: lora or qlora"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _liger(self) -> Recipe:
+        cfg = self.liger_kernel_config or {}
+        if cfg.get("cross_entropy") and cfg.get("fused_linear_cross_entropy"):
+            raise ValueError("liger_kernel_config: cross_entropy and fused_linear_cross_entropy "
+                             "are exclusive (the fused one already includes the cross-entropy)")
         return self
 
     @property

@@ -286,6 +286,7 @@ def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bo
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+    kwargs.update(liger_training_kwargs(spec))
     if recipe.save_steps:
         kwargs["save_steps"] = recipe.save_steps
     if recipe.eval_steps and has_eval:
@@ -294,6 +295,22 @@ def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bo
         kwargs["predict_with_generate"] = False
         kwargs["generation_max_length"] = recipe.generation.max_new_tokens
     return kwargs
+
+
+def liger_training_kwargs(spec: ModelSpec) -> dict:
+    """``use_liger_kernel`` / ``liger_kernel_config`` when ``liger_kernel: true`` can be honoured
+    here (CUDA + liger-kernel + a model type Liger patches; else one notice and ``{}``). See
+    :mod:`plugtune.kernels`."""
+    from plugtune import kernels
+
+    if spec.task != "causal":
+        if spec.recipe.liger_kernel:
+            log.warning("liger_kernel: true is for decoder-only models; %s (%s) trains without it",
+                        spec.model_type, spec.task)
+        return {}
+    # Liger's table is keyed by the architecture's own model_type, not a routing override
+    model_type = getattr(spec.hf_config, "model_type", None) or spec.model_type
+    return kernels.training_kwargs(kernels.plan_liger(spec.recipe, model_type))
 
 
 def _deepspeed_config(value: str | None):
@@ -421,6 +438,11 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
     collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tokenizer, processor=loaded.processor)
     seq2seq = spec.task == "seq2seq"
     args = training_arguments(recipe, spec, data.eval is not None, seq2seq)
+    if getattr(args, "use_liger_kernel", False):  # Liger's fused head replaces plugtune's
+        from plugtune.modeling import disable_label_only_head
+
+        disable_label_only_head(model)
+        say(f"plugtune: Liger kernels on ({args.liger_kernel_config or 'Liger defaults'})")
     trainer_cls = PlugtuneSeq2SeqTrainer if seq2seq else PlugtuneTrainer
     trainer = trainer_cls(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
