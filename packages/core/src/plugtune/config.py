@@ -133,6 +133,9 @@ class Recipe(_Strict):
     dpo_loss_type: str = "sigmoid"
     # scale
     deepspeed: str | None = None
+    fsdp: str | None = Field(
+        None, description="FSDP2 through accelerate: a preset (full_shard, shard_grad_op, "
+        "full_shard_offload) or the path of a JSON fsdp_config (plugtune.scale)")
     # bookkeeping
     output_dir: str = "./out"
     logging_steps: int = Field(5, ge=1)
@@ -165,6 +168,11 @@ class Recipe(_Strict):
             raise ValueError(
                 "a quantized base cannot be fully fine-tuned: set adapter: lora or qlora"
             )
+        if self.fsdp and self.deepspeed:
+            raise ValueError("fsdp and deepspeed are exclusive: choose one way to shard")
+        if self.fsdp and self.quantization is not None:
+            raise ValueError("fsdp with a 4/8-bit base (qlora, load_in_*) is not supported by "
+                             "plugtune yet: use adapter: lora, or deepspeed: zero3 for QLoRA")
         return self
 
     @model_validator(mode="after")

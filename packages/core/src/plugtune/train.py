@@ -180,7 +180,7 @@ def prepare_base(spec: ModelSpec, model, gradient_checkpointing: bool | None = N
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gc:
+    elif gc and not recipe.fsdp:  # under FSDP: fsdp_config activation_checkpointing instead
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
@@ -281,6 +281,7 @@ def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bo
         if recipe.group_by_length and not recipe.sample_packing else "random",
         length_column_name="length",
         deepspeed=_deepspeed_config(recipe.deepspeed),
+        **_fsdp_kwargs(recipe),
         logging_first_step=True,
         prediction_loss_only=True,
         disable_tqdm=False,
@@ -321,6 +322,21 @@ def _deepspeed_config(value: str | None):
     cfg = scale.deepspeed_config(value)
     scale.ensure_distributed_env()  # single process without a launcher: rank 0 of 1
     return cfg
+
+
+def _fsdp_kwargs(recipe: Recipe) -> dict:
+    """``fsdp`` / ``fsdp_config`` for ``TrainingArguments``; ``{}`` in a single process (FSDP
+    shards across the processes of a launch; transformers refuses it without one)."""
+    if not recipe.fsdp:
+        return {}
+    from plugtune import scale
+
+    cfg = scale.fsdp_config(recipe.fsdp, recipe.gradient_checkpointing)  # validate either way
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        log.warning("fsdp: %s needs a multi-process launch (accelerate launch --num_processes N "
+                    "-m plugtune train ...); this single process trains unsharded", recipe.fsdp)
+        return {}
+    return {"fsdp": True, "fsdp_config": cfg}
 
 
 def _zero_stage(value: str) -> int:
@@ -383,6 +399,9 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
 
     pm = pm or get_plugin_manager()
     transformers.set_seed(recipe.seed)
+    from plugtune.scale import ensure_cpu_process_group
+
+    ensure_cpu_process_group()  # N CPU processes from a launcher: one DDP run, not N copies
     spec = build_spec(recipe, pm)
     user_recipe, recipe = recipe, spec.recipe  # user_recipe keeps demo:// names (portable)
 
@@ -448,6 +467,11 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=collate, processing_class=tokenizer,
         callbacks=[CompleteCheckpointCallback()], plugin_manager=pm, spec=spec)
+    if (recipe.fsdp and not getattr(trainer, "is_fsdp_enabled", False)
+            and trainer.accelerator.num_processes > 1):
+        say(f"plugtune: fsdp: {recipe.fsdp} is not applied: accelerate shards with FSDP only on "
+            f"GPUs and under a multi-process launch (here: {trainer.accelerator.distributed_type}); "
+            "training unsharded")
     ckpt = None
     if resume:
         ckpt = last_complete_checkpoint(recipe.output_dir)
@@ -479,7 +503,10 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
     out_dir = Path(recipe.output_dir)
     from plugtune.scale import gathered_state_dict
 
-    save_run(out_dir, model, tokenizer, user_recipe, spec, metrics, trainer.state.log_history, data.stats,
-             state_dict=gathered_state_dict(trainer), processor=loaded.processor)
-    say(f"plugtune: run saved to {out_dir}")
+    state_dict = gathered_state_dict(trainer)  # a collective under ZeRO-3 / FSDP: every rank
+    if trainer.is_world_process_zero():  # one writer, not one per rank
+        save_run(out_dir, model, tokenizer, user_recipe, spec, metrics, trainer.state.log_history,
+                 data.stats, state_dict=state_dict, processor=loaded.processor)
+        say(f"plugtune: run saved to {out_dir}")
+    trainer.accelerator.wait_for_everyone()  # no rank returns before the run folder exists
     return RunResult(output_dir=out_dir, metrics=metrics, log_history=trainer.state.log_history)
