@@ -19,8 +19,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    import plugtune.train as pt
+    import plugtune.trainer as pt
     from plugtune.config import load_recipe
+    from plugtune.train import train
 
     seen: dict = {}
     base = pt.PlugtuneTrainer
@@ -41,7 +42,7 @@ def main() -> None:
         "warmup_steps=0", "lr_scheduler=constant", "learning_rate=0.5", "optimizer=sgd",
         "adapter=lora",
         "lora_dropout=0", "save_total_limit=1", f"micro_batch_size={micro}", *extra])
-    res = pt.train(recipe)
+    res = train(recipe)
     if int(os.environ.get("RANK", "0")) == 0:
         losses = [h["loss"] for h in res.log_history if "loss" in h]
         with open(out, "w") as fh:

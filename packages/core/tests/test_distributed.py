@@ -125,7 +125,7 @@ def test_fsdp_recipe_reaches_accelerates_fsdp2_plugin(tmp_path, monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     from plugtune.config import RecipeError, validate_recipe
-    from plugtune.train import training_kwargs
+    from plugtune.trainer import training_kwargs
 
     with pytest.raises(RecipeError, match="exclusive"):
         validate_recipe({**BASE, "fsdp": "full_shard", "deepspeed": "zero2"})

@@ -96,7 +96,7 @@ def _demo(tmp_path, *extra):
 
 
 def _trained_model(monkeypatch):
-    import plugtune.train as pt
+    import plugtune.trainer as pt
 
     seen = {}
     base = pt.PlugtuneTrainer

@@ -4,16 +4,29 @@ Key names follow axolotl (``base_model``, ``adapter``, ``lora_r``, ``sequence_le
 ``sample_packing``, ``micro_batch_size``, ``num_epochs`` ...) so recipes read like what users
 already know. Unknown keys and wrong types raise :class:`RecipeError`, naming the key path and
 the closest valid name.
+
+Plugins add keys: the pydantic models of the training methods (:attr:`plugtune.spec.Method.keys`)
+and of ``plugtune_recipe_keys`` answers are merged into :class:`Recipe` (like axolotl's
+plugins' ``get_input_args``), see :func:`validate_recipe`. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 DATASET_TYPES = (
     "alpaca",
@@ -52,6 +65,10 @@ class DatasetConfig(_Strict):
     system_prompt: str | None = None
     max_samples: int | None = Field(None, ge=1)
     on_bad_row: Literal["error", "skip"] = "error"
+    max_record_bytes: int | None = Field(
+        10_000_000, ge=1, description="largest record (one line of a jsonl/csv/txt file) in "
+        "bytes; a longer one is an error naming file and line, found before parsing. "
+        "null: no limit")
     image_dir: str | None = Field(
         None, description="folder that relative image paths of a vision dataset are resolved "
         "against (default: the dataset file's folder)")
@@ -127,10 +144,11 @@ class Recipe(_Strict):
     max_steps: int = -1
     gradient_checkpointing: bool = False
     seed: int = 42
-    # alignment
-    rl: Literal["dpo"] | None = None
-    dpo_beta: float = Field(0.1, gt=0)
-    dpo_loss_type: str = "sigmoid"
+    # alignment (method keys such as dpo_beta come from the methods: plugtune.methods.*)
+    rl: str | None = Field(
+        None, description="training method (axolotl's key): dpo, ipo, kto, orpo, simpo, ... or "
+        "any installed method plugin; unset: sft (dpo for preference data)")
+    reward_model: bool = Field(False, description="train a reward model (same as rl: reward)")
     # scale
     deepspeed: str | None = None
     fsdp: str | None = Field(
@@ -173,6 +191,8 @@ class Recipe(_Strict):
         if self.fsdp and self.quantization is not None:
             raise ValueError("fsdp with a 4/8-bit base (qlora, load_in_*) is not supported by "
                              "plugtune yet: use adapter: lora, or deepspeed: zero3 for QLoRA")
+        if self.reward_model and self.rl not in (None, "reward"):
+            raise ValueError(f"reward_model: true trains a reward model; drop rl: {self.rl}")
         return self
 
     @model_validator(mode="after")
@@ -182,6 +202,12 @@ class Recipe(_Strict):
             raise ValueError("liger_kernel_config: cross_entropy and fused_linear_cross_entropy "
                              "are exclusive (the fused one already includes the cross-entropy)")
         return self
+
+    @property
+    def method(self) -> str | None:
+        """The training method asked for: ``rl``, ``"reward"`` for ``reward_model: true``,
+        ``None`` when unset (``sft``, or ``dpo`` for preference data)."""
+        return self.rl or ("reward" if self.reward_model else None)
 
     @property
     def quantization(self) -> str | None:
@@ -201,9 +227,30 @@ def _all_keys(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
 
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel]:
+@functools.lru_cache(maxsize=32)
+def recipe_model(extras: tuple[type[BaseModel], ...] = ()) -> type[Recipe]:
+    """:class:`Recipe` with the fields of ``extras`` (plugins' key models) merged in.
+
+    Raises:
+        RecipeError: an extra model redefines a core key or another plugin's key.
+    """
+    if not extras:
+        return Recipe
+    seen = {k: "core" for k in Recipe.model_fields}
+    for model in extras:
+        for key in model.model_fields:
+            if key in seen:
+                raise RecipeError(f"recipe key {key!r} of {model.__module__}.{model.__qualname__} "
+                                  f"is already defined by {seen[key]}")
+            seen[key] = f"{model.__module__}.{model.__qualname__}"
+    merged = create_model("Recipe", __base__=(Recipe, *extras), __module__=Recipe.__module__)
+    merged.__doc__ = Recipe.__doc__
+    return merged
+
+
+def _model_at(path: tuple[Any, ...], root: type[BaseModel] = Recipe) -> type[BaseModel]:
     """The pydantic model that owns the last key of ``path`` (for 'did you mean')."""
-    model: type[BaseModel] = Recipe
+    model: type[BaseModel] = root
     for part in path[:-1]:
         if isinstance(part, int):
             continue
@@ -219,7 +266,7 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel]:
     return model
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, root: type[BaseModel] = Recipe) -> str:
     """Render a pydantic ``ValidationError`` as one line per problem: ``source: key.path: why``."""
     lines = [f"invalid recipe {source}:"]
     for e in err.errors():
@@ -227,7 +274,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
         if e["type"] == "extra_forbidden":
             key = str(loc[-1])
-            valid = _all_keys(_model_at(loc))
+            valid = _all_keys(_model_at(loc, root))
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             lines.append(f"  {path}: unknown key{hint}")
@@ -313,7 +360,7 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     )
 
 
-def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, pm=None) -> Recipe:
     """Read, override and validate a recipe.
 
     Relative dataset and model paths in a recipe file are resolved against the current
@@ -330,15 +377,49 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
-    return validate_recipe(data, source=str(path))
+    return validate_recipe(data, source=str(path), pm=pm)
 
 
-def validate_recipe(data: dict, source: str = "<recipe>") -> Recipe:
-    """Validate a raw mapping. Raises :class:`RecipeError` with key paths and hints."""
+def _validate(data: dict, source: str, pm) -> Recipe:
+    from plugtune.plugins import PluginError, recipe_key_models, resolve_method
+
     try:
-        return Recipe.model_validate(data)
+        model = recipe_model(recipe_key_models(pm))
+    except PluginError as exc:
+        raise RecipeError(f"invalid recipe {source}: {exc}") from None
+    try:
+        recipe = model.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, source)) from None
+        raise RecipeError(format_validation_error(exc, source, model)) from None
+    if recipe.method is not None:
+        try:
+            resolve_method(pm, recipe.method)
+        except PluginError as exc:
+            raise RecipeError(f"invalid recipe {source}:\n  rl: {exc}") from None
+    return recipe
+
+
+def validate_recipe(data: dict, source: str = "<recipe>", pm=None) -> Recipe:
+    """Validate a raw mapping against the core keys plus the keys plugins add.
+
+    ``pm``: the plugin manager whose methods and ``plugtune_recipe_keys`` extend the schema.
+    Without one, core's built-in methods are tried first (fast: no torch, no entry points);
+    only a recipe they reject is validated again with every installed plugin loaded, so a
+    third-party method or key works and a plain recipe validates in milliseconds.
+
+    Raises:
+        RecipeError: unknown keys, wrong types, an unknown ``rl`` method (the message names the
+            key path, the closest valid key, or the installed methods).
+    """
+    if pm is not None:
+        return _validate(data, source, pm)
+    from plugtune.plugins import get_plugin_manager, methods_plugin_manager
+
+    try:
+        return _validate(data, source, methods_plugin_manager())
+    except RecipeError:
+        pass  # maybe a key or method of an installed plugin: retry with all of them
+    return _validate(data, source, get_plugin_manager())
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -194,17 +194,27 @@ def preference(rec: Mapping, cols: Mapping[str, str], system: str | None = None)
             if not isinstance(v, str) or not v.strip():
                 raise BadRecord(side, "expected a non-empty string or {from, value}")
             out[side] = v
-        return {"prompt": _with_system(prompt, system), **out}
+        return _distinct_pair({"prompt": _with_system(prompt, system), **out}, c)
     if "question" in rec and "response_j" in rec:
         c.setdefault("prompt", "question")
         c.setdefault("chosen", "response_j")
         c.setdefault("rejected", "response_k")
     prompt = _get(rec, c, "prompt")
-    return {
+    out = {
         "prompt": _with_system([{"role": "user", "content": prompt}], system),
         "chosen": _get(rec, c, "chosen"),
         "rejected": _get(rec, c, "rejected"),
     }
+    return _distinct_pair(out, c)
+
+
+def _distinct_pair(pair: dict, cols: Mapping[str, str]) -> dict:
+    """``pair`` unchanged, or :class:`BadRecord` when its chosen and rejected answers are the
+    same text (DPO's loss is then zero: the pair teaches nothing)."""
+    if pair["chosen"] == pair["rejected"]:
+        raise BadRecord(cols.get("rejected", "rejected"),
+                        "is identical to chosen; a preference pair needs two different answers")
+    return pair
 
 
 def _image_path(value: Any, key: str, base_dir: str | Path | None) -> str:
