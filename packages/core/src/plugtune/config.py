@@ -30,15 +30,26 @@ from pydantic import (
 
 DATASET_TYPES = (
     "alpaca",
+    "alpaca:chat",
     "dolly",
     "sharegpt",
     "messages",
+    "chat_template",
     "completion",
+    "prompt_completion",
     "seq2seq",
     "text",
     "preference",
+    "chat_template.default",
+    "chat_template.argilla",
+    "chat_template.argilla_chat",
+    "bradley_terry.chat_template",
+    "kto",
+    "llama3.ultra",
     "vision",
 )
+#: the roles a turn may be trained as (``roles_to_train``); plugtune trains assistant turns
+TRAINABLE_ROLES = ("assistant", "gpt", "model")
 
 
 class RecipeError(ValueError):
@@ -72,6 +83,56 @@ class DatasetConfig(_Strict):
     image_dir: str | None = Field(
         None, description="folder that relative image paths of a vision dataset are resolved "
         "against (default: the dataset file's folder)")
+    # axolotl's dataset keys, with axolotl's meaning (docs/dataset-formats, schemas/datasets.py)
+    ds_type: str | None = Field(None, description="file format when path is a file "
+                                "(json, parquet, csv, text, arrow); default: from the suffix")
+    field_messages: str | None = Field(None, description="column of the message list "
+                                       "(chat_template, chat_template.default)")
+    field_chosen: str | None = None
+    field_rejected: str | None = None
+    field_tools: str | None = Field(None, description="column of the tool schemas")
+    message_property_mappings: dict[str, str] | None = Field(
+        None, description="message keys: {role: from, content: value}")
+    message_field_role: str | None = Field(None, description="legacy: message_property_mappings.role")
+    message_field_content: str | None = Field(
+        None, description="legacy: message_property_mappings.content")
+    roles: dict[str, list[str]] | None = Field(
+        None, description="{target_role: [source roles]}, e.g. {assistant: [gpt, model]}")
+    roles_to_train: list[str] | None = Field(
+        None, description="roles whose turns are trained; plugtune trains assistant turns")
+    train_on_eos: Literal["turn", "all", "last", "none"] | None = Field(
+        None, description="which end-of-turn tokens are trained: turn (each trained turn's, "
+        "default), all, last, none")
+    chat_template: str | None = Field(
+        None, description="per-dataset chat template (must agree with the recipe's)")
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="LLaMA-Factory ShareGPT tags: role_tag, content_tag, "
+        "user_tag, assistant_tag, observation_tag, function_tag, system_tag")
+
+    @field_validator("roles_to_train")
+    @classmethod
+    def _roles_to_train(cls, v: list[str] | None) -> list[str] | None:
+        bad = [r for r in v or [] if r not in TRAINABLE_ROLES]
+        if bad:
+            raise ValueError(f"roles_to_train {bad}: plugtune trains assistant turns only "
+                             "(other roles are always prompt); use [assistant]")
+        return v
+
+    @field_validator("train_on_eos")
+    @classmethod
+    def _train_on_eos(cls, v: str | None) -> str | None:
+        if v in ("all", "last", "none"):
+            raise ValueError(f"train_on_eos: {v} is not supported: plugtune trains the stop "
+                             "token that ends each trained turn (train_on_eos: turn)")
+        return v
+
+    @model_validator(mode="after")
+    def _type_keys(self) -> DatasetConfig:
+        if self.type == "completion" and {"prompt", "completion"} & set(self.columns):
+            raise ValueError("type: completion is raw text (axolotl's meaning, column set with "
+                             "field:); for prompt/completion columns use type: prompt_completion "
+                             "(plugtune's former 'completion')")
+        return self
 
 
 class GenerationConfig(_Strict):
@@ -116,6 +177,10 @@ class Recipe(_Strict):
         "adapt those layers too (default: self-attention/MLP of the language model only)")
     # data
     datasets: list[DatasetConfig] = Field(min_length=1)
+    dataset: str | list[str] | None = Field(
+        None, description="LLaMA-Factory dataset names (\"a,b\") from dataset_dir's "
+        "dataset_info.json; they become datasets entries")
+    dataset_dir: str | None = Field(None, description="folder of dataset_info.json (default ./data)")
     test_datasets: list[DatasetConfig] = Field(default_factory=list)
     val_set_size: float = Field(0.0, ge=0)
     chat_template: str | None = None
@@ -175,6 +240,31 @@ class Recipe(_Strict):
         if isinstance(v, list) and not v:
             raise ValueError("an empty list wraps nothing: use auto, all-linear or module names")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registry_and_templates(cls, data: Any) -> Any:
+        """``dataset:`` + ``dataset_dir:`` (LLaMA-Factory) become ``datasets`` entries, and a
+        per-dataset ``chat_template`` becomes the recipe's (one template per run)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if not data.get("dataset"):
+            data.pop("dataset", None)
+        else:
+            from plugtune.data.registry import resolve_llamafactory
+
+            resolved = resolve_llamafactory(data.pop("dataset"), data.pop("dataset_dir", None) or "data")
+            data["datasets"] = [*(data.get("datasets") or []),
+                                *resolved]
+        names = {d.get("chat_template") for d in data.get("datasets") or []
+                 if isinstance(d, dict) and d.get("chat_template")}
+        if len(names) > 1 or (names and data.get("chat_template") not in (None, *names)):
+            raise ValueError(f"datasets name different chat templates {sorted(names)} (recipe: "
+                             f"{data.get('chat_template')!r}); a run renders with one template")
+        if names and not data.get("chat_template"):
+            data["chat_template"] = names.pop()
+        return data
 
     @model_validator(mode="after")
     def _consistency(self) -> Recipe:
