@@ -73,10 +73,10 @@ def tokenize_pair(tokenizer, info: TemplateInfo, prompt: list[dict], chosen: str
     p_ids, pc_ids, pr_ids = enc(p_text), enc(p_text + c_text), enc(p_text + r_text)
     n = min(_common_prefix(p_ids, pc_ids), _common_prefix(p_ids, pr_ids))
     prompt_ids, chosen_ids, rejected_ids = pc_ids[:n], pc_ids[n:], pr_ids[n:]
-    keep = 0
     if info.add_bos and info.bos_id is not None:
         prompt_ids = [info.bos_id, *prompt_ids]
-        keep = 1
+    # the BOS (added here, or rendered by a template that starts with {{ bos_token }}) survives cuts
+    keep = 1 if prompt_ids and info.bos_id is not None and prompt_ids[0] == info.bos_id else 0
     status = "kept"
     longest = max(len(chosen_ids), len(rejected_ids))
     if len(prompt_ids) + longest > max_len:
