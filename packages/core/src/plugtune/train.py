@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from plugtune.config import Recipe, dump_recipe
 from plugtune.data import prepare
 from plugtune.plugins import get_plugin_manager, resolve_family
 from plugtune.spec import ModelSpec, resolve_dtype
+from plugtune.token_rows import rows_to_train, trainable_token_indices
 
 log = logging.getLogger(__name__)
 COMPLETE_MARKER = "plugtune_checkpoint_complete"
@@ -185,8 +187,10 @@ def prepare_base(spec: ModelSpec, model, gradient_checkpointing: bool | None = N
     return model
 
 
-def lora_config(spec: ModelSpec, model, pm):
-    """The ``peft.LoraConfig`` of the recipe, with targets from ``plugtune_target_modules``.
+def lora_config(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
+    """The ``peft.LoraConfig`` of the recipe, with targets from ``plugtune_target_modules``;
+    ``token_rows``: token ids whose embedding/output rows are trained too
+    (:func:`plugtune.token_rows.rows_to_train`).
 
     Raises:
         TrainingError: no plugin names target modules for the model.
@@ -200,10 +204,12 @@ def lora_config(spec: ModelSpec, model, pm):
     task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
     return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                       target_modules=targets, modules_to_save=recipe.lora_modules_to_save,
+                      trainable_token_indices=trainable_token_indices(
+                          model, token_rows, recipe.lora_modules_to_save),
                       bias="none", task_type=task)
 
 
-def apply_adapter(spec: ModelSpec, model, pm):
+def apply_adapter(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
     """Wrap ``model`` with LoRA (peft) per the recipe; prepare k-bit bases for training.
 
     Returns the (possibly wrapped) model. Full fine-tuning returns ``model`` unchanged.
@@ -214,7 +220,7 @@ def apply_adapter(spec: ModelSpec, model, pm):
         return model
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_config(spec, model, pm))
+    model = get_peft_model(model, lora_config(spec, model, pm, token_rows))
     if recipe.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return model
@@ -400,6 +406,13 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
         return train_dpo(recipe, spec, pm, model, tokenizer, data, resume=resume, console=console)
     if data.added_tokens:
         model.resize_token_embeddings(len(tokenizer))
+    token_rows: list[int] = []
+    if recipe.adapter != "none" and spec.task == "causal":
+        token_rows, notice = rows_to_train(
+            model, tokenizer, data.added_tokens, data.template.stop_token_ids if data.template else [],
+            data.train.select(range(min(4, len(data.train)))), recipe.train_token_rows)
+        if notice:
+            say(f"plugtune: {notice}")
     prep_s = time.perf_counter() - t0
     say(f"plugtune: data: {json.dumps({k: v for k, v in data.stats.items() if k not in ('per_dataset', 'eval')})}")
 
@@ -412,7 +425,7 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
                                                processor=loaded.processor)
         say(f"plugtune: before training: {metrics['before']}")
 
-    model = apply_adapter(spec, model, pm)
+    model = apply_adapter(spec, model, pm, token_rows)
     trainable, total = count_parameters(model)
     metrics.update(trainable_params=trainable, total_params=total,
                    trainable_share=round(trainable / max(total, 1), 6))
