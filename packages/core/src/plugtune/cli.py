@@ -257,11 +257,12 @@ def cmd_plugins(args, console: Console) -> int:
         print(json.dumps(info, indent=2))
         return 0
     tab = Table(title="plugtune plugins")
-    for col in ("name", "version", "families (model types)", "hooks"):
+    for col in ("name", "version", "families (model types)", "methods", "hooks"):
         tab.add_column(col)
     for p in info:
         fams = "; ".join(f"{f['name']} ({', '.join(f['model_types'])})" for f in p["families"])
-        tab.add_row(p["name"], str(p["version"]), fams, ", ".join(h.replace("plugtune_", "") for h in p["hooks"]))
+        tab.add_row(p["name"], str(p["version"]), fams, ", ".join(p["methods"]),
+                    ", ".join(h.replace("plugtune_", "") for h in p["hooks"]))
     console.print(tab)
     return 0
 

@@ -16,7 +16,7 @@ from typing import Any
 import datasets
 
 from plugtune.config import Recipe
-from plugtune.data.formats import IMAGE_PLACEHOLDER, kind_of
+from plugtune.data.formats import IMAGE_PLACEHOLDER, flatten_tools, kind_of, template_messages
 from plugtune.data.loading import DataError, load_datasets
 from plugtune.data.packing import pack_rows
 from plugtune.data.templates import ensure_chat_template
@@ -40,7 +40,7 @@ class PreparedData:
         eval: the same for evaluation, or ``None``.
         eval_examples: canonical eval examples (``prompt`` messages / ``reference`` text) for
             generation metrics (exact match, ROUGE).
-        kind: ``"chat"``, ``"text"``, ``"seq2seq"`` or ``"preference"``.
+        kind: ``"chat"``, ``"text"``, ``"seq2seq"``, ``"preference"`` or ``"kto"``.
         template: the probed chat template (``None`` for text-free kinds).
         stats: counts: samples, kept, truncated, dropped, rows, real_tokens, pad_fraction ...
         added_tokens: tokens added to the vocabulary (the recipe's ``added_tokens``, the chat
@@ -71,6 +71,43 @@ def _seq2seq_view(ex: dict) -> tuple[str, str]:
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     source = "\n\n".join(m["content"] for m in msgs[:last] if m["role"] != "assistant")
     return source, msgs[last]["content"]
+
+
+_TOOL_PROBE = {"name": "plugtune_probe_fn", "description": "PLUGTUNE_PROBE_TOOL",
+               "parameters": {"type": "object", "properties": {}}}
+_tool_support: dict[str, bool] = {}
+
+
+def supports_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders tools: the ``tools=`` schemas, an assistant
+    ``tool_calls`` turn and a ``tool`` result all appear in its output (Qwen2.5, Qwen3 and
+    Llama 3.1/3.2 templates do; ChatML / alpaca / llama2 do not). Cached per template."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if template not in _tool_support:
+        msgs = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "plugtune_probe_fn",
+                                                      "arguments": {"x": 1}}}]},
+                {"role": "tool", "content": "PLUGTUNE_PROBE_RESULT"}]
+        try:
+            out = tokenizer.apply_chat_template(msgs, tools=[_TOOL_PROBE], tokenize=False)
+            ok = all(s in out for s in ("PLUGTUNE_PROBE_TOOL", "plugtune_probe_fn",
+                                        "PLUGTUNE_PROBE_RESULT"))
+        except Exception:  # a template that raises on tools has no tool support
+            ok = False
+        _tool_support[template] = ok
+    return _tool_support[template]
+
+
+def chat_for_template(tokenizer, example: dict) -> tuple[list[dict], list[dict] | None]:
+    """A canonical chat example -> ``(messages, tools)`` for ``apply_chat_template``: native
+    tool rendering when :func:`supports_tools`, else :func:`~plugtune.data.formats.flatten_tools`
+    (tools described in the system turn, calls as JSON answers, results as user turns)."""
+    msgs, tools = template_messages(example)
+    has_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs)
+    if has_tools and not supports_tools(tokenizer):
+        return flatten_tools(msgs, tools), None
+    return msgs, tools
 
 
 #: the row columns an ``encode`` function (``plugtune_encode``) returns
@@ -127,7 +164,8 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
             elif task == "seq2seq":
                 rows = [tokenize_seq2seq(tokenizer, *_seq2seq_view(ex), max_len)]
             elif "messages" in ex:
-                rows = [tokenize_chat(tokenizer, ex["messages"], info, max_len, toi, policy)]
+                msgs, tools = chat_for_template(tokenizer, ex)
+                rows = [tokenize_chat(tokenizer, msgs, info, max_len, toi, policy, tools)]
             elif "text" in ex:
                 rows = tokenize_text(tokenizer, ex["text"], max_len, info)
             else:
@@ -302,7 +340,7 @@ def _eval_examples(ds: datasets.Dataset | None, limit: int | None) -> list[dict]
     for ex in ds.select(range(min(len(ds), limit or len(ds)))):
         ex = {k: v for k, v in ex.items() if v is not None}
         if "messages" in ex:
-            msgs = ex["messages"]
+            msgs = template_messages(ex)[0]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
             item = {"prompt": msgs[:last], "reference": msgs[last]["content"]}
             if "images" in ex:  # vision: the images whose placeholders lie in the prompt
@@ -343,10 +381,10 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
     from plugtune.token_rows import add_tokens
 
     added: list[str] = add_tokens(tokenizer, recipe.added_tokens)
-    if kind == "preference":
+    if kind in ("preference", "kto"):  # tokenized by the method (dpo.py, methods/)
         return PreparedData(train=train_raw, eval=eval_raw, eval_examples=[], kind=kind,
                             template=None, stats={"samples": len(train_raw), **load_stats},
-                            raw_train=train_raw, raw_eval=eval_raw)
+                            added_tokens=added, raw_train=train_raw, raw_eval=eval_raw)
     info = None
     if task != "seq2seq" and kind == "chat":
         added += ensure_chat_template(tokenizer, recipe.chat_template)
