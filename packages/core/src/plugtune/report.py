@@ -152,6 +152,7 @@ def model_card(recipe: Recipe, spec: ModelSpec, metrics: dict, stats: dict, toke
 
     run_dir = run_dir or str(Path(recipe.output_dir).resolve())
     base = base or recipe.base_model
+    added_tokens = added_tokens or bool(stats.get("added_tokens"))
     ds = "\n".join(f"- `{d.path}` (type `{d.type}`)" for d in recipe.datasets)
     if recipe.adapter == "none":
         what = "full weights"

@@ -155,14 +155,11 @@ def ensure_chat_template(tokenizer, name: str | None) -> list[str]:
         return added
     if name in TEMPLATES:
         from plugtune.data.tokenize import adds_bos
+        from plugtune.token_rows import add_tokens
 
         # BOS in the template: apply_chat_template(tokenize=True) adds no special tokens
         tokenizer.chat_template = (BOS_PREFIX if adds_bos(tokenizer) else "") + TEMPLATES[name]
-        missing = [t for t in TEMPLATE_SPECIAL_TOKENS.get(name, []) if t not in tokenizer.get_vocab()]
-        if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing})
-            added = missing
-        return added
+        return add_tokens(tokenizer, TEMPLATE_SPECIAL_TOKENS.get(name, []))
     if "{%" in name or "{{" in name:
         tokenizer.chat_template = name
         return added
