@@ -47,6 +47,16 @@ class PlugtuneTrainer(Trainer):
         self.pm = plugin_manager
         self.spec = spec
 
+    def create_optimizer(self, *args, **kwargs):
+        """The Trainer's optimizer, with the trained token rows (:mod:`plugtune.token_rows`) in
+        their own parameter groups at ``token_rows_lr_scale`` x the learning rate."""
+        from plugtune.token_rows import scale_token_rows_lr
+
+        opt = super().create_optimizer(*args, **kwargs)
+        if self.spec is not None:
+            scale_token_rows_lr(opt, self.model, self.spec.recipe.token_rows_lr_scale)
+        return opt
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         n = num_items_in_batch if self.model_accepts_loss_kwargs else None
         inputs = {k: v for k, v in inputs.items() if k != "length"}
