@@ -223,7 +223,8 @@ def train_dpo(recipe: Recipe, spec: ModelSpec, pm, model, tokenizer, data, resum
         recipe, spec, pm: the validated recipe, resolved model spec and plugin manager.
         model, tokenizer: from ``plugtune_load`` (not yet wrapped with an adapter).
         data: :class:`plugtune.data.PreparedData` of kind ``"preference"`` (canonical pairs).
-        resume: continue from the last complete checkpoint in ``recipe.output_dir``.
+        resume: the checkpoint to continue from (chosen by :func:`plugtune.train.train`), or
+            ``True`` for the newest complete checkpoint of this run in ``recipe.output_dir``.
 
     Returns:
         :class:`plugtune.train.RunResult`; ``metrics`` holds ``train_loss``, ``global_step``,
@@ -288,17 +289,18 @@ def train_dpo(recipe: Recipe, spec: ModelSpec, pm, model, tokenizer, data, resum
     trainer = PlugtuneDPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=train_rows,
         eval_dataset=eval_rows, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[CompleteCheckpointCallback()])
+        callbacks=[CompleteCheckpointCallback(spec, say)])
     trainable, total = count_parameters(trainer.model)
     metrics.update(trainable_params=trainable, total_params=total,
                    trainable_share=round(trainable / max(total, 1), 6), reference=reference)
     say(f"plugtune: dpo: beta={recipe.dpo_beta} loss={recipe.dpo_loss_type} reference: {reference}; "
         f"trainable parameters: {trainable:,} / {total:,}")
-    ckpt = None
-    if resume:
-        ckpt = last_complete_checkpoint(recipe.output_dir)
+    ckpt = resume if isinstance(resume, str | Path) else None  # chosen by train()
+    if resume is True:
+        ckpt = last_complete_checkpoint(recipe.output_dir, spec.extra.get("run_record", {}).get("identity"))
         if ckpt is None:
             raise TrainingError(f"--resume: no complete checkpoint in {recipe.output_dir}")
+    if ckpt:
         say(f"plugtune: resuming from {ckpt}")
     t1 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

@@ -25,19 +25,38 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from plugtune.config import Recipe, dump_recipe
 from plugtune.data import prepare
 from plugtune.plugins import get_plugin_manager, resolve_family
+from plugtune.run_control import (
+    LossGuard,
+    RunControlCallback,
+    fix_train_loss_entry,
+    seeded_train_sampler,
+    whole_run_loss,
+)
+from plugtune.runstate import (  # noqa: F401 (re-exported: COMPLETE_MARKER, last_complete_checkpoint)
+    COMPLETE_MARKER,
+    RunStateError,
+    interrupted_message,
+    last_complete_checkpoint,
+    prepare_output_dir,
+    resume_command,
+    run_record,
+)
 from plugtune.spec import ModelSpec, resolve_dtype
 
 log = logging.getLogger(__name__)
-COMPLETE_MARKER = "plugtune_checkpoint_complete"
 
 
 class TrainingError(RuntimeError):
     """The run cannot continue (non-finite loss, no checkpoint to resume, ...)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT/SIGTERM stopped the run after saving a checkpoint (the message says how to resume)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +122,10 @@ class PlugtuneTrainer(Trainer):
         self.pm = plugin_manager
         self.spec = spec
 
+    def _get_train_sampler(self, train_dataset=None):
+        # group_by_length from a seeded generator: a resumed run replays the epoch's order
+        return seeded_train_sampler(self, train_dataset) or Trainer._get_train_sampler(self, train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         n = num_items_in_batch if self.model_accepts_loss_kwargs else None
         inputs = {k: v for k, v in inputs.items() if k != "length"}
@@ -113,11 +136,15 @@ class PlugtuneTrainer(Trainer):
         if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
                 and n is not None):
             loss = loss * self.accelerator.num_processes
-        if model.training and not torch.isfinite(loss.detach()).all():
-            raise TrainingError(
-                f"loss became {loss.item()} at step {self.state.global_step + 1}; stopping. "
-                "Lower learning_rate, use bf16/fp32 instead of fp16, or check the data. The last "
-                f"complete checkpoint in {self.args.output_dir} is intact.")
+        if model.training:
+            guard = self.__dict__.setdefault("_loss_guard", LossGuard())
+            labels = inputs.get("labels")
+            trained = int((labels != -100).sum()) if labels is not None else None
+            why = guard.check(loss, self.state.global_step + 1, trained)
+            if why:
+                raise TrainingError(
+                    f"{why}; stopping. Lower learning_rate, use bf16/fp32 instead of fp16, or "
+                    f"check the data. {interrupted_message(self.args.output_dir)}")
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
@@ -134,35 +161,16 @@ try:  # seq2seq variant for encoder-decoder families (T5)
             self.spec = spec
 
         compute_loss = PlugtuneTrainer.compute_loss
+        _get_train_sampler = PlugtuneTrainer._get_train_sampler
 except ImportError:  # pragma: no cover
     PlugtuneSeq2SeqTrainer = PlugtuneTrainer  # type: ignore[misc,assignment]
 
 
-class CompleteCheckpointCallback(TrainerCallback):
-    """Write a marker into each checkpoint after it is fully saved (atomic rename)."""
-
-    def on_save(self, args, state, control, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            tmp = ckpt / (COMPLETE_MARKER + ".tmp")
-            tmp.write_text(json.dumps({"global_step": state.global_step, "time": time.time()}))
-            os.replace(tmp, ckpt / COMPLETE_MARKER)
-        return control
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that carries the completion marker."""
-    best = None
-    for d in Path(output_dir).glob("checkpoint-*"):
-        if not (d / COMPLETE_MARKER).exists():
-            continue
-        try:
-            step = int(d.name.split("-")[-1])
-        except ValueError:
-            continue
-        if best is None or step > best[0]:
-            best = (step, d)
-    return best[1] if best else None
+def CompleteCheckpointCallback(spec: ModelSpec | None = None, say=print):  # noqa: N802 (kept name)
+    """The run's :class:`plugtune.run_control.RunControlCallback` (checkpoint marker + run
+    identity, SIGINT/SIGTERM -> checkpoint, logs aligned with saves) for ``spec``'s run."""
+    record = (spec.extra.get("run_record") if spec is not None else None) or {}
+    return RunControlCallback(record, say)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,39 +349,70 @@ def save_run(output_dir: Path, model, tokenizer, recipe: Recipe, spec: ModelSpec
         if processor is not None:
             processor.save_pretrained(staging)
         (staging / "recipe.yaml").write_text(dump_recipe(recipe))
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        (staging / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
-        (staging / "log_history.json").write_text(json.dumps(log_history, indent=2, default=str))
-        from plugtune.report import loss_curve_png, model_card
-
-        loss_curve_png(log_history, staging / "loss.png")
-        (staging / "README.md").write_text(model_card(recipe, spec, metrics, stats))
+        _write_reports(staging, recipe, spec, metrics, log_history, stats)
         for f in staging.iterdir():
             os.replace(f, output_dir / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunResult:
+def _write_reports(folder: Path, recipe: Recipe, spec: ModelSpec, metrics: dict,
+                   log_history: list[dict], stats: dict) -> None:
+    from plugtune.report import loss_curve_png, model_card
+
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    (folder / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
+    (folder / "log_history.json").write_text(json.dumps(log_history, indent=2, default=str))
+    loss_curve_png(log_history, folder / "loss.png")
+    (folder / "README.md").write_text(model_card(recipe, spec, metrics, stats))
+
+
+def update_reports(output_dir: Path, recipe: Recipe, spec: ModelSpec, metrics: dict,
+                   log_history: list[dict], stats: dict) -> None:
+    """Rewrite a saved run's metrics, log history, loss curve and model card (after evaluation),
+    each file replaced atomically."""
+    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".staging-"))
+    try:
+        _write_reports(staging, recipe, spec, metrics, log_history, stats)
+        for f in staging.iterdir():
+            os.replace(f, output_dir / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def train(recipe: Recipe, pm=None, resume: bool = False, console=None,
+          overwrite: bool = False) -> RunResult:
     """Run one training run and write the run directory.
 
+    ``recipe.output_dir`` follows :func:`plugtune.runstate.prepare_output_dir`: a folder holding
+    another run is refused unless ``resume`` (continue this run from its newest complete
+    checkpoint; a checkpoint of another run is never taken) or ``overwrite`` (remove the old
+    run's files, naming each). SIGINT/SIGTERM save a checkpoint at the current step and raise
+    :class:`TrainingInterrupted`, whose message holds the resume command.
+
     Raises:
-        TrainingError: non-finite loss (names the step), nothing to resume from.
+        TrainingError: non-finite or stuck-at-0 loss (names the step), interrupted.
+        plugtune.runstate.RunStateError: the folder holds another run; nothing to resume from.
         plugtune.plugins.PluginError: no plugin / conflicting plugins for the model.
         plugtune.data.DataError: bad input data.
     """
     from plugtune.evaluate import evaluate_generation
-
-    pm = pm or get_plugin_manager()
-    transformers.set_seed(recipe.seed)
-    spec = build_spec(recipe, pm)
-    user_recipe, recipe = recipe, spec.recipe  # user_recipe keeps demo:// names (portable)
 
     def say(msg: str) -> None:
         if console is not None:
             console.print(msg, markup=False, highlight=False)
         else:
             log.info(msg)
+
+    try:
+        ckpt = prepare_output_dir(recipe, resume=resume, overwrite=overwrite, say=say)
+    except RunStateError as exc:
+        raise TrainingError(str(exc)) from None
+    pm = pm or get_plugin_manager()
+    spec = build_spec(recipe, pm)  # may build the demo model (seeds the RNG itself)
+    transformers.set_seed(recipe.seed)
+    spec.extra.update(run_record=run_record(recipe), resume_from=ckpt)
+    user_recipe, recipe = recipe, spec.recipe  # user_recipe keeps demo:// names (portable)
 
     say(f"plugtune: {spec.path}: model_type={spec.model_type} family={spec.family.name} "
         f"(plugin {spec.plugin}) dtype={str(spec.torch_dtype).replace('torch.', '')} "
@@ -397,7 +436,7 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
     if data.kind == "preference" or recipe.rl == "dpo":
         from plugtune.dpo import train_dpo
 
-        return train_dpo(recipe, spec, pm, model, tokenizer, data, resume=resume, console=console)
+        return train_dpo(recipe, spec, pm, model, tokenizer, data, resume=ckpt, console=console)
     if data.added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     prep_s = time.perf_counter() - t0
@@ -425,39 +464,47 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
     trainer = trainer_cls(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=collate, processing_class=tokenizer,
-        callbacks=[CompleteCheckpointCallback()], plugin_manager=pm, spec=spec)
-    ckpt = None
-    if resume:
-        ckpt = last_complete_checkpoint(recipe.output_dir)
-        if ckpt is None:
-            raise TrainingError(f"--resume: no complete checkpoint in {recipe.output_dir}")
+        callbacks=[control := CompleteCheckpointCallback(spec, say)], plugin_manager=pm, spec=spec)
+    if ckpt:
         say(f"plugtune: resuming from {ckpt}")
     t1 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_s = time.perf_counter() - t1
+    if control.interrupted:
+        raise TrainingInterrupted(f"{control.interrupted} at step {trainer.state.global_step}: "
+                                  f"{interrupted_message(recipe.output_dir)}")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    run_loss = whole_run_loss(trainer.state.log_history)
+    fix_train_loss_entry(trainer.state.log_history, run_loss)
     metrics.update(
-        train_loss=out.training_loss, train_seconds=round(train_s, 2),
+        train_loss=run_loss if run_loss is not None else out.training_loss,
+        train_seconds=round(train_s, 2),
         global_step=trainer.state.global_step,
         first_logged_loss=losses[0] if losses else None,
         last_logged_loss=losses[-1] if losses else None,
         real_tokens_per_second=round(data.stats["real_tokens"] * recipe.num_epochs / train_s, 1)
         if recipe.max_steps <= 0 else None,
     )
+    out_dir = Path(recipe.output_dir)
+    from plugtune.scale import gathered_state_dict
+
+    # the run is saved before any evaluation: an evaluation that fails loses no training
+    save_run(out_dir, model, tokenizer, user_recipe, spec, metrics, trainer.state.log_history, data.stats,
+             state_dict=gathered_state_dict(trainer), processor=loaded.processor)
+    say(f"plugtune: run saved to {out_dir}")
+    evaluated = False
     if data.eval is not None:
         ev = trainer.evaluate()
         metrics["eval_loss"] = ev.get("eval_loss")
         if "perplexity" in recipe.eval_metrics and ev.get("eval_loss") is not None:
             metrics["perplexity"] = math.exp(min(ev["eval_loss"], 50))
+        evaluated = True
     if wants_gen and data.eval_examples:
         metrics["after"] = evaluate_generation(pm, spec, model, tokenizer, data.eval_examples,
                                                recipe.eval_metrics, gen_cfg.max_new_tokens,
                                                processor=loaded.processor)
         say(f"plugtune: after training: {metrics['after']}")
-    out_dir = Path(recipe.output_dir)
-    from plugtune.scale import gathered_state_dict
-
-    save_run(out_dir, model, tokenizer, user_recipe, spec, metrics, trainer.state.log_history, data.stats,
-             state_dict=gathered_state_dict(trainer), processor=loaded.processor)
-    say(f"plugtune: run saved to {out_dir}")
+        evaluated = True
+    if evaluated:
+        update_reports(out_dir, user_recipe, spec, metrics, trainer.state.log_history, data.stats)
     return RunResult(output_dir=out_dir, metrics=metrics, log_history=trainer.state.log_history)
