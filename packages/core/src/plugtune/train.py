@@ -29,6 +29,7 @@ from transformers import Trainer
 
 from plugtune.config import Recipe, dump_recipe
 from plugtune.data import prepare
+from plugtune.kbit import cpu_4bit_fallback, kbit_dtype
 from plugtune.plugins import get_plugin_manager, resolve_family
 from plugtune.run_control import (
     LossGuard,
@@ -101,7 +102,9 @@ def build_spec(recipe: Recipe, pm) -> ModelSpec:
         recipe = recipe.model_copy(update={"base_model": path})
     model_type, cfg = read_model_type(path, recipe.trust_remote_code, recipe.revision)
     route = resolve_family(pm, recipe.model_type or model_type)
-    dtype = resolve_dtype(recipe.dtype)
+    dtype, note = kbit_dtype(resolve_dtype(recipe.dtype), recipe.quantization)
+    if note:
+        log.warning(note)
     return ModelSpec(path=path, model_type=recipe.model_type or model_type, family=route.family,
                      plugin=route.plugin, recipe=recipe, hf_config=cfg, torch_dtype=dtype,
                      quantization=recipe.quantization)
@@ -427,6 +430,8 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None,
     if loaded is None:
         raise TrainingError(f"no plugin loaded {spec.path!r} (family {spec.family.name})")
     model, tokenizer = loaded.model, loaded.tokenizer
+    if spec.quantization == "4bit":
+        cpu_4bit_fallback(model)
     encode = None
     if spec.task == "vision":  # processor-based tokenization (image token expansion)
         from plugtune.data.pipeline import hook_encoder
