@@ -209,7 +209,10 @@ def cmd_prepare(args, console: Console) -> int:
         row = data.train[i]
         console.rule(f"row {i}")
         console.print(tok.decode(row["input_ids"]), markup=False)
-        trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+        if spec.task == "seq2seq":  # labels are the decoder's target, not aligned with inputs
+            trained = [lab for lab in row["labels"] if lab != -100]
+        else:
+            trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
         console.rule("trained labels")
         console.print(tok.decode(trained), markup=False)
     return 0
@@ -295,11 +298,12 @@ def cmd_plugins(args, console: Console) -> int:
         print(json.dumps(info, indent=2))
         return 0
     tab = Table(title="plugtune plugins")
-    for col in ("name", "version", "families (model types)", "hooks"):
+    for col in ("name", "version", "families (model types)", "methods", "hooks"):
         tab.add_column(col)
     for p in info:
         fams = "; ".join(f"{f['name']} ({', '.join(f['model_types'])})" for f in p["families"])
-        tab.add_row(p["name"], str(p["version"]), fams, ", ".join(h.replace("plugtune_", "") for h in p["hooks"]))
+        tab.add_row(p["name"], str(p["version"]), fams, ", ".join(p["methods"]),
+                    ", ".join(h.replace("plugtune_", "") for h in p["hooks"]))
     console.print(tab)
     return 0
 

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -32,7 +33,16 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from plugtune.runstate import COMPLETE_MARKER, RUN_FILE, write_run_file
+from plugtune.runstate import (
+    COMPLETE_MARKER,
+    RUN_FILE,
+    TrainingInterrupted,
+    interrupted_message,
+    read_run_file,
+    write_run_file,
+)
+
+log = logging.getLogger(__name__)
 
 #: logged steps in a row with a loss of exactly 0.0 that stop the run
 ZERO_LOSS_STEPS = 3
@@ -41,17 +51,19 @@ ZERO_LOSS_STEPS = 3
 class RunControlCallback(TrainerCallback):
     """Checkpoint identity + completion marker, signal handling and log alignment.
 
-    Args:
-        record: the run record (:func:`plugtune.runstate.run_record`) written into each checkpoint.
-        say: ``callable(str)`` for the messages printed on the first signal.
+    Each checkpoint gets a copy of the run folder's :data:`RUN_FILE` (written by
+    :func:`plugtune.runstate.prepare_output_dir` when the run starts), then the completion
+    marker. On the first SIGINT/SIGTERM the current step finishes, a checkpoint is saved and
+    :class:`plugtune.runstate.TrainingInterrupted` is raised from ``on_save`` (so every method's
+    trainer stops the same way, before writing a "finished" run); a second signal raises
+    ``KeyboardInterrupt`` at once.
 
-    After ``trainer.train()`` returns, :attr:`interrupted` is the signal name (``"SIGINT"``) when
-    a signal stopped the run.
+    Args:
+        say: ``callable(str)`` for the notice printed on the first signal (default: log warning).
     """
 
-    def __init__(self, record: dict, say=print):
-        self.record = record
-        self.say = say
+    def __init__(self, say=None):
+        self.say = say or log.warning
         self.interrupted: str | None = None
         self._previous: dict[int, object] = {}
 
@@ -94,12 +106,19 @@ class RunControlCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        out = Path(args.output_dir)
+        ckpt = out / f"checkpoint-{state.global_step}"
         if ckpt.is_dir() and args.process_index == 0:
-            write_run_file(ckpt, self.record)
+            record = read_run_file(out)
+            if record is not None:
+                write_run_file(ckpt, record)
             tmp = ckpt / (COMPLETE_MARKER + ".tmp")
             tmp.write_text(json.dumps({"global_step": state.global_step, "time": time.time()}))
             os.replace(tmp, ckpt / COMPLETE_MARKER)
+        if self.interrupted is not None:
+            self._restore()
+            raise TrainingInterrupted(f"{self.interrupted} at step {state.global_step}: "
+                                      f"{interrupted_message(out)}")
         return control
 
 

@@ -59,6 +59,11 @@ class RunStateError(RuntimeError):
     """The output folder holds another run, or there is nothing (of this run) to resume."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped a run after it saved a checkpoint; the message names the checkpoint
+    and the command that continues the run."""
+
+
 # ---------------------------------------------------------------------------------------------
 # identity
 
@@ -187,7 +192,7 @@ def holds_a_run(output_dir: str | Path) -> bool:
 
 
 def prepare_output_dir(recipe, resume: bool = False, overwrite: bool = False,
-                       say=print) -> Path | None:
+                       say=print, write: bool = True) -> Path | None:
     """Apply the folder policy for ``recipe.output_dir``; return the checkpoint to resume from.
 
     * neither flag: refuse a folder that :func:`holds_a_run`; otherwise write :data:`RUN_FILE`;
@@ -195,6 +200,9 @@ def prepare_output_dir(recipe, resume: bool = False, overwrite: bool = False,
       through ``say``), keep anything else, then start afresh;
     * ``resume``: :func:`select_checkpoint`, and remove incomplete checkpoints newer than it
       (half-written by a killed save; each named through ``say``).
+
+    ``write=False`` (every rank but the first of a multi-process run) checks and chooses the
+    same way but removes and writes nothing.
 
     Raises:
         RunStateError: both flags; the folder holds another run; nothing of this run to resume.
@@ -206,11 +214,12 @@ def prepare_output_dir(recipe, resume: bool = False, overwrite: bool = False,
     if resume:
         ckpt = select_checkpoint(out, record)
         step = _step(ckpt)
-        for s, d in checkpoints(out):
+        for s, d in checkpoints(out) if write else ():
             if s > step and not (d / COMPLETE_MARKER).exists():
                 say(f"plugtune: removing incomplete {d} (a save that was interrupted)")
                 shutil.rmtree(d)
-        write_run_file(out, record)
+        if write:
+            write_run_file(out, record)
         return ckpt
     if holds_a_run(out) and not overwrite:
         items = [p.name for p in run_artifacts(out)]
@@ -219,11 +228,12 @@ def prepare_output_dir(recipe, resume: bool = False, overwrite: bool = False,
             f"{', ...' if len(items) > 6 else ''}). Continue it with "
             f"`plugtune train --resume {shlex.quote(str(out))}`, replace it with --overwrite, "
             "or choose another output_dir")
-    if overwrite:
+    if overwrite and write:
         for p in run_artifacts(out):
             say(f"plugtune: --overwrite: removing {p}")
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-    write_run_file(out, record)
+    if write:
+        write_run_file(out, record)
     return None
 
 
