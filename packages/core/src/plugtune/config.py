@@ -146,6 +146,15 @@ class Recipe(_Strict):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     flash_attention: bool = False
     attn_implementation: str | None = None
+    liger_kernel: bool = Field(
+        False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear "
+        "cross-entropy) on CUDA; pip install 'plugtune[liger]'. Without CUDA or liger-kernel: "
+        "one notice, then plugtune's label-only LM head (plugtune.kernels)")
+    liger_kernel_config: dict[
+        Literal["rope", "rms_norm", "swiglu", "geglu", "layer_norm", "cross_entropy",
+                "fused_linear_cross_entropy"], bool] | None = Field(
+        None, description="switch single Liger kernels, e.g. {rope: false}; default: Liger's "
+        "own per-model defaults")
     # adapter
     adapter: Literal["none", "lora", "qlora"] = "lora"
     load_in_8bit: bool = False
@@ -199,6 +208,9 @@ class Recipe(_Strict):
     reward_model: bool = Field(False, description="train a reward model (same as rl: reward)")
     # scale
     deepspeed: str | None = None
+    fsdp: str | None = Field(
+        None, description="FSDP2 through accelerate: a preset (full_shard, shard_grad_op, "
+        "full_shard_offload) or the path of a JSON fsdp_config (plugtune.scale)")
     # bookkeeping
     output_dir: str = "./out"
     logging_steps: int = Field(5, ge=1)
@@ -256,8 +268,21 @@ class Recipe(_Strict):
             raise ValueError(
                 "a quantized base cannot be fully fine-tuned: set adapter: lora or qlora"
             )
+        if self.fsdp and self.deepspeed:
+            raise ValueError("fsdp and deepspeed are exclusive: choose one way to shard")
+        if self.fsdp and self.quantization is not None:
+            raise ValueError("fsdp with a 4/8-bit base (qlora, load_in_*) is not supported by "
+                             "plugtune yet: use adapter: lora, or deepspeed: zero3 for QLoRA")
         if self.reward_model and self.rl not in (None, "reward"):
             raise ValueError(f"reward_model: true trains a reward model; drop rl: {self.rl}")
+        return self
+
+    @model_validator(mode="after")
+    def _liger(self) -> Recipe:
+        cfg = self.liger_kernel_config or {}
+        if cfg.get("cross_entropy") and cfg.get("fused_linear_cross_entropy"):
+            raise ValueError("liger_kernel_config: cross_entropy and fused_linear_cross_entropy "
+                             "are exclusive (the fused one already includes the cross-entropy)")
         return self
 
     @property

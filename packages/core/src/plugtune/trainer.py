@@ -122,7 +122,7 @@ def prepare_base(spec: ModelSpec, model, gradient_checkpointing: bool | None = N
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gc:
+    elif gc and not recipe.fsdp:  # under FSDP: fsdp_config activation_checkpointing instead
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
@@ -227,7 +227,9 @@ def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bo
         prediction_loss_only=True,
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        **_fsdp_kwargs(recipe),
     )
+    kwargs.update(liger_training_kwargs(spec))
     if recipe.save_steps:
         kwargs["save_steps"] = recipe.save_steps
     if recipe.eval_steps and has_eval:
@@ -238,6 +240,22 @@ def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bo
     return kwargs
 
 
+def liger_training_kwargs(spec: ModelSpec) -> dict:
+    """``use_liger_kernel`` / ``liger_kernel_config`` when ``liger_kernel: true`` can be honoured
+    here (CUDA + liger-kernel + a model type Liger patches; else one notice and ``{}``). See
+    :mod:`plugtune.kernels`."""
+    from plugtune import kernels
+
+    if spec.task != "causal":
+        if spec.recipe.liger_kernel:
+            log.warning("liger_kernel: true is for decoder-only models; %s (%s) trains without it",
+                        spec.model_type, spec.task)
+        return {}
+    # Liger's table is keyed by the architecture's own model_type, not a routing override
+    model_type = getattr(spec.hf_config, "model_type", None) or spec.model_type
+    return kernels.training_kwargs(kernels.plan_liger(spec.recipe, model_type))
+
+
 def _deepspeed_config(value: str | None):
     if not value:
         return None
@@ -246,6 +264,21 @@ def _deepspeed_config(value: str | None):
     cfg = scale.deepspeed_config(value)
     scale.ensure_distributed_env()  # single process without a launcher: rank 0 of 1
     return cfg
+
+
+def _fsdp_kwargs(recipe: Recipe) -> dict:
+    """``fsdp`` / ``fsdp_config`` for ``TrainingArguments``; ``{}`` in a single process (FSDP
+    shards across the processes of a launch; transformers refuses it without one)."""
+    if not recipe.fsdp:
+        return {}
+    from plugtune import scale
+
+    cfg = scale.fsdp_config(recipe.fsdp, recipe.gradient_checkpointing)  # validate either way
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        log.warning("fsdp: %s needs a multi-process launch (accelerate launch --num_processes N "
+                    "-m plugtune train ...); this single process trains unsharded", recipe.fsdp)
+        return {}
+    return {"fsdp": True, "fsdp_config": cfg}
 
 
 def _zero_stage(value: str) -> int:
