@@ -434,3 +434,31 @@ def test_train_on_eos_reaches_prepare(tmp_path, qwen):
     recipe = validate_recipe({"base_model": "m", "datasets": [ds, {**ds, "train_on_eos": "all"}]})
     with pytest.raises(DataError, match="different train_on_eos"):
         prepare(recipe, qwen)
+
+
+def test_dataset_dir_relative_to_the_recipe_file(tmp_path, monkeypatch):
+    from plugtune.config import load_recipe
+
+    data = tmp_path / "proj" / "data"
+    data.mkdir(parents=True)
+    (data / "dataset_info.json").write_text(json.dumps({"identity": {"file_name": "i.json"}}))
+    (data / "i.json").write_text(json.dumps([{"instruction": "hi", "output": "Hello."}]))
+    (tmp_path / "proj" / "r.yaml").write_text("base_model: m\ndataset: identity\ndataset_dir: data\n")
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe(tmp_path / "proj" / "r.yaml")
+    assert r.datasets[0].path == str(data / "i.json")
+
+
+def test_kto_answer_renders_as_the_trained_completion():
+    import datasets
+
+    from plugtune.data.preference import render_pair
+
+    tok = load_shared_tokenizer("llama3_2")
+    path = _fixture("argilla__ultrafeedback-binarized-preferences-cleaned-kto.parquet")
+    raw = datasets.load_dataset("parquet", data_files=path, split="train")
+    ds, _ = to_canonical(DatasetConfig(path=path, type="llama3.ultra", max_samples=3))
+    info = probe_template(tok)
+    for r, ex in zip(raw, ds):
+        prompt_text, answer = render_pair(tok, info, ex["prompt"], ex["completion"])
+        assert answer == r["completion"].strip() + "<|eot_id|>" and r["prompt"].strip() in prompt_text

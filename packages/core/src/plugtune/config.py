@@ -459,6 +459,10 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, pm
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
+    ddir = data.get("dataset_dir")
+    if isinstance(ddir, str) and not Path(ddir).expanduser().is_absolute() \
+            and not Path(ddir).is_dir() and (path.parent / ddir).is_dir():
+        data["dataset_dir"] = str(path.parent / ddir)  # LLaMA-Factory's folder next to the recipe
     return validate_recipe(data, source=str(path), pm=pm)
 
 
