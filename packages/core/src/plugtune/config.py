@@ -176,6 +176,12 @@ class Recipe(_Strict):
     test_datasets: list[DatasetConfig] = Field(default_factory=list)
     val_set_size: float = Field(0.0, ge=0)
     chat_template: str | None = None
+    added_tokens: list[str] = Field(
+        default_factory=list, description="tokens to add to the vocabulary (as special tokens); "
+        "their embedding and output rows are trained (see train_token_rows)")
+    train_token_rows: bool = Field(
+        True, description="with an adapter, train the embedding/output rows of added tokens and "
+        "of stop tokens the base model never learned (plugtune.token_rows); false: never")
     train_on_inputs: bool = False
     sequence_len: int = Field(512, ge=8)
     truncation: Literal["prompt_then_drop", "drop"] = "prompt_then_drop"

@@ -43,7 +43,8 @@ class PreparedData:
         kind: ``"chat"``, ``"text"``, ``"seq2seq"``, ``"preference"`` or ``"kto"``.
         template: the probed chat template (``None`` for text-free kinds).
         stats: counts: samples, kept, truncated, dropped, rows, real_tokens, pad_fraction ...
-        added_tokens: tokens the chat template added to the vocabulary.
+        added_tokens: tokens added to the vocabulary (the recipe's ``added_tokens``, the chat
+            template's markers); their rows are trained (:mod:`plugtune.token_rows`).
     """
 
     train: datasets.Dataset
@@ -422,14 +423,16 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
         split = train_raw.train_test_split(test_size=int(n), seed=recipe.dataset_seed)
         train_raw, eval_raw = split["train"], split["test"]
     kind = kind_of(train_raw[0]) if len(train_raw) else "chat"
+    from plugtune.token_rows import add_tokens
+
+    added: list[str] = add_tokens(tokenizer, recipe.added_tokens)
     if kind in ("preference", "kto"):  # tokenized by the method (dpo.py, methods/)
         return PreparedData(train=train_raw, eval=eval_raw, eval_examples=[], kind=kind,
                             template=None, stats={"samples": len(train_raw), **load_stats},
-                            raw_train=train_raw, raw_eval=eval_raw)
+                            added_tokens=added, raw_train=train_raw, raw_eval=eval_raw)
     info = None
-    added: list[str] = []
     if task != "seq2seq" and kind == "chat":
-        added = ensure_chat_template(tokenizer, recipe.chat_template)
+        added += ensure_chat_template(tokenizer, recipe.chat_template)
         info = probe_template(tokenizer)
     elif task != "seq2seq":
         info = TemplateInfo(stop_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [],
@@ -446,6 +449,8 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
     train, stats = finalize(train_tok, recipe, recipe.sample_packing and packable, tokenizer)
     stats["skipped_bad_rows"] = load_stats["skipped_bad_rows"]
     stats["per_dataset"] = load_stats["per_dataset"]
+    if added:
+        stats["added_tokens"] = list(added)
     check_trainable(stats, recipe)
     stats.update(check_representable(tokenizer, train_raw, stats))
     if stats["rows"] == 0:

@@ -178,11 +178,9 @@ def ensure_chat_template(tokenizer, name: str | None) -> list[str]:
         return added
     if name in TEMPLATES:
         tokenizer.chat_template = TEMPLATES[name]
-        missing = [t for t in TEMPLATE_SPECIAL_TOKENS.get(name, []) if t not in tokenizer.get_vocab()]
-        if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing})
-            added = missing
-        return added
+        from plugtune.token_rows import add_tokens
+
+        return add_tokens(tokenizer, TEMPLATE_SPECIAL_TOKENS.get(name, []))
     if "{%" in name or "{{" in name:
         tokenizer.chat_template = name
         return added
