@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from plugtune.runstate import (  # noqa: F401 (COMPLETE_MARKER re-exported)
     last_complete_checkpoint,
 )
 from plugtune.spec import Method, ModelSpec
+from plugtune.token_rows import trainable_token_indices
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,10 @@ def prepare_base(spec: ModelSpec, model, gradient_checkpointing: bool | None = N
     return model
 
 
-def lora_config(spec: ModelSpec, model, pm):
-    """The ``peft.LoraConfig`` of the recipe, with targets from ``plugtune_target_modules``.
+def lora_config(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
+    """The ``peft.LoraConfig`` of the recipe, with targets from ``plugtune_target_modules``;
+    ``token_rows``: token ids whose embedding/output rows are trained too
+    (:func:`plugtune.token_rows.rows_to_train`).
 
     Raises:
         TrainingError: no plugin names target modules for the model.
@@ -134,10 +138,12 @@ def lora_config(spec: ModelSpec, model, pm):
     task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
     return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                       target_modules=targets, modules_to_save=recipe.lora_modules_to_save,
+                      trainable_token_indices=trainable_token_indices(
+                          model, token_rows, recipe.lora_modules_to_save),
                       bias="none", task_type=task)
 
 
-def apply_adapter(spec: ModelSpec, model, pm):
+def apply_adapter(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
     """Wrap ``model`` with LoRA (peft) per the recipe; prepare k-bit bases for training.
 
     Returns the (possibly wrapped) model. Full fine-tuning returns ``model`` unchanged.
@@ -148,7 +154,7 @@ def apply_adapter(spec: ModelSpec, model, pm):
         return model
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_config(spec, model, pm))
+    model = get_peft_model(model, lora_config(spec, model, pm, token_rows))
     if recipe.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return model

@@ -172,9 +172,14 @@ def run(ctx):
     if spec.task != "causal":
         raise TrainingError(f"DPO supports decoder-only (causal) families; {spec.family.name!r} "
                             f"is {spec.task}")
-    added = ensure_chat_template(tokenizer, recipe.chat_template)
+    added = [*data.added_tokens, *ensure_chat_template(tokenizer, recipe.chat_template)]
     if added:
         model.resize_token_embeddings(len(tokenizer))
+    from plugtune.token_rows import rows_to_train
+
+    token_rows, notice = rows_to_train(model, tokenizer, added, [], [], recipe.train_token_rows)
+    if notice and recipe.adapter != "none":
+        say(f"plugtune: {notice}")
     info = probe_template(tokenizer)
     t0 = time.perf_counter()
     train_rows, tstats = tokenize_preferences(data.raw_train, tokenizer, info, recipe.sequence_len)
@@ -197,7 +202,7 @@ def run(ctx):
     else:
         if spec.quantization is not None:
             model = prepare_base(spec, model)
-        peft_config = lora_config(spec, model, pm)
+        peft_config = lora_config(spec, model, pm, token_rows)
         reference = "base model with the adapter disabled"
     args = dpo_config(recipe, spec, eval_rows is not None)
     trainer = dpo_trainer_class()(

@@ -59,6 +59,15 @@ def run(ctx):
     model = ctx.model
     if data.added_tokens:
         model.resize_token_embeddings(len(tokenizer))
+    token_rows: list[int] = []
+    if recipe.adapter != "none" and spec.task == "causal":
+        from plugtune.token_rows import rows_to_train
+
+        token_rows, notice = rows_to_train(
+            model, tokenizer, data.added_tokens, data.template.stop_token_ids if data.template else [],
+            data.train.select(range(min(4, len(data.train)))), recipe.train_token_rows)
+        if notice:
+            ctx.say(f"plugtune: {notice}")
     prep_s = time.perf_counter() - ctx.started
     ctx.say(f"plugtune: data: {json.dumps({k: v for k, v in data.stats.items() if k not in ('per_dataset', 'eval')})}")
 
@@ -71,7 +80,7 @@ def run(ctx):
                                                 processor=ctx.processor)
         ctx.say(f"plugtune: before training: {metrics['before']}")
 
-    model = apply_adapter(spec, model, pm)
+    model = apply_adapter(spec, model, pm, token_rows)
     trainable, total = count_parameters(model)
     metrics.update(trainable_params=trainable, total_params=total,
                    trainable_share=round(trainable / max(total, 1), 6))
