@@ -154,6 +154,7 @@ def run(ctx):
     from plugtune.data.preference import tokenize_preferences
     from plugtune.data.templates import ensure_chat_template
     from plugtune.data.tokenize import probe_template
+    from plugtune.run_control import fix_train_loss_entry, whole_run_loss
     from plugtune.rundir import save_run
     from plugtune.scale import gathered_state_dict
     from plugtune.trainer import (
@@ -207,7 +208,7 @@ def run(ctx):
     trainer = dpo_trainer_class()(
         model=model, ref_model=ref_model, args=args, train_dataset=train_rows,
         eval_dataset=eval_rows, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[CompleteCheckpointCallback()])
+        callbacks=[CompleteCheckpointCallback(say)])
     trainable, total = count_parameters(trainer.model)
     metrics.update(trainable_params=trainable, total_params=total,
                    trainable_share=round(trainable / max(total, 1), 6), reference=reference)
@@ -219,7 +220,10 @@ def run(ctx):
     hist = trainer.state.log_history
     acc0, acc1 = _first_last(hist, "rewards/accuracies")
     mar0, mar1 = _first_last(hist, "rewards/margins")
-    metrics.update(train_loss=out.training_loss, train_seconds=round(time.perf_counter() - t1, 2),
+    run_loss = whole_run_loss(hist)  # every step, also after a resume
+    fix_train_loss_entry(hist, run_loss)
+    metrics.update(train_loss=run_loss if run_loss is not None else out.training_loss,
+                   train_seconds=round(time.perf_counter() - t1, 2),
                    global_step=trainer.state.global_step,
                    first_rewards_accuracies=acc0, last_rewards_accuracies=acc1,
                    first_rewards_margins=mar0, last_rewards_margins=mar1)
