@@ -98,6 +98,9 @@ class DatasetConfig(_Strict):
         None, description="legacy: message_property_mappings.content")
     roles: dict[str, list[str]] | None = Field(
         None, description="{target_role: [source roles]}, e.g. {assistant: [gpt, model]}")
+    message_field_training: str | None = Field(
+        None, description="message key whose true/false says whether an assistant turn is "
+        "trained (others are context)")
     roles_to_train: list[str] | None = Field(
         None, description="roles whose turns are trained; plugtune trains assistant turns")
     train_on_eos: Literal["turn", "all", "last", "none"] | None = Field(
