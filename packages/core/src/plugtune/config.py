@@ -98,11 +98,14 @@ class DatasetConfig(_Strict):
         None, description="legacy: message_property_mappings.content")
     roles: dict[str, list[str]] | None = Field(
         None, description="{target_role: [source roles]}, e.g. {assistant: [gpt, model]}")
+    message_field_training: str | None = Field(
+        None, description="message key whose true/false says whether an assistant turn is "
+        "trained (others are context)")
     roles_to_train: list[str] | None = Field(
         None, description="roles whose turns are trained; plugtune trains assistant turns")
     train_on_eos: Literal["turn", "all", "last", "none"] | None = Field(
-        None, description="which end-of-turn tokens are trained: turn (each trained turn's, "
-        "default), all, last, none")
+        None, description="which stop tokens are trained: turn (each trained turn's, "
+        "default), all, last, none (one value per run; see data.pipeline.apply_train_on_eos)")
     chat_template: str | None = Field(
         None, description="per-dataset chat template (must agree with the recipe's)")
     tags: dict[str, str] = Field(
@@ -116,14 +119,6 @@ class DatasetConfig(_Strict):
         if bad:
             raise ValueError(f"roles_to_train {bad}: plugtune trains assistant turns only "
                              "(other roles are always prompt); use [assistant]")
-        return v
-
-    @field_validator("train_on_eos")
-    @classmethod
-    def _train_on_eos(cls, v: str | None) -> str | None:
-        if v in ("all", "last", "none"):
-            raise ValueError(f"train_on_eos: {v} is not supported: plugtune trains the stop "
-                             "token that ends each trained turn (train_on_eos: turn)")
         return v
 
     @model_validator(mode="after")
@@ -190,6 +185,9 @@ class Recipe(_Strict):
     train_token_rows: bool = Field(
         True, description="with an adapter, train the embedding/output rows of added tokens and "
         "of stop tokens the base model never learned (plugtune.token_rows); false: never")
+    token_rows_lr_scale: float = Field(
+        10.0, gt=0, description="learning rate of those token rows, as a multiple of "
+        "learning_rate (a row must move by O(1); Adam moves it ~lr per step)")
     train_on_inputs: bool = False
     sequence_len: int = Field(512, ge=8)
     truncation: Literal["prompt_then_drop", "drop"] = "prompt_then_drop"
@@ -473,6 +471,10 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, pm
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
+    ddir = data.get("dataset_dir")
+    if isinstance(ddir, str) and not Path(ddir).expanduser().is_absolute() \
+            and not Path(ddir).is_dir() and (path.parent / ddir).is_dir():
+        data["dataset_dir"] = str(path.parent / ddir)  # LLaMA-Factory's folder next to the recipe
     return validate_recipe(data, source=str(path), pm=pm)
 
 

@@ -44,19 +44,47 @@ def save_run(output_dir: Path, model, tokenizer, recipe: Recipe, spec: ModelSpec
 
         finish_run_folder(staging, spec, tokenizer, model, recipe)  # absolute base, stops, provenance
         (staging / "recipe.yaml").write_text(dump_recipe(recipe))
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        (staging / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
-        (staging / "log_history.json").write_text(json.dumps(log_history, indent=2, default=str))
-        from plugtune.report import loss_curve_png, model_card
+        _write_reports(staging, recipe, spec, metrics, log_history, stats, tokenizer)
+        for f in staging.iterdir():
+            os.replace(f, output_dir / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
-        loss_curve_png(log_history, staging / "loss.png")
-        ac = staging / "adapter_config.json"
-        base = json.loads(ac.read_text())["base_model_name_or_path"] if ac.is_file() else None
-        vocab = getattr(getattr(spec.hf_config, "get_text_config", lambda: spec.hf_config)(),
-                        "vocab_size", None)
-        (staging / "README.md").write_text(model_card(
-            recipe, spec, metrics, stats, tokenizer=tokenizer, run_dir=str(output_dir.resolve()),
-            base=base, added_tokens=bool(vocab and len(tokenizer) > vocab)))
+
+def _write_reports(folder: Path, recipe: Recipe, spec: ModelSpec, metrics: dict,
+                   log_history: list[dict], stats: dict, tokenizer=None) -> None:
+    from plugtune.report import loss_curve_png, model_card
+
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    (folder / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
+    (folder / "log_history.json").write_text(json.dumps(log_history, indent=2, default=str))
+    loss_curve_png(log_history, folder / "loss.png")
+    ac = folder / "adapter_config.json"
+    if not ac.is_file():
+        ac = Path(recipe.output_dir) / "adapter_config.json"
+    base = json.loads(ac.read_text())["base_model_name_or_path"] if ac.is_file() else None
+    if tokenizer is None:  # update_reports: the saved tokenizer (the card shows its prompt format)
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(recipe.output_dir)
+        except Exception:  # noqa: BLE001 - the card is written without the prompt format
+            tokenizer = None
+    vocab = getattr(getattr(spec.hf_config, "get_text_config", lambda: spec.hf_config)(),
+                    "vocab_size", None)
+    added = bool(vocab and tokenizer is not None and len(tokenizer) > vocab)
+    (folder / "README.md").write_text(model_card(
+        recipe, spec, metrics, stats, tokenizer=tokenizer,
+        run_dir=str(Path(recipe.output_dir).resolve()), base=base, added_tokens=added))
+
+
+def update_reports(output_dir: Path, recipe: Recipe, spec: ModelSpec, metrics: dict,
+                   log_history: list[dict], stats: dict) -> None:
+    """Rewrite a saved run's metrics, log history, loss curve and model card (after its
+    evaluation), each file replaced atomically."""
+    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".staging-"))
+    try:
+        _write_reports(staging, recipe, spec, metrics, log_history, stats)
         for f in staging.iterdir():
             os.replace(f, output_dir / f.name)
     finally:

@@ -4,7 +4,7 @@
   resolved local path, so ``PeftModel`` / ``AutoPeftModelForCausalLM`` /
   ``AutoModelForCausalLM.from_pretrained(run)`` work from any working directory;
 * ``generation_config.json`` stops on EOS *and* the chat template's end-of-turn token;
-* ``plugtune_run.json`` records where the base came from (the recipe's ``base_model``, its
+* ``plugtune_base.json`` records where the base came from (the recipe's ``base_model``, its
   absolute path, and the folder actually loaded, e.g. the de-quantized GGUF cache), so
   :func:`resolve_base` can find it again or say exactly what is missing.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-RUN_INFO = "plugtune_run.json"
+RUN_INFO = "plugtune_base.json"
 
 
 class BaseModelMissing(FileNotFoundError):

@@ -65,6 +65,8 @@ def dpo_trainer_class():
     import torch
     from trl import DPOTrainer
 
+    from plugtune.run_control import seeded_train_sampler
+    from plugtune.runstate import interrupted_message
     from plugtune.trainer import TrainingError
 
     class PlugtuneDPOTrainer(DPOTrainer):
@@ -74,6 +76,10 @@ def dpo_trainer_class():
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
+        def _get_train_sampler(self, train_dataset=None):
+            # group_by_length from a seeded generator: a resumed run replays the epoch's order
+            return seeded_train_sampler(self, train_dataset) or super()._get_train_sampler(train_dataset)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = {k: v for k, v in inputs.items() if k != "length"}
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -82,7 +88,7 @@ def dpo_trainer_class():
                 raise TrainingError(
                     f"DPO loss became {loss.item()} at step {self.state.global_step + 1}; "
                     "stopping. Lower learning_rate or dpo_beta, use bf16/fp32 instead of fp16. "
-                    f"The last complete checkpoint in {self.args.output_dir} is intact.")
+                    f"{interrupted_message(self.args.output_dir)}")
             return out
 
     return PlugtuneDPOTrainer
@@ -154,6 +160,7 @@ def run(ctx):
     from plugtune.data.preference import tokenize_preferences
     from plugtune.data.templates import ensure_chat_template
     from plugtune.data.tokenize import probe_template
+    from plugtune.run_control import fix_train_loss_entry, whole_run_loss
     from plugtune.rundir import save_run
     from plugtune.scale import gathered_state_dict
     from plugtune.trainer import (
@@ -207,7 +214,7 @@ def run(ctx):
     trainer = dpo_trainer_class()(
         model=model, ref_model=ref_model, args=args, train_dataset=train_rows,
         eval_dataset=eval_rows, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[CompleteCheckpointCallback()])
+        callbacks=[CompleteCheckpointCallback(say)])
     trainable, total = count_parameters(trainer.model)
     metrics.update(trainable_params=trainable, total_params=total,
                    trainable_share=round(trainable / max(total, 1), 6), reference=reference)
@@ -219,7 +226,10 @@ def run(ctx):
     hist = trainer.state.log_history
     acc0, acc1 = _first_last(hist, "rewards/accuracies")
     mar0, mar1 = _first_last(hist, "rewards/margins")
-    metrics.update(train_loss=out.training_loss, train_seconds=round(time.perf_counter() - t1, 2),
+    run_loss = whole_run_loss(hist)  # every step, also after a resume
+    fix_train_loss_entry(hist, run_loss)
+    metrics.update(train_loss=run_loss if run_loss is not None else out.training_loss,
+                   train_seconds=round(time.perf_counter() - t1, 2),
                    global_step=trainer.state.global_step,
                    first_rewards_accuracies=acc0, last_rewards_accuracies=acc1,
                    first_rewards_margins=mar0, last_rewards_margins=mar1)
