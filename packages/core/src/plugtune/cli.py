@@ -1,6 +1,7 @@
 """The ``plugtune`` command line.
 
     plugtune train RECIPE [--set key=value ...] [--resume]
+    plugtune recipe convert FILE [--set ...]      an axolotl / LLaMA-Factory / TRL config as a recipe
     plugtune prepare RECIPE [--set ...]           data statistics without training
     plugtune generate RUN_DIR --prompt TEXT [--image PATH ...] [--max-new-tokens N]
     plugtune eval RUN_DIR [--data FILE --type T]  loss + generation metrics
@@ -10,7 +11,9 @@
     plugtune quantize RUN_OR_MODEL --method bnb4|bnb8|gptq --out DIR [--eval-data F --type T]
     plugtune estimate RECIPE [--device-memory 24GiB] [--num-gpus N] [--set ...]
 
-``RECIPE`` is a path or the name of a bundled recipe (``plugtune recipes``). Known errors
+``RECIPE`` is a path or the name of a bundled recipe (``plugtune recipes``), or an axolotl,
+LLaMA-Factory or TRL config (detected from its keys, see :mod:`plugtune.config.dialects`); it
+is validated before torch is imported, so a bad key is reported at once. Known errors
 (bad recipe, bad data, missing plugin, non-finite loss) print one clear message and exit 2.
 """
 
@@ -81,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list bundled example recipes")
 
+    rc = sub.add_parser("recipe", help="work with recipes and other tools' configs")
+    rc_sub = rc.add_subparsers(dest="recipe_command", required=True)
+    cv = rc_sub.add_parser("convert", help="print the plugtune recipe an axolotl, LLaMA-Factory "
+                           "or TRL config becomes")
+    cv.add_argument("file")
+    cv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     m = sub.add_parser("merge", help="merge a run's adapter into its base: a standalone model")
     m.add_argument("run_dir")
     m.add_argument("out_dir")
@@ -113,12 +123,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_announced(name: str, overrides: list[str], console: Console):
+    """Load a recipe or another tool's config; print what was detected and its notices."""
+    from plugtune.config import load_config
+
+    recipe, tr = load_config(name, overrides)
+    if tr.dialect != "plugtune":
+        console.print(tr.summary(name), markup=False, highlight=False)
+        for note in tr.notices:
+            console.print(f"  note: {note}", markup=False, highlight=False)
+    return recipe, tr
+
+
 def cmd_train(args, console: Console) -> int:
-    from plugtune.config import load_recipe
+    recipe, tr = _load_announced(args.recipe, args.overrides, console)  # before torch: fast errors
     from plugtune.train import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume, console=console)
+    resume = args.resume or bool(tr.resume)
+    result = train(recipe, resume=resume, console=console)
     m = result.metrics
     if m.get("before") or m.get("after"):
         tab = Table(title="held-out metrics")
@@ -131,6 +153,24 @@ def cmd_train(args, console: Console) -> int:
         console.print(tab)
     console.print(f"train_loss={m.get('train_loss'):.4f} steps={m.get('global_step')} "
                   f"eval_loss={m.get('eval_loss')} -> {result.output_dir}")
+    return 0
+
+
+def cmd_recipe(args, console: Console) -> int:
+    import yaml
+
+    from plugtune.config.dialects import translate
+    from plugtune.config.schema import read_config, validate_recipe
+
+    path, data = read_config(args.file, args.overrides)
+    tr = translate(data, source=str(path))
+    validate_recipe(tr.data, source=str(path))
+    lines = [f"# plugtune recipe from the {tr.dialect} config {path}"]
+    lines += [f"# note: {n}" for n in tr.notices]
+    if tr.resume:
+        lines.append("# resume: plugtune train resumes this run (--resume)")
+    print("\n".join(lines))
+    print(yaml.safe_dump(tr.data, sort_keys=False, allow_unicode=True), end="")
     return 0
 
 
@@ -332,7 +372,7 @@ def cmd_estimate(args, console: Console) -> int:
 
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
-            "plugins": cmd_plugins, "recipes": cmd_recipes, "merge": cmd_merge,
+            "plugins": cmd_plugins, "recipes": cmd_recipes, "recipe": cmd_recipe, "merge": cmd_merge,
             "quantize": cmd_quantize, "estimate": cmd_estimate}
 
 
@@ -343,8 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     console = Console(stderr=False)
+    from plugtune.config import RecipeError
+
     try:
-        return COMMANDS[args.command](args, console)
+        try:
+            return COMMANDS[args.command](args, console)
+        except RecipeError as exc:  # before _known_errors(): that imports torch
+            Console(stderr=True).print(f"error: {exc}", style="bold red", markup=False,
+                                       highlight=False)
+            return 2
     except _known_errors() as exc:
         Console(stderr=True).print(f"error: {exc}", style="bold red", markup=False, highlight=False)
         return 2

@@ -31,6 +31,11 @@ from plugtune.config import Recipe, dump_recipe
 from plugtune.data import prepare
 from plugtune.plugins import get_plugin_manager, resolve_family
 from plugtune.spec import ModelSpec, resolve_dtype
+from plugtune.trainer_options import (
+    adjust_training_kwargs,
+    lora_variant_kwargs,
+    loraplus_optimizers,
+)
 
 log = logging.getLogger(__name__)
 COMPLETE_MARKER = "plugtune_checkpoint_complete"
@@ -200,7 +205,7 @@ def lora_config(spec: ModelSpec, model, pm):
     task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
     return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                       target_modules=targets, modules_to_save=recipe.lora_modules_to_save,
-                      bias="none", task_type=task)
+                      bias="none", task_type=task, **lora_variant_kwargs(recipe))
 
 
 def apply_adapter(spec: ModelSpec, model, pm):
@@ -293,6 +298,7 @@ def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bo
     if seq2seq:
         kwargs["predict_with_generate"] = False
         kwargs["generation_max_length"] = recipe.generation.max_new_tokens
+    adjust_training_kwargs(recipe, kwargs)
     return kwargs
 
 
@@ -398,8 +404,8 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
         from plugtune.dpo import train_dpo
 
         return train_dpo(recipe, spec, pm, model, tokenizer, data, resume=resume, console=console)
-    if data.added_tokens:
-        model.resize_token_embeddings(len(tokenizer))
+    if data.added_tokens or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # template or special_tokens added some
     prep_s = time.perf_counter() - t0
     say(f"plugtune: data: {json.dumps({k: v for k, v in data.stats.items() if k not in ('per_dataset', 'eval')})}")
 
@@ -425,7 +431,8 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
     trainer = trainer_cls(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=collate, processing_class=tokenizer,
-        callbacks=[CompleteCheckpointCallback()], plugin_manager=pm, spec=spec)
+        callbacks=[CompleteCheckpointCallback()], plugin_manager=pm, spec=spec,
+        optimizers=loraplus_optimizers(recipe, model, args))
     ckpt = None
     if resume:
         ckpt = last_complete_checkpoint(recipe.output_dir)

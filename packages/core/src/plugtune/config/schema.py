@@ -74,6 +74,12 @@ class Recipe(_Strict):
     trust_remote_code: bool = False
     revision: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tf32: bool | None = Field(
+        None, description="TF32 matmuls on Ampere+ GPUs (ignored with a notice elsewhere)")
+    special_tokens: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="tokenizer special tokens to set, e.g. "
+        "{pad_token: '<|end_of_text|>'}; tokens new to the vocabulary are added and the "
+        "embeddings resized")
     flash_attention: bool = False
     attn_implementation: str | None = None
     # adapter
@@ -85,6 +91,14 @@ class Recipe(_Strict):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target_modules: str | list[str] = "auto"
     lora_modules_to_save: list[str] | None = None
+    peft_use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (peft use_dora)")
+    peft_use_rslora: bool = Field(False, description="rank-stabilised LoRA scaling alpha/sqrt(r) "
+                                  "(peft use_rslora)")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: learning rate of the B matrices = ratio x learning_rate "
+        "(peft.optimizers.create_loraplus_optimizer)")
+    loraplus_lr_embedding: float | None = Field(
+        None, gt=0, description="LoRA+: learning rate of adapted embedding layers (default 1e-6)")
     lora_target_cross_attention: bool = Field(
         False, description="vision families with cross-attention layers (Llama 3.2 Vision): "
         "adapt those layers too (default: self-attention/MLP of the language model only)")
@@ -130,7 +144,16 @@ class Recipe(_Strict):
     save_steps: int | None = Field(None, ge=1)
     save_total_limit: int | None = Field(2, ge=1)
     eval_steps: int | None = Field(None, ge=1)
+    evals_per_epoch: int | None = Field(
+        None, ge=1, description="evaluate N times per epoch (instead of eval_steps)")
+    saves_per_epoch: int | None = Field(
+        None, ge=1, description="save N checkpoints per epoch (instead of save_steps)")
     report_to: str | list[str] = "none"
+    report_env: dict[str, str] = Field(
+        default_factory=dict, description="environment variables the report_to integrations of "
+        "transformers read (WANDB_PROJECT, MLFLOW_TRACKING_URI, ...), set for the run")
+    hub_model_id: str | None = Field(
+        None, description="push the run's checkpoints to this hub repository (Trainer push_to_hub)")
     # evaluation
     eval_metrics: list[Literal["loss", "exact_match", "rouge", "perplexity"]] = Field(
         default_factory=lambda: ["loss"]
@@ -202,15 +225,42 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
         if e["type"] == "extra_forbidden":
             key = str(loc[-1])
-            valid = _all_keys(_model_at(loc))
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            lines.append(f"  {path}: unknown key{hint}")
+            lines.append(f"  {path}: unknown key{did_you_mean(key, _all_keys(_model_at(loc)))}")
         else:
             got = e.get("input")
             got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
             lines.append(f"  {path or '<root>'}: {e['msg']}{got_s}")
     return "\n".join(lines)
+
+
+def did_you_mean(key: str, valid: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for a plausible typo of ``key`` among ``valid``, else ``""``.
+
+    Plausible: difflib similarity >= 0.8 (``learing_rate`` -> ``learning_rate``,
+    ``sequence_length`` -> ``sequence_len``) or at most one edit per five letters (``tpye`` ->
+    ``type``), so unrelated names sharing a few letters (``wandb_entity`` / ``load_in_8bit``,
+    similarity 0.42) get no hint.
+    """
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.8)
+    if not close:  # short keys: one or two slips (tpye -> type, lora_rr -> lora_r)
+        limit = max(1, len(key) // 5)
+        best = min(valid, key=lambda v: _edit_distance(key, v), default=None)
+        close = [best] if best is not None and _edit_distance(key, best) <= limit else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, replace, swap of neighbours) that turn ``a`` into ``b``."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
 
 
 def _parse_scalar(text: str) -> Any:
@@ -264,7 +314,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def bundled_recipes_dir() -> Path:
-    return Path(__file__).parent / "recipes"
+    return Path(__file__).parent.parent / "recipes"
 
 
 def list_bundled_recipes() -> dict[str, Path]:
@@ -288,14 +338,11 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     )
 
 
-def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe.
-
-    Relative dataset and model paths in a recipe file are resolved against the current
-    directory first, then against the recipe file's folder.
+def read_config(name_or_path: str | Path, overrides: list[str] | None = None) -> tuple[Path, dict]:
+    """Read a recipe or config file and apply ``--set`` overrides (in the file's own keys).
 
     Raises:
-        RecipeError: unreadable YAML, unknown keys, wrong types (message names the key path).
+        RecipeError: unreadable YAML or a file that is not a mapping.
     """
     path = resolve_recipe_path(str(name_or_path))
     try:
@@ -304,8 +351,39 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
-    return validate_recipe(data, source=str(path))
+    return path, apply_overrides(data, overrides or [])
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None):
+    """Read a plugtune recipe, or an axolotl / LLaMA-Factory / TRL config, and validate it.
+
+    The dialect is detected from the keys (:mod:`plugtune.config.dialects`); ``overrides``
+    use the file's own key names. Imports no torch: a bad config fails in milliseconds.
+
+    Returns:
+        ``(recipe, translation)``: the validated :class:`Recipe` and the
+        :class:`~plugtune.config.dialects.Translation` (dialect, notices, resume request).
+
+    Raises:
+        RecipeError: unreadable YAML, unknown keys, wrong types, keys plugtune refuses.
+    """
+    from plugtune.config.dialects import translate
+
+    path, data = read_config(name_or_path, overrides)
+    tr = translate(data, source=str(path))
+    return validate_recipe(tr.data, source=str(path)), tr
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe (any dialect: see :func:`load_config`).
+
+    Relative dataset and model paths in a recipe file are resolved against the current
+    directory first, then against the recipe file's folder.
+
+    Raises:
+        RecipeError: unreadable YAML, unknown keys, wrong types (message names the key path).
+    """
+    return load_config(name_or_path, overrides)[0]
 
 
 def validate_recipe(data: dict, source: str = "<recipe>") -> Recipe:

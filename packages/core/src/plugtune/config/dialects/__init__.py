@@ -1,0 +1,63 @@
+"""Config dialects: other tools' config files, detected and translated into a plugtune recipe.
+
+A dialect module exposes ``NAME`` (shown to the user), ``detect(data) -> bool`` and
+``translate(data, source) -> Translation``. :func:`translate` tries LLaMA-Factory and TRL first
+(they are told apart by keys plugtune never uses), then axolotl: a mapping whose keys are all
+plugtune's is a plugtune recipe; one with any key only axolotl has is an axolotl config.
+
+Only ``yaml``/``pydantic`` are imported here (no torch): a bad config is reported in well under a
+second (``tests/test_config_dialects.py`` checks that ``torch`` is never imported).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Translation:
+    """A config translated into plugtune's recipe keys.
+
+    Attributes:
+        data: the plugtune recipe mapping (still to be validated).
+        dialect: ``"plugtune"``, ``"axolotl"``, ``"LLaMA-Factory"`` or ``"TRL"``.
+        notices: one line per key that was mapped with a caveat or ignored (printed once).
+        resume: ``True`` / a checkpoint path when the config asks to resume (``plugtune train``
+            then resumes as with ``--resume``), else ``None``.
+    """
+
+    data: dict[str, Any]
+    dialect: str = "plugtune"
+    notices: list[str] = field(default_factory=list)
+    resume: bool | str | None = None
+
+    def summary(self, source: str) -> str:
+        """The one line ``plugtune train`` prints: what was detected and how it was read."""
+        if self.dialect == "plugtune":
+            return f"plugtune: {source}: plugtune recipe"
+        extra = f", {len(self.notices)} notice(s)" if self.notices else ""
+        article = "an" if self.dialect[0].lower() in "aeiou" else "a"
+        return (f"plugtune: {source}: detected {article} {self.dialect} config; translated to a plugtune "
+                f"recipe ({len(self.data)} keys{extra}; `plugtune recipe convert {source}` "
+                "prints it)")
+
+
+def is_unset(value: Any) -> bool:
+    """Empty YAML values mean "unset" (``wandb_project:`` reads as ``None``)."""
+    return value is None or (isinstance(value, str | list | dict) and len(value) == 0)
+
+
+def translate(data: dict[str, Any], source: str = "<recipe>") -> Translation:
+    """Detect the dialect of a raw config mapping and translate it.
+
+    Raises:
+        plugtune.config.RecipeError: a key the dialect recognises but plugtune cannot honour
+            (the message names the key and what plugtune lacks).
+    """
+    from plugtune.config.dialects import axolotl, llamafactory, trl
+
+    for mod in (llamafactory, trl):
+        if mod.detect(data):
+            return mod.translate(data, source)
+    return axolotl.translate(data, source)
