@@ -37,7 +37,7 @@ def tiny_models(tmp_path_factory):
         elif name == "falcon":
             from plugtune_falcon.tiny import save_tiny as save_falcon
 
-            save_falcon("new", dest, load_shared_tokenizer("falcon"))
+            save_falcon("multi_query", dest, load_shared_tokenizer("falcon"))
         else:
             from plugtune_llama.tiny import save_tiny
 

@@ -84,12 +84,35 @@ def test_axolotl_mapped_keys():
 def test_axolotl_refused_key_names_what_plugtune_lacks_and_off_values_pass():
     base = {"base_model": "m", "datasets": [{"path": "a", "type": "alpaca"}], "adapter": "lora"}
     with pytest.raises(RecipeError) as err:
-        translate({**base, "relora": True, "fsdp": ["full_shard"]}, source="x.yml")
+        translate({**base, "relora": True, "tensor_parallel_size": 2}, source="x.yml")
     msg = str(err.value)
     assert "x.yml" in msg and "relora: True" in msg and "no ReLoRA" in msg
-    assert "fsdp" in msg and "no FSDP" in msg and "unknown key" not in msg
+    assert "tensor_parallel_size: 2" in msg and "no tensor" in msg and "unknown key" not in msg
     # unset, false and axolotl's default values are not a request
     translate({**base, "relora": False, "gptq": False, "fsdp": None, "qgalore_rank": 256})
+
+
+def test_axolotl_fsdp_maps_onto_plugtunes_presets():
+    base = {"base_model": "m", "datasets": [{"path": "a", "type": "alpaca"}], "adapter": "lora",
+            "wandb_project": None}
+    assert translate({**base, "fsdp": ["full_shard", "auto_wrap"]}).data["fsdp"] == "full_shard"
+    assert translate({**base, "fsdp": "full_shard offload"}).data["fsdp"] == "full_shard_offload"
+    tr = translate({**base, "fsdp_version": 2, "fsdp_config": {
+        "reshard_after_forward": False, "state_dict_type": "FULL_STATE_DICT"}})
+    assert tr.data["fsdp"] == "shard_grad_op" and "state_dict_type" in tr.notices[0]
+    with pytest.raises(RecipeError, match="FSDP2 only"):
+        translate({**base, "fsdp_version": 1, "fsdp": ["full_shard"]})
+
+
+def test_a_method_key_without_its_method_is_axolotls_not_unknown(tmp_path):
+    cfg = tmp_path / "kto.yml"
+    cfg.write_text("base_model: m\nrl: kto\nkto_desirable_weight: 0.2\nwandb_project:\n"
+                   "datasets:\n  - path: a\n    type: alpaca\n")
+    try:
+        load_config(cfg)
+    except RecipeError as exc:  # without a KTO method installed
+        assert "kto_desirable_weight: axolotl's key, but a key of the kto training method" in str(exc)
+        assert "unknown key" not in str(exc)
 
 
 def test_axolotl_noted_key_gives_one_notice():

@@ -159,13 +159,10 @@ def cmd_train(args, console: Console) -> int:
 def cmd_recipe(args, console: Console) -> int:
     import yaml
 
-    from plugtune.config.dialects import translate
-    from plugtune.config.schema import read_config, validate_recipe
+    from plugtune.config import load_config
 
-    path, data = read_config(args.file, args.overrides)
-    tr = translate(data, source=str(path))
-    validate_recipe(tr.data, source=str(path))
-    lines = [f"# plugtune recipe from the {tr.dialect} config {path}"]
+    _, tr = load_config(args.file, args.overrides)
+    lines = [f"# plugtune recipe from the {tr.dialect} config {args.file}"]
     lines += [f"# note: {n}" for n in tr.notices]
     if tr.resume:
         lines.append("# resume: plugtune train resumes this run (--resume)")
@@ -208,7 +205,10 @@ def cmd_prepare(args, console: Console) -> int:
         row = data.train[i]
         console.rule(f"row {i}")
         console.print(tok.decode(row["input_ids"]), markup=False)
-        trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+        if spec.task == "seq2seq":  # labels are the decoder's target, not aligned with inputs
+            trained = [lab for lab in row["labels"] if lab != -100]
+        else:
+            trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
         console.rule("trained labels")
         console.print(tok.decode(trained), markup=False)
     return 0
@@ -294,11 +294,12 @@ def cmd_plugins(args, console: Console) -> int:
         print(json.dumps(info, indent=2))
         return 0
     tab = Table(title="plugtune plugins")
-    for col in ("name", "version", "families (model types)", "hooks"):
+    for col in ("name", "version", "families (model types)", "methods", "hooks"):
         tab.add_column(col)
     for p in info:
         fams = "; ".join(f"{f['name']} ({', '.join(f['model_types'])})" for f in p["families"])
-        tab.add_row(p["name"], str(p["version"]), fams, ", ".join(h.replace("plugtune_", "") for h in p["hooks"]))
+        tab.add_row(p["name"], str(p["version"]), fams, ", ".join(p["methods"]),
+                    ", ".join(h.replace("plugtune_", "") for h in p["hooks"]))
     console.print(tab)
     return 0
 

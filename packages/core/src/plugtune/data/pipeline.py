@@ -16,7 +16,7 @@ from typing import Any
 import datasets
 
 from plugtune.config import Recipe
-from plugtune.data.formats import IMAGE_PLACEHOLDER, kind_of
+from plugtune.data.formats import IMAGE_PLACEHOLDER, flatten_tools, kind_of, template_messages
 from plugtune.data.loading import DataError, load_datasets
 from plugtune.data.packing import pack_rows
 from plugtune.data.templates import ensure_chat_template
@@ -40,7 +40,7 @@ class PreparedData:
         eval: the same for evaluation, or ``None``.
         eval_examples: canonical eval examples (``prompt`` messages / ``reference`` text) for
             generation metrics (exact match, ROUGE).
-        kind: ``"chat"``, ``"text"``, ``"seq2seq"`` or ``"preference"``.
+        kind: ``"chat"``, ``"text"``, ``"seq2seq"``, ``"preference"`` or ``"kto"``.
         template: the probed chat template (``None`` for text-free kinds).
         stats: counts: samples, kept, truncated, dropped, rows, real_tokens, pad_fraction ...
         added_tokens: tokens the chat template added to the vocabulary.
@@ -70,6 +70,43 @@ def _seq2seq_view(ex: dict) -> tuple[str, str]:
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     source = "\n\n".join(m["content"] for m in msgs[:last] if m["role"] != "assistant")
     return source, msgs[last]["content"]
+
+
+_TOOL_PROBE = {"name": "plugtune_probe_fn", "description": "PLUGTUNE_PROBE_TOOL",
+               "parameters": {"type": "object", "properties": {}}}
+_tool_support: dict[str, bool] = {}
+
+
+def supports_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders tools: the ``tools=`` schemas, an assistant
+    ``tool_calls`` turn and a ``tool`` result all appear in its output (Qwen2.5, Qwen3 and
+    Llama 3.1/3.2 templates do; ChatML / alpaca / llama2 do not). Cached per template."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if template not in _tool_support:
+        msgs = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "plugtune_probe_fn",
+                                                      "arguments": {"x": 1}}}]},
+                {"role": "tool", "content": "PLUGTUNE_PROBE_RESULT"}]
+        try:
+            out = tokenizer.apply_chat_template(msgs, tools=[_TOOL_PROBE], tokenize=False)
+            ok = all(s in out for s in ("PLUGTUNE_PROBE_TOOL", "plugtune_probe_fn",
+                                        "PLUGTUNE_PROBE_RESULT"))
+        except Exception:  # a template that raises on tools has no tool support
+            ok = False
+        _tool_support[template] = ok
+    return _tool_support[template]
+
+
+def chat_for_template(tokenizer, example: dict) -> tuple[list[dict], list[dict] | None]:
+    """A canonical chat example -> ``(messages, tools)`` for ``apply_chat_template``: native
+    tool rendering when :func:`supports_tools`, else :func:`~plugtune.data.formats.flatten_tools`
+    (tools described in the system turn, calls as JSON answers, results as user turns)."""
+    msgs, tools = template_messages(example)
+    has_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs)
+    if has_tools and not supports_tools(tokenizer):
+        return flatten_tools(msgs, tools), None
+    return msgs, tools
 
 
 #: the row columns an ``encode`` function (``plugtune_encode``) returns
@@ -113,6 +150,8 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": []}
         if encode is not None:
             out["images"] = []
+        else:
+            out["cut_tokens"] = []
         keys = list(batch)
         for j in range(len(batch[keys[0]])):
             ex = {k: batch[k][j] for k in keys if batch[k][j] is not None}
@@ -124,7 +163,8 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
             elif task == "seq2seq":
                 rows = [tokenize_seq2seq(tokenizer, *_seq2seq_view(ex), max_len)]
             elif "messages" in ex:
-                rows = [tokenize_chat(tokenizer, ex["messages"], info, max_len, toi, policy)]
+                msgs, tools = chat_for_template(tokenizer, ex)
+                rows = [tokenize_chat(tokenizer, msgs, info, max_len, toi, policy, tools)]
             elif "text" in ex:
                 rows = tokenize_text(tokenizer, ex["text"], max_len, info)
             else:
@@ -160,20 +200,51 @@ def _pad_fraction(lengths: list[int], batch_size: int, grouped: bool, seed: int)
     return 1 - sum(lengths) / padded
 
 
-def finalize(tok: datasets.Dataset, recipe: Recipe, packing: bool) -> tuple[datasets.Dataset, dict]:
-    """Drop rows the length policy dropped, pack if asked, and compute the stats."""
+def finalize(tok: datasets.Dataset, recipe: Recipe, packing: bool, tokenizer=None
+             ) -> tuple[datasets.Dataset, dict]:
+    """Drop rows the length policy dropped and rows that train nothing, pack if asked, and
+    compute the stats.
+
+    Stats (besides counts of samples and rows): ``truncated_tokens`` (tokens the length policy
+    cut, summed over the ``truncated`` samples), ``untrained`` (samples with no trained token
+    other than BOS/EOS/pad: an empty response, a text of no token of its own; dropped, they
+    would only add padding), and with ``tokenizer``: ``unk_label_tokens`` /
+    ``unk_label_samples`` (trained labels that are the unknown token: text the tokenizer cannot
+    represent) with ``unk_example``, a decoded snippet around the first one.
+    """
     status = tok["status"]
+    # one Arrow -> Python conversion per column (indexing a datasets column row by row costs
+    # ~1 ms per row: 3.4 of 6.8 s of preparing 1085 samples)
+    labels = tok.select_columns(["labels"]).to_dict()["labels"] if len(tok) else []
+    specials = {getattr(tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    specials.discard(None)
+    untrained = [s not in ("dropped", "chunked")
+                 and not any(x != -100 and x not in specials for x in lab)
+                 for s, lab in zip(status, labels)]
     stats = {
         "samples": sum(1 for s in status if s != "chunked"),
         "kept": status.count("kept"),
         "truncated": status.count("truncated"),
+        "truncated_tokens": sum(tok["cut_tokens"]) if "cut_tokens" in tok.column_names else 0,
         "dropped": status.count("dropped"),
+        "untrained": sum(untrained),
         "chunked_extra_rows": status.count("chunked"),
     }
-    tok = tok.filter(lambda s: s != "dropped", input_columns="status").remove_columns("status")
-    # one Arrow -> Python conversion per column (indexing a datasets column row by row costs
-    # ~1 ms per row: 3.4 of 6.8 s of preparing 1085 samples)
-    labels = tok.select_columns(["labels"]).to_dict()["labels"] if len(tok) else []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None:
+        hits = [(i, lab) for i, lab in enumerate(labels) if unk in lab and status[i] != "dropped"]
+        stats["unk_label_tokens"] = sum(lab.count(unk) for _, lab in hits)
+        stats["unk_label_samples"] = len(hits)
+        if hits:
+            i, lab = hits[0]
+            trained = [x for x in lab if x != -100]
+            at = trained.index(unk)
+            stats["unk_example"] = tokenizer.decode(trained[max(0, at - 8): at + 8])
+    keep = [s != "dropped" and not u for s, u in zip(status, untrained)]
+    if not all(keep):
+        tok = tok.select([i for i, k in enumerate(keep) if k])
+        labels = [lab for lab, k in zip(labels, keep) if k]
+    tok = tok.remove_columns([c for c in ("status", "cut_tokens") if c in tok.column_names])
     if packing and len(tok):
         rows = pack_rows(tok.select_columns(["input_ids"]).to_dict()["input_ids"], labels,
                          recipe.sequence_len)
@@ -193,6 +264,74 @@ def finalize(tok: datasets.Dataset, recipe: Recipe, packing: bool) -> tuple[data
     return tok, stats
 
 
+def check_trainable(stats: dict, recipe: Recipe) -> None:
+    """Raise :class:`DataError` when most samples train nothing (see :func:`finalize`).
+
+    Names the recipe's dataset files; a few such samples only give a warning.
+    """
+    n, bad = stats["samples"] - stats["dropped"], stats["untrained"]
+    if not bad:
+        return
+    where = ", ".join(d.path for d in recipe.datasets)
+    if bad * 2 > n:
+        raise DataError(
+            f"{where}: {bad} of {n} samples train nothing (no trained token besides BOS/EOS: "
+            "empty responses, or text that tokenizes to nothing); check the dataset's type and "
+            "columns")
+    log.warning("%s: %d of %d samples train nothing and were left out", where, bad, n)
+
+
+def _trained_texts(ex: dict) -> list[str]:
+    """The texts of a canonical example that become trained labels."""
+    if "messages" in ex:
+        return [m["content"] for m in ex["messages"] if m["role"] == "assistant"]
+    if "target" in ex:
+        return [ex["target"]]
+    return [ex["text"]] if "text" in ex else []
+
+
+def check_representable(tokenizer, raw: datasets.Dataset, stats: dict, limit: int = 256) -> dict:
+    """Warn (once, with counts and an example) when the tokenizer loses part of the text.
+
+    Two signs: trained labels that are the unknown token (counted by :func:`finalize` over all
+    rows), and, over the first ``limit`` samples, trained texts (responses, targets, raw text)
+    that do not decode back to themselves (e.g. T5's sentencepiece turns newlines into spaces
+    and ``{`` / ``}`` into ``<unk>``). Leading/trailing whitespace is ignored.
+
+    Returns:
+        stats to add: ``lossy_samples`` (of ``lossy_checked``) and ``lossy_example``.
+    """
+    lossy, example, checked = 0, None, 0
+    cols = [c for c in ("messages", "target", "text") if c in raw.column_names]
+    if cols:
+        for ex in raw.select(range(min(limit, len(raw)))).select_columns(cols):
+            checked += 1
+            for t in _trained_texts({k: v for k, v in ex.items() if v is not None}):
+                ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+                back = tokenizer.decode(ids, skip_special_tokens=False)
+                if back.strip() != t.strip():
+                    lossy += 1
+                    example = example or (t, back)
+                    break
+    out: dict[str, Any] = {"lossy_samples": lossy, "lossy_checked": checked}
+    if stats.get("unk_label_tokens") or lossy:
+        msg = []
+        if stats.get("unk_label_tokens"):
+            msg.append(f"{stats['unk_label_tokens']} trained label tokens in "
+                       f"{stats['unk_label_samples']} samples are the unknown token "
+                       f"{tokenizer.unk_token!r} (e.g. {stats['unk_example']!r})")
+        if lossy:
+            t, back = example
+            i = next((k for k, (a, b) in enumerate(zip(t, back)) if a != b), min(len(t), len(back)))
+            out["lossy_example"] = f"{t[max(0, i - 20): i + 20]!r} -> {back[max(0, i - 20): i + 20]!r}"
+            msg.append(f"{lossy} of {checked} checked samples do not decode back to their text "
+                       f"(e.g. {out['lossy_example']})")
+        log.warning("the tokenizer cannot represent part of the text: %s; the model trains "
+                    "on what it can represent (choose a tokenizer that covers these characters, "
+                    "or clean the data)", "; ".join(msg))
+    return out
+
+
 def _eval_examples(ds: datasets.Dataset | None, limit: int | None) -> list[dict]:
     if ds is None:
         return []
@@ -200,7 +339,7 @@ def _eval_examples(ds: datasets.Dataset | None, limit: int | None) -> list[dict]
     for ex in ds.select(range(min(len(ds), limit or len(ds)))):
         ex = {k: v for k, v in ex.items() if v is not None}
         if "messages" in ex:
-            msgs = ex["messages"]
+            msgs = template_messages(ex)[0]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
             item = {"prompt": msgs[:last], "reference": msgs[last]["content"]}
             if "images" in ex:  # vision: the images whose placeholders lie in the prompt
@@ -238,7 +377,7 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
         split = train_raw.train_test_split(test_size=int(n), seed=recipe.dataset_seed)
         train_raw, eval_raw = split["train"], split["test"]
     kind = kind_of(train_raw[0]) if len(train_raw) else "chat"
-    if kind == "preference":
+    if kind in ("preference", "kto"):  # tokenized by the method (dpo.py, methods/)
         return PreparedData(train=train_raw, eval=eval_raw, eval_examples=[], kind=kind,
                             template=None, stats={"samples": len(train_raw), **load_stats},
                             raw_train=train_raw, raw_eval=eval_raw)
@@ -259,9 +398,11 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
     if recipe.sample_packing and not packable:
         log.warning("sample_packing is ignored for task %r (rows are not packed)", task)
     train_tok = tokenize_dataset(train_raw, tokenizer, recipe, task, info, encode)
-    train, stats = finalize(train_tok, recipe, recipe.sample_packing and packable)
+    train, stats = finalize(train_tok, recipe, recipe.sample_packing and packable, tokenizer)
     stats["skipped_bad_rows"] = load_stats["skipped_bad_rows"]
     stats["per_dataset"] = load_stats["per_dataset"]
+    check_trainable(stats, recipe)
+    stats.update(check_representable(tokenizer, train_raw, stats))
     if stats["rows"] == 0:
         raise DataError(
             f"no training sample left: {stats['dropped']} of {stats['samples']} samples are longer "
@@ -271,7 +412,7 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
     if eval_raw is not None and len(eval_raw):
         pack_eval = recipe.eval_sample_packing if recipe.eval_sample_packing is not None else recipe.sample_packing
         eval_tok = tokenize_dataset(eval_raw, tokenizer, recipe, task, info, encode)
-        evald, estats = finalize(eval_tok, recipe, pack_eval and packable)
+        evald, estats = finalize(eval_tok, recipe, pack_eval and packable, tokenizer)
         stats["eval"] = estats
     return PreparedData(train=train, eval=evald,
                         eval_examples=_eval_examples(eval_raw, recipe.eval_max_samples),

@@ -12,7 +12,9 @@ token ids for a response marker (which breaks when tokenization depends on conte
 
 Every trained response ends with a stop token (EOS, or the template's end-of-turn token such as
 ``<|im_end|>`` / ``<|eot_id|>``): if the template does not emit one, EOS is appended. Exactly one
-BOS starts each sequence. Labels are *not* shifted (the model shifts them).
+BOS starts each sequence whatever the text holds (:func:`one_bos`). Labels are *not* shifted
+(the model shifts them). Over-long conversations are shortened in their message contents,
+never in the template's structure (:func:`shorten_messages`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ class TemplateRenderError(ValueError):
     """The chat template cannot be split into prompt and response segments."""
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool,
+            tools: list[dict] | None = None) -> str:
+    kwargs = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
     )
 
 
@@ -63,6 +67,30 @@ class TemplateInfo:
     bos_id: int | None = None
     eos_token: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uses_bos(self) -> bool:
+        """Whether sequences start with one BOS (added by the tokenizer or the template)."""
+        return self.bos_id is not None and (self.add_bos or self.bos_in_template)
+
+
+def one_bos(ids: list[int], labels: list[int], info: TemplateInfo) -> tuple[list[int], list[int]]:
+    """Exactly one BOS at the start of ``ids`` when the model uses one, else none.
+
+    BOS ids the text itself starts with (raw text that begins with ``<s>``, a template that
+    emits ``{{ bos_token }}``, a first message that begins with it) are removed before the
+    single BOS is put back, so no sequence starts with two. The BOS is never trained.
+    """
+    bos = info.bos_id
+    if bos is None:
+        return ids, labels
+    k = 0
+    while k < len(ids) and ids[k] == bos:
+        k += 1
+    ids, labels = ids[k:], labels[k:]
+    if info.uses_bos:
+        ids, labels = [bos, *ids], [IGNORE_INDEX, *labels]
+    return ids, labels
 
 
 def probe_template(tokenizer) -> TemplateInfo:
@@ -103,11 +131,13 @@ def probe_template(tokenizer) -> TemplateInfo:
 
 
 def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
-                    train_on_inputs: bool = False) -> list[tuple[str, bool]]:
+                    train_on_inputs: bool = False, tools: list[dict] | None = None
+                    ) -> list[tuple[str, bool]]:
     """Render a conversation into ``[(text, trainable), ...]`` whose concatenation is the prompt.
 
-    Every assistant turn is trainable (multi-turn); turns after the last assistant turn are
-    dropped. A response the template does not end with a stop token gets the EOS appended.
+    Every assistant turn is trainable (multi-turn; tool calls included); turns after the last
+    assistant turn are dropped. A response the template does not end with a stop token gets the
+    EOS appended. ``tools`` (function schemas) is passed to the template on every render.
 
     Raises:
         TemplateRenderError: the template is not prefix-stable for this conversation.
@@ -118,8 +148,8 @@ def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], True) if i else ""
-        full = _render(tokenizer, messages[: i + 1], False)
+        prompt = _render(tokenizer, messages[:i], True, tools) if i else ""
+        full = _render(tokenizer, messages[: i + 1], False, tools)
         if not prompt.startswith(prev) or not full.startswith(prompt):
             raise TemplateRenderError(
                 f"chat template is not prefix-stable at turn {i}: cannot split prompt and "
@@ -159,10 +189,8 @@ def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], info: Templat
     for tid, (start, _end) in zip(ids, offsets):
         inside = any(a <= start < b for a, b in spans)
         labels.append(tid if inside else IGNORE_INDEX)
-    if info.add_bos and info.bos_id is not None:
-        ids = [info.bos_id, *ids]
-        labels = [IGNORE_INDEX, *labels]
-    return list(ids), labels
+    ids, labels = one_bos(list(ids), labels, info)
+    return ids, labels
 
 
 @dataclass
@@ -199,21 +227,95 @@ def apply_length_policy(ids: list[int], labels: list[int], max_len: int, policy:
     return [], [], "dropped"
 
 
+def _encode_chat(tokenizer, messages: list[dict], info: TemplateInfo, train_on_inputs: bool,
+                 tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    return tokenize_segments(
+        tokenizer, render_segments(tokenizer, messages, info, train_on_inputs, tools), info)
+
+
+def _cut_text_end(tokenizer, text: str, n_tokens: int) -> str:
+    """``text`` without its last ``n_tokens`` tokens (cut at a token's first character)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    keep = len(offsets) - n_tokens
+    if keep <= 0:
+        return ""
+    return text[: offsets[keep][0]].rstrip()
+
+
+def shorten_messages(tokenizer, messages: list[dict], info: TemplateInfo, max_len: int,
+                     train_on_inputs: bool = False, tools: list[dict] | None = None
+                     ) -> tuple[list[int], list[int]] | None:
+    """Fit a conversation into ``max_len`` tokens by shortening what the user wrote.
+
+    The template's structural tokens (BOS, ``<|im_start|>``, ``[INST]`` ...) and the system
+    prompt are never cut: the conversation is re-rendered after each step.
+
+    1. the oldest turns (each user turn with the assistant answer that follows it) are dropped
+       while more than the last answered turn remains;
+    2. then the end of the first remaining user message's text is cut (its beginning, usually
+       the instruction, stays; as LLaMA-Factory truncates the source from its end).
+
+    Returns:
+        ``(input_ids, labels)`` that fit, or ``None`` when even an empty first user message
+        leaves the rest (system prompt, the last answer) longer than ``max_len``.
+    """
+    msgs = [dict(m) for m in messages]
+    n_sys = 0
+    while n_sys < len(msgs) and msgs[n_sys]["role"] == "system":
+        n_sys += 1
+    ids, labels = _encode_chat(tokenizer, msgs, info, train_on_inputs, tools)
+    # 1. drop the oldest turns while another answered turn remains after them
+    while len(ids) > max_len:
+        rest = msgs[n_sys:]
+        first_answer = next((i for i, m in enumerate(rest) if m["role"] == "assistant"), None)
+        if first_answer is None or not any(m["role"] == "assistant" for m in rest[first_answer + 1:]):
+            break
+        rest = rest[first_answer + 1:]
+        while rest and rest[0]["role"] == "tool":  # a dropped tool call's results go with it
+            rest = rest[1:]
+        msgs = msgs[:n_sys] + rest
+        ids, labels = _encode_chat(tokenizer, msgs, info, train_on_inputs, tools)
+    # 2. cut the end of the first user message's text
+    user = next((i for i in range(n_sys, len(msgs)) if msgs[i]["role"] == "user"), None)
+    for _ in range(8):  # token merges at the cut can leave a token or two over: retry
+        if len(ids) <= max_len:
+            return ids, labels
+        if user is None or not msgs[user]["content"]:
+            return None
+        msgs[user] = {**msgs[user], "content": _cut_text_end(
+            tokenizer, msgs[user]["content"], len(ids) - max_len)}
+        ids, labels = _encode_chat(tokenizer, msgs, info, train_on_inputs, tools)
+    return (ids, labels) if len(ids) <= max_len else None
+
+
 def tokenize_chat(tokenizer, messages: list[dict], info: TemplateInfo, max_len: int,
-                  train_on_inputs: bool = False, policy: str = "prompt_then_drop") -> dict:
-    """One chat example -> ``{"input_ids", "labels", "length", "status"}``."""
-    segs = render_segments(tokenizer, messages, info, train_on_inputs)
-    ids, labels = tokenize_segments(tokenizer, segs, info)
-    keep = 1 if ids and info.bos_id is not None and ids[0] == info.bos_id else 0
-    ids, labels, status = apply_length_policy(ids, labels, max_len, policy, keep)
-    return {"input_ids": ids, "labels": labels, "length": len(ids), "status": status}
+                  train_on_inputs: bool = False, policy: str = "prompt_then_drop",
+                  tools: list[dict] | None = None) -> dict:
+    """One chat example -> ``{"input_ids", "labels", "length", "status", "cut_tokens"}``.
+
+    Over ``max_len``: ``prompt_then_drop`` shortens the messages (:func:`shorten_messages`;
+    ``cut_tokens`` says by how many tokens) and drops the sample when that cannot fit it;
+    ``drop`` drops it. ``tools`` (function schemas) go to the template on every render.
+    """
+    ids, labels = _encode_chat(tokenizer, messages, info, train_on_inputs, tools)
+    n, status = len(ids), "kept"
+    if n > max_len:
+        fitted = (shorten_messages(tokenizer, messages, info, max_len, train_on_inputs, tools)
+                  if policy == "prompt_then_drop" else None)
+        ids, labels, status = (*fitted, "truncated") if fitted else ([], [], "dropped")
+    return {"input_ids": ids, "labels": labels, "length": len(ids), "status": status,
+            "cut_tokens": n - len(ids) if status == "truncated" else 0}
 
 
 def tokenize_text(tokenizer, text: str, max_len: int, info: TemplateInfo) -> list[dict]:
-    """Raw text -> BOS + text + EOS, cut into ``max_len`` windows; every token trained."""
+    """Raw text -> BOS + text + EOS, cut into ``max_len`` windows; every token trained.
+
+    A BOS the text already starts with (Llama-2-formatted text) is not doubled
+    (:func:`one_bos`). A text with no token of its own gives one row of status ``"empty"``.
+    """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if info.bos_id is not None and (info.add_bos or info.bos_in_template):
-        ids = [info.bos_id, *ids]
+    ids, _ = one_bos(list(ids), list(ids), info)
     if tokenizer.eos_token_id is not None:
         ids = [*ids, tokenizer.eos_token_id]
     out = []
@@ -222,7 +324,10 @@ def tokenize_text(tokenizer, text: str, max_len: int, info: TemplateInfo) -> lis
         if len(chunk) < 2:
             continue
         out.append({"input_ids": chunk, "labels": list(chunk), "length": len(chunk),
-                    "status": "kept" if start == 0 else "chunked"})
+                    "status": "kept" if start == 0 else "chunked", "cut_tokens": 0})
+    if not out:
+        out.append({"input_ids": ids, "labels": list(ids), "length": len(ids), "status": "empty",
+                    "cut_tokens": 0})
     return out
 
 
@@ -235,12 +340,15 @@ def tokenize_seq2seq(tokenizer, source: str, target: str, max_len: int,
     """
     src = tokenizer(source, truncation=False)["input_ids"]
     tgt = tokenizer(text_target=target, truncation=False)["input_ids"]
-    status = "kept"
+    status, cut = "kept", 0
     if len(src) > max_len:
+        cut += len(src) - max_len
         src = src[: max_len - 1] + src[-1:]
         status = "truncated"
     limit = max_target_len or max_len
     if len(tgt) > limit:
+        cut += len(tgt) - limit
         tgt = tgt[: limit - 1] + tgt[-1:]
         status = "truncated"
-    return {"input_ids": src, "labels": tgt, "length": len(src), "status": status}
+    return {"input_ids": src, "labels": tgt, "length": len(src), "status": status,
+            "cut_tokens": cut}

@@ -31,6 +31,24 @@ class Translation:
     dialect: str = "plugtune"
     notices: list[str] = field(default_factory=list)
     resume: bool | str | None = None
+    foreign_keys: frozenset[str] = frozenset()
+
+    def explain(self, message: str) -> str:
+        """Reword validation errors on keys the dialect knows but no installed part of plugtune
+        takes (a training method's key, e.g. ``kto_desirable_weight`` without a KTO method):
+        they are the tool's keys, never "unknown"."""
+        if not self.foreign_keys:
+            return message
+        out = []
+        for line in message.splitlines():
+            key, sep, rest = line.strip().partition(": unknown key")
+            if sep and key in self.foreign_keys:
+                method = self.data.get("rl") or ("reward" if self.data.get("reward_model") else None)
+                why = (f"a key of the {method} training method, which is not installed"
+                       if method else "a key of a training method (rl:) this config does not set")
+                line = f"  {key}: {self.dialect}'s key, but {why}"
+            out.append(line)
+        return "\n".join(out)
 
     def summary(self, source: str) -> str:
         """The one line ``plugtune train`` prints: what was detected and how it was read."""

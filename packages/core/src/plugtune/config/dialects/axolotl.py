@@ -92,6 +92,9 @@ _MAPPED = {
     "comet_mode": "COMET_MODE",
     "trackio_project_name": "report_to: trackio + TRACKIO_PROJECT",
     "trackio_space_id": "TRACKIO_SPACE_ID",
+    "fsdp": "fsdp: a preset: full_shard (+ offload -> full_shard_offload) or shard_grad_op",
+    "fsdp_config": "fsdp: the preset its reshard_after_forward / offload_params select",
+    "fsdp_version": "plugtune shards with FSDP2 (version 1 refused)",
 }
 
 _NOTED = {
@@ -190,6 +193,7 @@ _NOTED = {
     "processor_kwargs": "the processor's saved settings are used",
     "mean_resizing_embeddings": "new embedding rows start as transformers initialises them",
     "embeddings_skip_upcast": "embeddings keep the model's dtype",
+    "fsdp_final_state_dict_type": "rank 0 saves the full adapter / model",
 }
 
 _REFUSED_GROUPS = {
@@ -204,9 +208,8 @@ _REFUSED_GROUPS = {
         qgalore_proj_bits qgalore_proj_group_size qgalore_cos_threshold qgalore_gamma_proj
         qgalore_queue_size dion_lr dion_momentum dion_rank_fraction dion_rank_multiple_of
         jagged_restart_steps jagged_restart_warmup_steps jagged_restart_anneal_steps""",
-    "plugtune has no FSDP, tensor, context or sequence parallelism (DeepSpeed ZeRO only: "
-    "deepspeed:)": """fsdp fsdp_config fsdp_version fsdp_final_state_dict_type
-        tensor_parallel_size context_parallel_size sequence_parallel_degree heads_k_stride
+    "plugtune has no tensor, context or sequence parallelism (DeepSpeed ZeRO or FSDP2 "
+    "sharding only)": """tensor_parallel_size context_parallel_size sequence_parallel_degree heads_k_stride
         ring_attn_func dp_shard_size dp_replicate_size deepcompile use_ray ray_num_workers
         ray_run_name resources_per_worker accelerator_config""",
     "plugtune has none of axolotl's kernel patches (Liger, fused/tiled MLP, chunked or flash "
@@ -451,6 +454,7 @@ def translate(data: dict[str, Any], source: str = "<recipe>") -> Translation:
     if xf := d.get("xformers_attention"):
         if xf:
             notices.append("xformers_attention: using sdpa (xformers is an axolotl patch)")
+    _fsdp(d, out, notices, errors)
     if (r := d.get("resume_from_checkpoint")) is not None:
         resume = str(r)
     elif d.get("auto_resume_from_checkpoints"):
@@ -469,7 +473,31 @@ def translate(data: dict[str, Any], source: str = "<recipe>") -> Translation:
     if errors:
         raise RecipeError(f"axolotl config {source}: keys plugtune recognises but cannot honour:\n"
                           + "\n".join(errors))
-    return Translation(data=out, dialect=NAME, notices=notices, resume=resume)
+    return Translation(data=out, dialect=NAME, notices=notices, resume=resume,
+                       foreign_keys=frozenset(KEYS))
+
+
+def _fsdp(d: dict[str, Any], out: dict[str, Any], notices: list[str], errors: list[str]) -> None:
+    """axolotl's ``fsdp`` (list of options) / ``fsdp_config`` / ``fsdp_version`` -> plugtune's
+    ``fsdp`` preset (:data:`plugtune.scale.FSDP_PRESETS`)."""
+    if not (d.get("fsdp") or d.get("fsdp_config")):
+        return
+    if d.get("fsdp_version") not in (None, 2, "2"):
+        errors.append(f"  fsdp_version: {d['fsdp_version']!r}: plugtune shards with FSDP2 only")
+        return
+    opts = d.get("fsdp") or []
+    opts = opts.split() if isinstance(opts, str) else [str(o) for o in opts]
+    cfg = d.get("fsdp_config") or {}
+    cfg = {str(k).removeprefix("fsdp_"): v for k, v in cfg.items()} if isinstance(cfg, dict) else {}
+    offload = "offload" in opts or bool(cfg.get("offload_params"))
+    if "shard_grad_op" in opts or cfg.get("reshard_after_forward") is False:
+        preset = "shard_grad_op"
+    else:
+        preset = "full_shard_offload" if offload else "full_shard"
+    out["fsdp"] = preset
+    rest = sorted(set(cfg) - {"offload_params", "reshard_after_forward", "version"})
+    if rest:
+        notices.append(f"fsdp_config: {', '.join(rest)}: plugtune's {preset} preset decides these")
 
 
 def _liger(data: dict[str, Any]) -> dict[str, Any]:
