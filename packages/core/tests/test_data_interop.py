@@ -41,8 +41,17 @@ def _glaive():
 
 
 @pytest.fixture(scope="module")
-def qwen():
+def _qwen_once():
     return load_shared_tokenizer("qwen2_5")
+
+
+@pytest.fixture
+def qwen(_qwen_once):
+    """The Qwen2.5 tokenizer with its own chat template restored after each test (tests set
+    named templates on it; a deep copy per test would cost ~2.5 s)."""
+    own = _qwen_once.chat_template
+    yield _qwen_once
+    _qwen_once.chat_template = own
 
 
 # --- LLaMA-Factory dataset_info.json ---------------------------------------------------------
@@ -150,7 +159,7 @@ def test_tool_fallback_for_templates_without_tools(qwen):
     from plugtune.data.formats import OBSERVATION_PREFIX, TOOLS_FALLBACK_HEADER
     from plugtune.data.templates import ensure_chat_template
 
-    ensure_chat_template(qwen, "chatml")  # a fresh copy per module fixture is not needed: last use
+    ensure_chat_template(qwen, "chatml")
     raw = json.loads((_lf() / "glaive_toolcall_en_demo.json").read_text())
     ds, _ = to_canonical(_glaive())
     i = next(i for i, r in enumerate(raw) if any(t["from"] == "function_call" for t in r["conversations"]))
@@ -353,3 +362,143 @@ def test_compressed_file_errors_name_the_line(tmp_path):
     p.write_bytes(gzip.compress(b'{"text": "ok"}\n{"text": broken\n'))
     with pytest.raises(DataError, match=r"bad.jsonl.gz:2: malformed JSON line"):
         to_canonical(DatasetConfig(path=str(p), type="text"))
+
+
+# --- axolotl chat_template names ---------------------------------------------------------------
+
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye."}]
+
+
+@pytest.mark.parametrize("tok_name,template", [("qwen2_5", "qwen_25"), ("gemma3", "gemma")])
+def test_named_templates_match_the_models_own(tok_name, template):
+    """plugtune's qwen_25 / gemma render as Qwen2.5's / Gemma 3's own templates (read from their
+    tokenizer_config.json; BOS aside: the tokenizer adds it, one per sequence)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from plugtune.data.templates import TEMPLATES
+
+    own = json.loads(shared_path("tokenizers", tok_name, "tokenizer_config.json").read_text())
+    for conv in (CONV, CONV[1:]):
+        def render(t, conv=conv):
+            return render_jinja_template([conv], chat_template=t, bos_token="<BOS>")[0][0]
+        assert render(own["chat_template"]).removeprefix("<BOS>") == render(TEMPLATES[template])
+
+
+def test_llama3_template_labels_and_fallback_names():
+    from plugtune.data.templates import TemplateError, ensure_chat_template
+
+    tok = load_shared_tokenizer("llama3_2")
+    assert ensure_chat_template(tok, "llama3") == []
+    row = tokenize_chat(tok, CONV, probe_template(tok), 512)
+    assert [tok.decode(s) for s in trained_spans(row["input_ids"], row["labels"])] == [
+        "Hello!<|eot_id|>", "Bye.<|eot_id|>"]
+    assert row["input_ids"].count(tok.bos_token_id) == 1 and row["input_ids"][0] == tok.bos_token_id
+    falcon = load_shared_tokenizer("falcon")  # ships no chat template
+    assert ensure_chat_template(falcon, "tokenizer_default_fallback_chatml") == ["<|im_start|>", "<|im_end|>"]
+    assert "<|im_start|>" in falcon.chat_template
+    with pytest.raises(TemplateError, match="tokenizer_default, but the tokenizer ships no chat template"):
+        ensure_chat_template(load_shared_tokenizer("falcon"), "tokenizer_default")
+    with pytest.raises(TemplateError, match="'deepseek_v3'.*not bundled"):
+        ensure_chat_template(tok, "deepseek_v3")
+
+
+@pytest.mark.parametrize("policy,expected", [
+    ("turn", ["Hello!<|im_end|>", "Bye.<|im_end|>"]),
+    ("last", ["Hello!", "Bye.<|im_end|>"]),
+    ("none", ["Hello!", "Bye."]),
+    ("all", ["<|im_end|>", "<|im_end|>", "Hello!<|im_end|>", "<|im_end|>", "Bye.<|im_end|>"]),
+])
+def test_train_on_eos(qwen, policy, expected):
+    from plugtune.data.pipeline import apply_train_on_eos
+    from plugtune.data.templates import ensure_chat_template
+
+    ensure_chat_template(qwen, "qwen_25")
+    info = probe_template(qwen)
+    row = tokenize_chat(qwen, CONV, info, 512)
+    labels = apply_train_on_eos(row["input_ids"], row["labels"], info.stop_token_ids, policy)
+    assert [qwen.decode(s) for s in trained_spans(row["input_ids"], labels)] == expected
+
+
+def test_train_on_eos_reaches_prepare(tmp_path, qwen):
+    from plugtune.data.errors import DataError
+    from plugtune.data.pipeline import prepare
+
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"messages": CONV}) + "\n")
+    ds = {"path": str(p), "type": "messages", "train_on_eos": "none"}
+    recipe = validate_recipe({"base_model": "m", "chat_template": "qwen_25", "datasets": [ds]})
+    row = prepare(recipe, qwen).train[0]
+    assert [qwen.decode(s) for s in trained_spans(row["input_ids"], row["labels"])] == ["Hello!", "Bye."]
+    recipe = validate_recipe({"base_model": "m", "datasets": [ds, {**ds, "train_on_eos": "all"}]})
+    with pytest.raises(DataError, match="different train_on_eos"):
+        prepare(recipe, qwen)
+
+
+def test_dataset_dir_relative_to_the_recipe_file(tmp_path, monkeypatch):
+    from plugtune.config import load_recipe
+
+    data = tmp_path / "proj" / "data"
+    data.mkdir(parents=True)
+    (data / "dataset_info.json").write_text(json.dumps({"identity": {"file_name": "i.json"}}))
+    (data / "i.json").write_text(json.dumps([{"instruction": "hi", "output": "Hello."}]))
+    (tmp_path / "proj" / "r.yaml").write_text("base_model: m\ndataset: identity\ndataset_dir: data\n")
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe(tmp_path / "proj" / "r.yaml")
+    assert r.datasets[0].path == str(data / "i.json")
+
+
+def test_kto_answer_renders_as_the_trained_completion():
+    import datasets
+
+    from plugtune.data.preference import render_pair
+
+    tok = load_shared_tokenizer("llama3_2")
+    path = _fixture("argilla__ultrafeedback-binarized-preferences-cleaned-kto.parquet")
+    raw = datasets.load_dataset("parquet", data_files=path, split="train")
+    ds, _ = to_canonical(DatasetConfig(path=path, type="llama3.ultra", max_samples=3))
+    info = probe_template(tok)
+    for r, ex in zip(raw, ds):
+        prompt_text, answer = render_pair(tok, info, ex["prompt"], ex["completion"])
+        assert answer == r["completion"].strip() + "<|eot_id|>" and r["prompt"].strip() in prompt_text
+
+
+def _axolotl_dataset_entries():
+    import yaml
+
+    root = shared_path("configs", "axolotl")
+    out = []
+    for cfg in sorted(root.glob("*.y*ml")):
+        for ds in yaml.safe_load(cfg.read_text()).get("datasets") or []:
+            out.append(pytest.param(cfg.name, ds, id=f"{cfg.stem}:{ds['type']}"))
+    return out
+
+
+@pytest.mark.parametrize("config,entry", _axolotl_dataset_entries())
+def test_axolotl_example_dataset_entries_load_unchanged_but_for_path(config, entry):
+    """Every ``datasets:`` entry of axolotl's example configs, with its hub id replaced by the
+    local stand-in (fixtures/README.md), loads with its own type and keys."""
+    from plugtune.data.formats import KINDS
+
+    hub = entry["path"].replace("/", "__")
+    fixtures = shared_path("configs", "axolotl", "fixtures")
+    local = next(p for p in fixtures.iterdir() if p.name.split(".")[0] == hub)
+    ds, skipped = to_canonical(DatasetConfig(**{**entry, "path": str(local)}))
+    assert len(ds) >= 1 and skipped == 0
+    kind = {"messages": "chat", "chosen": "preference", "label": "kto", "text": "text"}
+    got = next(v for k, v in kind.items() if ds[0].get(k) is not None)
+    assert got == KINDS[entry["type"]]
+
+
+def test_tool_and_plain_chat_datasets_mix_but_kinds_do_not():
+    from plugtune.data.loading import load_datasets
+
+    cfgs = [DatasetConfig(**d) for d in resolve_llamafactory(
+        "glaive_toolcall_en_demo,identity,c4_demo", _lf(), max_samples=20)]
+    mixed, stats = load_datasets(cfgs[:2])
+    assert len(mixed) == 40
+    with_tools = [ex for ex in mixed if ex["tools"]]
+    assert with_tools and any(m["tool_calls"] for ex in with_tools for m in ex["messages"])
+    with pytest.raises(DataError, match="must share a kind.*c4_demo.jsonl: text"):
+        load_datasets(cfgs)

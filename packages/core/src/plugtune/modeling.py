@@ -6,8 +6,12 @@ quantization, target discovery or generation.
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import logging
 import re
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +111,14 @@ def apply_special_tokens(tok, special: dict[str, Any]) -> list[str]:
     new = [t for v in special.values() for t in ([v] if isinstance(v, str) else v) if t not in vocab]
     tok.add_special_tokens(dict(special))
     return new
+
+
+def new_tokens(model, tok, added: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """``added`` plus every token whose id is beyond the model's input embeddings (tokens the
+    recipe's ``special_tokens`` added at load time): the rows to resize for and to train."""
+    n_rows = model.get_input_embeddings().weight.shape[0]
+    beyond = tok.convert_ids_to_tokens(list(range(n_rows, len(tok))))
+    return list(dict.fromkeys([*added, *beyond]))
 
 
 def ensure_pad_token(tok) -> None:
@@ -386,7 +398,53 @@ def _label_only_parts(model, kwargs: dict):
     backbone = base.base_model
     if type(head) is not nn.Linear or backbone is base:
         return None
+    attr = next((n for n, m in base.named_children() if m is head), None)
+    if attr is None or not plain_head_forward(type(base), attr):
+        return None
     return base, backbone, head
+
+
+@functools.cache
+def plain_head_forward(cls: type, head_attr: str) -> bool:
+    """True when ``cls.forward``'s logits are exactly ``self.<head_attr>(hidden)``: the head is
+    called once, its result is assigned once (optionally ``.contiguous()``) and never changed
+    after (no reassignment, augmented or in-place op). Soft-capping (Gemma 2, RecurrentGemma's
+    ``logits_soft_cap``), logit scales (Cohere) and anything unreadable give ``False``: such
+    models keep their own loss. Read from the source with :mod:`ast`, once per class."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
+    except (OSError, TypeError, SyntaxError):
+        return False
+
+    def is_head_call(node) -> bool:
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == head_attr and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "self")
+
+    calls = [n for n in ast.walk(tree) if is_head_call(n)]
+    if len(calls) != 1:
+        return False
+    var = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            value = node.value
+            if (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute)
+                    and value.func.attr == "contiguous" and not value.args):
+                value = value.func.value
+            if is_head_call(value):
+                var = node.targets[0].id
+    if var is None:
+        return False
+    writes = 0
+    for node in ast.walk(tree):
+        targets = (node.targets if isinstance(node, ast.Assign) else [node.target]
+                   if isinstance(node, ast.AugAssign | ast.AnnAssign) else [])
+        writes += sum(isinstance(t, ast.Name) and t.id == var for t in targets)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == var
+                and node.func.attr.endswith("_") and not node.func.attr.startswith("_")):
+            return False  # in-place op on the logits (mul_, clamp_ ...)
+    return writes == 1
 
 
 def label_only_loss(model, kwargs: dict, num_items_in_batch=None) -> torch.Tensor | None:

@@ -7,24 +7,30 @@ imports neither (see ``tests/test_import_cycles.py``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from plugtune.config import Recipe
+from plugtune.run_control import LossGuard, RunControlCallback, seeded_train_sampler
+from plugtune.runstate import (  # noqa: F401 (COMPLETE_MARKER re-exported)
+    COMPLETE_MARKER,
+    interrupted_message,
+    last_complete_checkpoint,
+)
 from plugtune.spec import Method, ModelSpec
+from plugtune.token_rows import trainable_token_indices
 from plugtune.trainer_options import adjust_training_kwargs, lora_variant_kwargs
 
 log = logging.getLogger(__name__)
-COMPLETE_MARKER = "plugtune_checkpoint_complete"
 
 
 class TrainingError(RuntimeError):
@@ -46,6 +52,10 @@ class PlugtuneTrainer(Trainer):
         self.pm = plugin_manager
         self.spec = spec
 
+    def _get_train_sampler(self, train_dataset=None):
+        # group_by_length from a seeded generator: a resumed run replays the epoch's order
+        return seeded_train_sampler(self, train_dataset) or Trainer._get_train_sampler(self, train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         n = num_items_in_batch if self.model_accepts_loss_kwargs else None
         inputs = {k: v for k, v in inputs.items() if k != "length"}
@@ -56,11 +66,15 @@ class PlugtuneTrainer(Trainer):
         if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
                 and n is not None):
             loss = loss * self.accelerator.num_processes
-        if model.training and not torch.isfinite(loss.detach()).all():
-            raise TrainingError(
-                f"loss became {loss.item()} at step {self.state.global_step + 1}; stopping. "
-                "Lower learning_rate, use bf16/fp32 instead of fp16, or check the data. The last "
-                f"complete checkpoint in {self.args.output_dir} is intact.")
+        if model.training:
+            guard = self.__dict__.setdefault("_loss_guard", LossGuard())
+            labels = inputs.get("labels")
+            trained = int((labels != -100).sum()) if labels is not None else None
+            why = guard.check(loss, self.state.global_step + 1, trained)
+            if why:
+                raise TrainingError(
+                    f"{why}; stopping. Lower learning_rate, use bf16/fp32 instead of fp16, or "
+                    f"check the data. {interrupted_message(self.args.output_dir)}")
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
@@ -77,35 +91,15 @@ try:  # seq2seq variant for encoder-decoder families (T5)
             self.spec = spec
 
         compute_loss = PlugtuneTrainer.compute_loss
+        _get_train_sampler = PlugtuneTrainer._get_train_sampler
 except ImportError:  # pragma: no cover
     PlugtuneSeq2SeqTrainer = PlugtuneTrainer  # type: ignore[misc,assignment]
 
 
-class CompleteCheckpointCallback(TrainerCallback):
-    """Write a marker into each checkpoint after it is fully saved (atomic rename)."""
-
-    def on_save(self, args, state, control, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            tmp = ckpt / (COMPLETE_MARKER + ".tmp")
-            tmp.write_text(json.dumps({"global_step": state.global_step, "time": time.time()}))
-            os.replace(tmp, ckpt / COMPLETE_MARKER)
-        return control
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that carries the completion marker."""
-    best = None
-    for d in Path(output_dir).glob("checkpoint-*"):
-        if not (d / COMPLETE_MARKER).exists():
-            continue
-        try:
-            step = int(d.name.split("-")[-1])
-        except ValueError:
-            continue
-        if best is None or step > best[0]:
-            best = (step, d)
-    return best[1] if best else None
+class CompleteCheckpointCallback(RunControlCallback):
+    """Marks each checkpoint complete and stamps it with the run's identity; SIGINT/SIGTERM save a
+    checkpoint and stop; the loss is logged at every save (see
+    :class:`plugtune.run_control.RunControlCallback`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,8 +122,10 @@ def prepare_base(spec: ModelSpec, model, gradient_checkpointing: bool | None = N
     return model
 
 
-def lora_config(spec: ModelSpec, model, pm):
-    """The ``peft.LoraConfig`` of the recipe, with targets from ``plugtune_target_modules``.
+def lora_config(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
+    """The ``peft.LoraConfig`` of the recipe, with targets from ``plugtune_target_modules``;
+    ``token_rows``: token ids whose embedding/output rows are trained too
+    (:func:`plugtune.token_rows.rows_to_train`).
 
     Raises:
         TrainingError: no plugin names target modules for the model.
@@ -143,10 +139,12 @@ def lora_config(spec: ModelSpec, model, pm):
     task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
     return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                       target_modules=targets, modules_to_save=recipe.lora_modules_to_save,
+                      trainable_token_indices=trainable_token_indices(
+                          model, token_rows, recipe.lora_modules_to_save),
                       bias="none", task_type=task, **lora_variant_kwargs(recipe))
 
 
-def apply_adapter(spec: ModelSpec, model, pm):
+def apply_adapter(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
     """Wrap ``model`` with LoRA (peft) per the recipe; prepare k-bit bases for training.
 
     Returns the (possibly wrapped) model. Full fine-tuning returns ``model`` unchanged.
@@ -157,7 +155,7 @@ def apply_adapter(spec: ModelSpec, model, pm):
         return model
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_config(spec, model, pm))
+    model = get_peft_model(model, lora_config(spec, model, pm, token_rows))
     if recipe.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return model
@@ -299,7 +297,8 @@ class MethodContext:
         model, tokenizer, processor: from ``plugtune_load`` (no adapter applied yet).
         data: :class:`plugtune.data.PreparedData` (its ``kind`` is one the method accepts).
         method: the :class:`Method` that runs.
-        resume: continue from the last complete checkpoint in ``recipe.output_dir``.
+        resume: the checkpoint to continue from (chosen by :func:`plugtune.train.train`, which
+            never picks another run's), or ``True``: the newest complete one in ``output_dir``.
         console: a ``rich`` console for progress lines, or ``None`` (logging).
         started: ``time.perf_counter()`` when the run started (for ``data_prep_seconds``).
     """
@@ -313,7 +312,7 @@ class MethodContext:
     data: Any
     method: Method
     processor: Any = None
-    resume: bool = False
+    resume: bool | Path = False
     console: Any = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -332,7 +331,8 @@ class MethodContext:
         """
         if not self.resume:
             return None
-        ckpt = last_complete_checkpoint(self.recipe.output_dir)
+        ckpt = (Path(self.resume) if isinstance(self.resume, str | Path)
+                else last_complete_checkpoint(self.recipe.output_dir))
         if ckpt is None:
             raise TrainingError(f"--resume: no complete checkpoint in {self.recipe.output_dir}")
         self.say(f"plugtune: resuming from {ckpt}")

@@ -101,8 +101,8 @@ class DatasetConfig(_Strict):
     roles_to_train: list[str] | None = Field(
         None, description="roles whose turns are trained; plugtune trains assistant turns")
     train_on_eos: Literal["turn", "all", "last", "none"] | None = Field(
-        None, description="which end-of-turn tokens are trained: turn (each trained turn's, "
-        "default), all, last, none")
+        None, description="which stop tokens are trained: turn (each trained turn's, "
+        "default), all, last, none (one value per run; see data.pipeline.apply_train_on_eos)")
     chat_template: str | None = Field(
         None, description="per-dataset chat template (must agree with the recipe's)")
     tags: dict[str, str] = Field(
@@ -116,14 +116,6 @@ class DatasetConfig(_Strict):
         if bad:
             raise ValueError(f"roles_to_train {bad}: plugtune trains assistant turns only "
                              "(other roles are always prompt); use [assistant]")
-        return v
-
-    @field_validator("train_on_eos")
-    @classmethod
-    def _train_on_eos(cls, v: str | None) -> str | None:
-        if v in ("all", "last", "none"):
-            raise ValueError(f"train_on_eos: {v} is not supported: plugtune trains the stop "
-                             "token that ends each trained turn (train_on_eos: turn)")
         return v
 
     @model_validator(mode="after")
@@ -198,6 +190,12 @@ class Recipe(_Strict):
     test_datasets: list[DatasetConfig] = Field(default_factory=list)
     val_set_size: float = Field(0.0, ge=0)
     chat_template: str | None = None
+    added_tokens: list[str] = Field(
+        default_factory=list, description="tokens to add to the vocabulary (as special tokens); "
+        "their embedding and output rows are trained (see train_token_rows)")
+    train_token_rows: bool = Field(
+        True, description="with an adapter, train the embedding/output rows of added tokens and "
+        "of stop tokens the base model never learned (plugtune.token_rows); false: never")
     train_on_inputs: bool = False
     sequence_len: int = Field(512, ge=8)
     truncation: Literal["prompt_then_drop", "drop"] = "prompt_then_drop"
@@ -513,7 +511,12 @@ def read_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
-    return path, apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides or [])
+    ddir = data.get("dataset_dir")
+    if isinstance(ddir, str) and not Path(ddir).expanduser().is_absolute() \
+            and not Path(ddir).is_dir() and (path.parent / ddir).is_dir():
+        data["dataset_dir"] = str(path.parent / ddir)  # LLaMA-Factory's folder next to the recipe
+    return path, data
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None, pm=None):

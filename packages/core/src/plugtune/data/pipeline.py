@@ -43,7 +43,8 @@ class PreparedData:
         kind: ``"chat"``, ``"text"``, ``"seq2seq"``, ``"preference"`` or ``"kto"``.
         template: the probed chat template (``None`` for text-free kinds).
         stats: counts: samples, kept, truncated, dropped, rows, real_tokens, pad_fraction ...
-        added_tokens: tokens the chat template added to the vocabulary.
+        added_tokens: tokens added to the vocabulary (the recipe's ``added_tokens``, the chat
+            template's markers); their rows are trained (:mod:`plugtune.token_rows`).
     """
 
     train: datasets.Dataset
@@ -70,6 +71,47 @@ def _seq2seq_view(ex: dict) -> tuple[str, str]:
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     source = "\n\n".join(m["content"] for m in msgs[:last] if m["role"] != "assistant")
     return source, msgs[last]["content"]
+
+
+def train_on_eos_policy(recipe: Recipe) -> str:
+    """The recipe's axolotl ``train_on_eos`` (``turn`` unless its datasets set one; they must
+    agree, since mixed datasets are tokenized together).
+
+    Raises:
+        DataError: datasets ask for different values.
+    """
+    values = {d.train_on_eos or "turn" for d in [*recipe.datasets, *recipe.test_datasets]}
+    if len(values) > 1:
+        raise DataError(f"datasets set different train_on_eos values {sorted(values)}; "
+                        "plugtune applies one per run: set the same on every dataset")
+    return values.pop()
+
+
+def apply_train_on_eos(ids: list[int], labels: list[int], stops: list[int], policy: str
+                       ) -> list[int]:
+    """axolotl's ``train_on_eos`` on one tokenized chat row (labels are not shifted).
+
+    * ``turn`` (plugtune's and axolotl's default): the stop token ending each trained turn is
+      trained (labels unchanged);
+    * ``last``: only the stop token of the last trained turn is trained;
+    * ``none``: no stop token is trained (the model is not taught to stop);
+    * ``all``: every stop token in the row is trained, also those ending user / system turns.
+
+    Args:
+        stops: the ids that end a turn (:attr:`TemplateInfo.stop_token_ids`).
+    """
+    if policy == "turn":
+        return labels
+    stop = set(stops)
+    out = list(labels)
+    if policy == "all":
+        return [t if t in stop else lab for t, lab in zip(ids, out)]
+    trained_stops = [i for i, (t, lab) in enumerate(zip(ids, out)) if lab != -100 and t in stop]
+    keep = trained_stops[-1:] if policy == "last" else []
+    for i in trained_stops:
+        if i not in keep:
+            out[i] = -100
+    return out
 
 
 _TOOL_PROBE = {"name": "plugtune_probe_fn", "description": "PLUGTUNE_PROBE_TOOL",
@@ -145,6 +187,7 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
     tokenizers; its rows also carry ``images``.
     """
     max_len, policy, toi = recipe.sequence_len, recipe.truncation, recipe.train_on_inputs
+    eos_policy = train_on_eos_policy(recipe)
 
     def fn(batch: dict) -> dict:
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": []}
@@ -165,6 +208,9 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
             elif "messages" in ex:
                 msgs, tools = chat_for_template(tokenizer, ex)
                 rows = [tokenize_chat(tokenizer, msgs, info, max_len, toi, policy, tools)]
+                if eos_policy != "turn":
+                    rows[0]["labels"] = apply_train_on_eos(
+                        rows[0]["input_ids"], rows[0]["labels"], info.stop_token_ids, eos_policy)
             elif "text" in ex:
                 rows = tokenize_text(tokenizer, ex["text"], max_len, info)
             else:
@@ -377,14 +423,16 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
         split = train_raw.train_test_split(test_size=int(n), seed=recipe.dataset_seed)
         train_raw, eval_raw = split["train"], split["test"]
     kind = kind_of(train_raw[0]) if len(train_raw) else "chat"
+    from plugtune.token_rows import add_tokens
+
+    added: list[str] = add_tokens(tokenizer, recipe.added_tokens)
     if kind in ("preference", "kto"):  # tokenized by the method (dpo.py, methods/)
         return PreparedData(train=train_raw, eval=eval_raw, eval_examples=[], kind=kind,
                             template=None, stats={"samples": len(train_raw), **load_stats},
-                            raw_train=train_raw, raw_eval=eval_raw)
+                            added_tokens=added, raw_train=train_raw, raw_eval=eval_raw)
     info = None
-    added: list[str] = []
     if task != "seq2seq" and kind == "chat":
-        added = ensure_chat_template(tokenizer, recipe.chat_template)
+        added += ensure_chat_template(tokenizer, recipe.chat_template)
         info = probe_template(tokenizer)
     elif task != "seq2seq":
         info = TemplateInfo(stop_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [],
@@ -401,6 +449,8 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
     train, stats = finalize(train_tok, recipe, recipe.sample_packing and packable, tokenizer)
     stats["skipped_bad_rows"] = load_stats["skipped_bad_rows"]
     stats["per_dataset"] = load_stats["per_dataset"]
+    if added:
+        stats["added_tokens"] = list(added)
     check_trainable(stats, recipe)
     stats.update(check_representable(tokenizer, train_raw, stats))
     if stats["rows"] == 0:

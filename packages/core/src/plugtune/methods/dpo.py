@@ -154,6 +154,8 @@ def run(ctx):
     from plugtune.data.preference import tokenize_preferences
     from plugtune.data.templates import ensure_chat_template
     from plugtune.data.tokenize import probe_template
+    from plugtune.modeling import new_tokens
+    from plugtune.run_control import fix_train_loss_entry, whole_run_loss
     from plugtune.rundir import save_run
     from plugtune.scale import gathered_state_dict
     from plugtune.trainer import (
@@ -171,9 +173,15 @@ def run(ctx):
     if spec.task != "causal":
         raise TrainingError(f"DPO supports decoder-only (causal) families; {spec.family.name!r} "
                             f"is {spec.task}")
-    added = ensure_chat_template(tokenizer, recipe.chat_template)
-    if added or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))  # template or special_tokens added some
+    added = [*data.added_tokens, *ensure_chat_template(tokenizer, recipe.chat_template)]
+    added = new_tokens(model, tokenizer, added)  # + special_tokens the recipe added
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+    from plugtune.token_rows import rows_to_train
+
+    token_rows, notice = rows_to_train(model, tokenizer, added, [], [], recipe.train_token_rows)
+    if notice and recipe.adapter != "none":
+        say(f"plugtune: {notice}")
     info = probe_template(tokenizer)
     t0 = time.perf_counter()
     train_rows, tstats = tokenize_preferences(data.raw_train, tokenizer, info, recipe.sequence_len)
@@ -196,13 +204,13 @@ def run(ctx):
     else:
         if spec.quantization is not None:
             model = prepare_base(spec, model)
-        peft_config = lora_config(spec, model, pm)
+        peft_config = lora_config(spec, model, pm, token_rows)
         reference = "base model with the adapter disabled"
     args = dpo_config(recipe, spec, eval_rows is not None)
     trainer = dpo_trainer_class()(
         model=model, ref_model=ref_model, args=args, train_dataset=train_rows,
         eval_dataset=eval_rows, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[CompleteCheckpointCallback()])
+        callbacks=[CompleteCheckpointCallback(say)])
     trainable, total = count_parameters(trainer.model)
     metrics.update(trainable_params=trainable, total_params=total,
                    trainable_share=round(trainable / max(total, 1), 6), reference=reference)
@@ -214,7 +222,10 @@ def run(ctx):
     hist = trainer.state.log_history
     acc0, acc1 = _first_last(hist, "rewards/accuracies")
     mar0, mar1 = _first_last(hist, "rewards/margins")
-    metrics.update(train_loss=out.training_loss, train_seconds=round(time.perf_counter() - t1, 2),
+    run_loss = whole_run_loss(hist)  # every step, also after a resume
+    fix_train_loss_entry(hist, run_loss)
+    metrics.update(train_loss=run_loss if run_loss is not None else out.training_loss,
+                   train_seconds=round(time.perf_counter() - t1, 2),
                    global_step=trainer.state.global_step,
                    first_rewards_accuracies=acc0, last_rewards_accuracies=acc1,
                    first_rewards_margins=mar0, last_rewards_margins=mar1)

@@ -95,6 +95,8 @@ _MAPPED = {
     "fsdp": "fsdp: a preset: full_shard (+ offload -> full_shard_offload) or shard_grad_op",
     "fsdp_config": "fsdp: the preset its reshard_after_forward / offload_params select",
     "fsdp_version": "plugtune shards with FSDP2 (version 1 refused)",
+    "tokens": "added_tokens (added to the vocabulary; an adapter trains their embedding and "
+              "output rows)",
 }
 
 _NOTED = {
@@ -259,7 +261,6 @@ _REFUSED_GROUPS = {
         """base_model_config cls_model_config model_config model_kwargs tokenizer_use_mistral_common
         added_tokens_overrides chat_template_kwargs eot_tokens role_boundaries image_size
         num_labels""",
-    "plugtune adds tokens through special_tokens only": """tokens""",
 }
 
 
@@ -420,6 +421,8 @@ def translate(data: dict[str, Any], source: str = "<recipe>") -> Translation:
             out["reward_model"] = True
     elif mt is not None:
         out["model_type"] = mt
+    if d.get("tokens"):
+        out["added_tokens"] = list(d["tokens"])
     if "tokenizer_config" in d:
         out["tokenizer"] = d["tokenizer_config"]
     if "model_revision" in d:
