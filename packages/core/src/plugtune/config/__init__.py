@@ -1,6 +1,7 @@
 """The recipe (:mod:`plugtune.config.schema`) and the config dialects of other tools
 (:mod:`plugtune.config.dialects`: axolotl, LLaMA-Factory, TRL). Imports no torch."""
 
+from plugtune.config.loading import load_config, load_recipe, read_config  # noqa: E402
 from plugtune.config.schema import (
     DATASET_TYPES,
     DatasetConfig,
@@ -13,9 +14,6 @@ from plugtune.config.schema import (
     dump_recipe,
     format_validation_error,
     list_bundled_recipes,
-    load_config,
-    load_recipe,
-    read_config,
     resolve_recipe_path,
     validate_recipe,
 )

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from plugtune.config.dialects import Translation, is_unset
+from plugtune.config.dialects.base import Translation, is_unset
 
 NAME = "axolotl"
 

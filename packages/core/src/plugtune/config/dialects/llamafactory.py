@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugtune.config.dialects import Translation, _hf, is_unset
+from plugtune.config.dialects import _hf
+from plugtune.config.dialects.base import Translation, is_unset
 
 NAME = "LLaMA-Factory"
 
@@ -45,8 +46,7 @@ NOTED = {
     "print_param_status": "plugtune prints the trainable parameter count",
     "low_cpu_mem_usage": "transformers loads weights lazily", "double_quantization":
     "plugtune's 4-bit base always uses double quantization (NF4)", "quantization_type":
-    "plugtune's 4-bit base is NF4", "overwrite_output_dir": "plugtune never overwrites a run "
-    "folder it did not write", "ignore_pad_token_for_loss": "padding never counts in the loss",
+    "plugtune's 4-bit base is NF4", "ignore_pad_token_for_loss": "padding never counts in the loss",
 }
 REFUSED = {
     "ppo/rm-free stages": "", "adapter_name_or_path": "plugtune starts a new adapter",

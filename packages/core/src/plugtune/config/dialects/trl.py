@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from plugtune.config.dialects import Translation, _hf, is_unset
+from plugtune.config.dialects import _hf
+from plugtune.config.dialects.base import Translation, is_unset
 
 NAME = "TRL"
 
