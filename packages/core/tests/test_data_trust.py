@@ -219,3 +219,19 @@ def test_preference_prompt_that_starts_with_bos_gets_one_bos():
     row = tokenize_pair(tok, info, [{"role": "system", "content": "<s>Be terse."},
                                     {"role": "user", "content": "Colour?"}], "Red.", "Blue.", 256)
     assert _leading_bos(row["prompt_ids"], tok.bos_token_id) == 1
+
+
+def test_preference_prompt_truncation_keeps_system_and_structure():
+    from plugtune.data.preference import tokenize_pair
+
+    tok, info = _prep("qwen2_5", None)
+    prompt = [{"role": "system", "content": "SYSTEM RULES."},
+              {"role": "user", "content": "Old question? " + LONG},
+              {"role": "assistant", "content": "Old answer."},
+              {"role": "user", "content": "Summarise this: " + LONG}]
+    row = tokenize_pair(tok, info, prompt, "A short summary.", "No.", 200)
+    assert row["status"] == "truncated" and row["length"] <= 200
+    text = tok.decode(row["prompt_ids"])
+    assert text.startswith("<|im_start|>system\nSYSTEM RULES.<|im_end|>")
+    assert "Old answer." not in text and "Summarise this:" in text
+    assert text.endswith("<|im_start|>assistant\n")
