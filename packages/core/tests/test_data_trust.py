@@ -210,3 +210,12 @@ def test_identical_preference_pair_names_file_and_line(tmp_path):
         {"prompt": "q", "chosen": "same", "rejected": "same"}]))
     with pytest.raises(DataError, match=rf"{p.name}:2 .*'rejected': is identical to chosen"):
         to_canonical(DatasetConfig(path=str(p), type="preference"))
+
+
+def test_preference_prompt_that_starts_with_bos_gets_one_bos():
+    from plugtune.data.preference import tokenize_pair
+
+    tok, info = _prep("llama2", "alpaca")
+    row = tokenize_pair(tok, info, [{"role": "system", "content": "<s>Be terse."},
+                                    {"role": "user", "content": "Colour?"}], "Red.", "Blue.", 256)
+    assert _leading_bos(row["prompt_ids"], tok.bos_token_id) == 1

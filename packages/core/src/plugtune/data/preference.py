@@ -23,7 +23,7 @@ from __future__ import annotations
 import datasets
 
 from plugtune.data.loading import DataError
-from plugtune.data.tokenize import TemplateInfo, TemplateRenderError, render_segments
+from plugtune.data.tokenize import TemplateInfo, TemplateRenderError, one_bos, render_segments
 
 
 def render_pair(tokenizer, info: TemplateInfo, prompt: list[dict], answer: str) -> tuple[str, str]:
@@ -58,7 +58,8 @@ def tokenize_pair(tokenizer, info: TemplateInfo, prompt: list[dict], chosen: str
     """One preference pair -> ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of ints).
 
     ``prompt_ids + chosen_ids`` is the tokenization of the rendered ``prompt + chosen`` text
-    (likewise for rejected), with one BOS in front when :attr:`TemplateInfo.add_bos`.
+    (likewise for rejected), with exactly one BOS in front when the model uses one
+    (:func:`plugtune.data.tokenize.one_bos`).
 
     Returns:
         The three id lists, ``length`` (prompt + longer answer, in tokens), ``status``
@@ -73,10 +74,8 @@ def tokenize_pair(tokenizer, info: TemplateInfo, prompt: list[dict], chosen: str
     p_ids, pc_ids, pr_ids = enc(p_text), enc(p_text + c_text), enc(p_text + r_text)
     n = min(_common_prefix(p_ids, pc_ids), _common_prefix(p_ids, pr_ids))
     prompt_ids, chosen_ids, rejected_ids = pc_ids[:n], pc_ids[n:], pr_ids[n:]
-    keep = 0
-    if info.add_bos and info.bos_id is not None:
-        prompt_ids = [info.bos_id, *prompt_ids]
-        keep = 1
+    prompt_ids, _ = one_bos(prompt_ids, list(prompt_ids), info)  # a BOS the text holds is not doubled
+    keep = 1 if info.uses_bos else 0
     status = "kept"
     longest = max(len(chosen_ids), len(rejected_ids))
     if len(prompt_ids) + longest > max_len:

@@ -135,7 +135,9 @@ def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
                     ) -> list[tuple[str, bool]]:
     """Render a conversation into ``[(text, trainable), ...]`` whose concatenation is the prompt.
 
-    Every assistant turn is trainable (multi-turn; tool calls included); turns after the last
+    Every assistant turn is trainable (multi-turn; tool calls included) unless the message has
+    ``"train": False`` (LLaMA-Factory v1 ``loss_weight: 0``, axolotl
+    ``message_field_training``); turns after the last
     assistant turn are dropped. A response the template does not end with a stop token gets the
     EOS appended. ``tools`` (function schemas) is passed to the template on every render.
 
@@ -161,7 +163,7 @@ def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
             # the template emits no stop token after this turn: append EOS so generation stops
             body += info.eos_token
         segments.append((prompt[len(prev):], train_on_inputs))
-        segments.append((body, True))
+        segments.append((body, m.get("train") is not False))  # train: False = context only
         if trailing:
             segments.append((trailing, train_on_inputs))
         prev = full
