@@ -502,3 +502,26 @@ def test_tool_and_plain_chat_datasets_mix_but_kinds_do_not():
     assert with_tools and any(m["tool_calls"] for ex in with_tools for m in ex["messages"])
     with pytest.raises(DataError, match="must share a kind.*c4_demo.jsonl: text"):
         load_datasets(cfgs)
+
+
+def test_per_turn_training_flags(tmp_path, qwen):
+    """LLaMA-Factory v1 ``loss_weight`` and axolotl ``message_field_training``: an assistant turn
+    marked untrained is context only."""
+    turns = [{"role": "user", "content": [{"type": "text", "value": "hi"}], "loss_weight": 0.0},
+             {"role": "assistant", "content": [{"type": "text", "value": "Hello."}], "loss_weight": 0.0},
+             {"role": "user", "content": [{"type": "text", "value": "bye"}], "loss_weight": 0.0},
+             {"role": "assistant", "content": [{"type": "text", "value": "Bye."}], "loss_weight": 1.0}]
+    p = tmp_path / "v1.jsonl"
+    p.write_text(json.dumps({"messages": turns}) + "\n")
+    ds, _ = to_canonical(DatasetConfig(path=str(p), type="messages"))
+    assert _trained_spans(qwen, _tokenize(qwen, ds[0])) == ["Bye.<|im_end|>"]
+    q = tmp_path / "ax.jsonl"
+    q.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello.", "train": False},
+        {"role": "user", "content": "bye"}, {"role": "assistant", "content": "Bye.", "train": True}]}) + "\n")
+    ds, _ = to_canonical(DatasetConfig(path=str(q), type="chat_template", message_field_training="train"))
+    assert _trained_spans(qwen, _tokenize(qwen, ds[0])) == ["Bye.<|im_end|>"]
+    turns[3]["loss_weight"] = 0.5
+    p.write_text(json.dumps({"messages": turns}) + "\n")
+    with pytest.raises(DataError, match=r"v1.jsonl:1 .*loss_weight.*only 0 \(not trained\) or 1"):
+        to_canonical(DatasetConfig(path=str(p), type="messages"))

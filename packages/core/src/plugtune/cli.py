@@ -86,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset file (default: the recipe's test_datasets)")
     e.add_argument("--type", default=None, help="dataset type of --data (default: the recipe's)")
     e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--columns", action="append", default=[], metavar="FIELD=COLUMN[,...]",
+                   help="map --data's columns to the format's fields, e.g. "
+                        "instruction=question,output=answer (default: the recipe's columns "
+                        "when --type is the recipe's)")
+    e.add_argument("--no-base", action="store_true",
+                   help="skip the base model (adapter runs are also evaluated without the adapter)")
 
     pl = sub.add_parser("plugins", help="list installed plugins")
     pl.add_argument("--json", action="store_true")
@@ -286,9 +292,21 @@ def cmd_eval(args, console: Console) -> int:
     spec, loaded, pm = load_run(args.run_dir)
     recipe = spec.recipe
     if args.data:
-        dtype = args.type or recipe.datasets[0].type
-        test = [DatasetConfig(path=args.data, type=dtype, columns=recipe.datasets[0].columns,
-                              system_prompt=recipe.datasets[0].system_prompt)]
+        first = recipe.datasets[0]
+        dtype = args.type or first.type
+        columns = dict(first.columns) if dtype == first.type else {}
+        for item in ",".join(args.columns).split(","):
+            if not item.strip():
+                continue
+            field, sep, col = item.partition("=")
+            if not sep or not field.strip() or not col.strip():
+                from plugtune.config import RecipeError
+
+                raise RecipeError(f"--columns {item!r}: expected FIELD=COLUMN, e.g. "
+                                  "instruction=question")
+            columns[field.strip()] = col.strip()
+        test = [DatasetConfig(path=args.data, type=dtype, columns=columns,
+                              system_prompt=first.system_prompt)]
     elif recipe.test_datasets:
         test = recipe.test_datasets
     else:
@@ -308,22 +326,41 @@ def cmd_eval(args, console: Console) -> int:
     import torch
 
     collate = pm.hook.plugtune_collate(spec=spec, tokenizer=loaded.tokenizer, processor=loaded.processor)
-    tot, n = 0.0, 0
     rows = data.eval if data.eval is not None else data.train
     limit = min(len(rows), args.max_samples or len(rows))
-    with torch.no_grad():
-        for k in range(0, limit, 8):
-            batch = collate([rows[i] for i in range(k, min(k + 8, limit))])
-            ntok = int((batch["labels"] != -100).sum())
-            loss = pm.hook.plugtune_train_step(spec=spec, model=loaded.model, batch=batch,
-                                               num_items_in_batch=None)
-            tot += float(loss) * ntok
-            n += ntok
-    res = {"eval_loss": round(tot / max(n, 1), 4), "perplexity": round(math.exp(min(tot / max(n, 1), 50)), 3)}
     metrics = [m for m in recipe.eval_metrics if m in ("exact_match", "rouge")] or ["exact_match"]
-    res.update(evaluate_generation(pm, spec, loaded.model, loaded.tokenizer, data.eval_examples,
-                                   metrics, recipe.generation.max_new_tokens,
-                                   processor=loaded.processor))
+    if spec.task == "seq2seq" and "rouge" not in metrics:  # summarization: ROUGE is the metric
+        metrics.append("rouge")
+
+    def evaluate(model) -> dict:
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for k in range(0, limit, 8):
+                batch = collate([rows[i] for i in range(k, min(k + 8, limit))])
+                ntok = int((batch["labels"] != -100).sum())
+                loss = pm.hook.plugtune_train_step(spec=spec, model=model, batch=batch,
+                                                   num_items_in_batch=None)
+                tot += float(loss) * ntok
+                n += ntok
+        res = {"eval_loss": round(tot / max(n, 1), 4),
+               "perplexity": round(math.exp(min(tot / max(n, 1), 50)), 3)}
+        res.update(evaluate_generation(pm, spec, model, loaded.tokenizer, data.eval_examples,
+                                       metrics, recipe.generation.max_new_tokens,
+                                       processor=loaded.processor))
+        return res
+
+    res = evaluate(loaded.model)
+    if hasattr(loaded.model, "disable_adapter") and not args.no_base:
+        with loaded.model.disable_adapter():  # the base the adapter was trained on
+            res["base"] = {k: v for k, v in evaluate(loaded.model).items() if k != "samples"}
+        tab = Table(title=f"plugtune eval: base vs fine-tuned ({res.get('n', limit)} samples)")
+        for col in ("metric", "base", "fine-tuned"):
+            tab.add_column(col)
+        for k, v in res.items():
+            if k in ("base", "samples", "n") or isinstance(v, dict | list):
+                continue
+            tab.add_row(k, str(res["base"].get(k, "-")), str(v))
+        Console(stderr=True).print(tab)  # stdout stays one JSON document
     console.print_json(json.dumps(res, default=str))
     return 0
 

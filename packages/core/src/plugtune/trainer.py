@@ -52,6 +52,16 @@ class PlugtuneTrainer(Trainer):
         self.pm = plugin_manager
         self.spec = spec
 
+    def create_optimizer(self, *args, **kwargs):
+        """The Trainer's optimizer, with the trained token rows (:mod:`plugtune.token_rows`) in
+        their own parameter groups at ``token_rows_lr_scale`` x the learning rate."""
+        from plugtune.token_rows import scale_token_rows_lr
+
+        opt = super().create_optimizer(*args, **kwargs)
+        if self.spec is not None:
+            scale_token_rows_lr(opt, self.model, self.spec.recipe.token_rows_lr_scale)
+        return opt
+
     def _get_train_sampler(self, train_dataset=None):
         # group_by_length from a seeded generator: a resumed run replays the epoch's order
         return seeded_train_sampler(self, train_dataset) or Trainer._get_train_sampler(self, train_dataset)

@@ -357,6 +357,7 @@ def dataset_shape(cfg: DatasetConfig, local_file: Path | None = None) -> tuple[d
     base = cfg.image_dir or (local_file.parent if local_file else where if where.is_dir() else None)
     shape = Shape(role_key=role_key, content_key=content_key, roles=roles, base_dir=base,
                   allow_images=cfg.type in ("vision", "chat_template"),
+                  training_key=cfg.message_field_training,
                   image_cache=Path(datasets.config.HF_DATASETS_CACHE) / "plugtune_images")
     return cols, shape
 
