@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset file (default: the recipe's test_datasets)")
     e.add_argument("--type", default=None, help="dataset type of --data (default: the recipe's)")
     e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--metrics", default=None, metavar="M[,M...]",
+                   help="loss, perplexity, exact_match, rouge (default: the recipe's eval_metrics; "
+                        "loss and perplexity alone skip generation)")
 
     pl = sub.add_parser("plugins", help="list installed plugins")
     pl.add_argument("--json", action="store_true")
@@ -204,12 +207,22 @@ def cmd_eval(args, console: Console) -> int:
     from plugtune.evaluate import evaluate_generation
     from plugtune.runs import load_run
 
+    wanted = None
+    if args.metrics:
+        wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        bad = [m for m in wanted if m not in ("loss", "perplexity", "exact_match", "rouge")]
+        if bad or not wanted:
+            console.print(f"error: --metrics {args.metrics!r}: expected a comma list of "
+                          "loss, perplexity, exact_match, rouge")
+            return 2
     spec, loaded, pm = load_run(args.run_dir)
     recipe = spec.recipe
     if args.data:
-        dtype = args.type or recipe.datasets[0].type
-        test = [DatasetConfig(path=args.data, type=dtype, columns=recipe.datasets[0].columns,
-                              system_prompt=recipe.datasets[0].system_prompt)]
+        first = recipe.datasets[0]
+        dtype = args.type or first.type
+        same = dtype == first.type  # another format: the run's columns / system turn do not apply
+        test = [DatasetConfig(path=args.data, type=dtype, columns=first.columns if same else {},
+                              system_prompt=first.system_prompt if same else None)]
     elif recipe.test_datasets:
         test = recipe.test_datasets
     else:
@@ -241,7 +254,14 @@ def cmd_eval(args, console: Console) -> int:
             tot += float(loss) * ntok
             n += ntok
     res = {"eval_loss": round(tot / max(n, 1), 4), "perplexity": round(math.exp(min(tot / max(n, 1), 50)), 3)}
-    metrics = [m for m in recipe.eval_metrics if m in ("exact_match", "rouge")] or ["exact_match"]
+    res["n_tokens"] = n
+    if wanted is not None:
+        metrics = [m for m in wanted if m in ("exact_match", "rouge")]
+        if not metrics:  # loss / perplexity only: no generation
+            console.print_json(json.dumps(res, default=str))
+            return 0
+    else:
+        metrics = [m for m in recipe.eval_metrics if m in ("exact_match", "rouge")] or ["exact_match"]
     res.update(evaluate_generation(pm, spec, loaded.model, loaded.tokenizer, data.eval_examples,
                                    metrics, recipe.generation.max_new_tokens,
                                    processor=loaded.processor))
