@@ -56,7 +56,7 @@ def integration(session: nox.Session) -> None:
     benchmark's bookkeeping tests (no timing)."""
     _install(session, _core("test,eval,quant,vision"),
              *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS], "gguf")  # gguf: SmolLM2 smoke
-    session.run(*PYTEST, "tests", "bench/test_bench.py", *session.posargs)
+    session.run(*PYTEST, "tests", "bench/test_bench.py", "bench/test_gpu.py", *session.posargs)
 
 
 @nox.session(tags=["tests"])

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from plugtune.config import RecipeError, validate_recipe
+from plugtune.data.preference import tokenize_pair
 from plugtune.data.templates import ensure_chat_template
 from plugtune.data.tokenize import probe_template, tokenize_chat
-from plugtune.dpo import dpo_config, tokenize_pair
+from plugtune.methods.dpo import dpo_config
 from plugtune.testing import load_shared_tokenizer, make_spec, shared_path
 
 PROMPT = [{"role": "system", "content": "Be brief."},

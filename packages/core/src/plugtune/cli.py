@@ -1,6 +1,7 @@
 """The ``plugtune`` command line.
 
-    plugtune train RECIPE [--set key=value ...] [--resume]
+    plugtune train RECIPE [--set key=value ...] [--overwrite]
+    plugtune train --resume RUN_DIR [--set key=value ...]   (or: train RECIPE --resume)
     plugtune prepare RECIPE [--set ...]           data statistics without training
     plugtune generate RUN_DIR --prompt TEXT [--image PATH ...] [--max-new-tokens N]
     plugtune eval RUN_DIR [--data FILE --type T]  loss + generation metrics
@@ -33,10 +34,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from plugtune.modeling import ModelLoadError
     from plugtune.plugins import PluginError
     from plugtune.runs import RunDirError
+    from plugtune.runstate import RunStateError
     from plugtune.train import TrainingError
 
     errors = (RecipeError, DataError, TemplateError, TemplateRenderError, ModelLoadError,
-              PluginError, RunDirError, TrainingError)
+              PluginError, RunDirError, RunStateError, TrainingError)
     return errors + _scale_errors()
 
 
@@ -54,10 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune from a recipe")
-    t.add_argument("recipe", help="recipe file or bundled recipe name")
+    t.add_argument("recipe", nargs="?", help="recipe file or bundled recipe name (not needed "
+                   "with --resume RUN_DIR: the run's own recipe is used)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key (dotted paths: datasets.0.path=...)")
-    t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue a run from its newest complete checkpoint: RUN_DIR (its saved "
+                        "recipe is used), or RECIPE's output_dir")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output_dir that holds another run (its files are "
+                        "removed, each named)")
 
     pr = sub.add_parser("prepare", help="run the data pipeline and print its statistics")
     pr.add_argument("recipe")
@@ -116,12 +124,45 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_train(args, console: Console) -> int:
-    from plugtune.config import load_recipe
-    from plugtune.train import train
+def train_recipe(args):
+    """The recipe of ``plugtune train`` and whether it resumes; checks the folder for
+    ``--resume`` without importing torch (nothing to resume fails before any model loads).
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume, console=console)
+    Raises:
+        RecipeError: no recipe and no ``--resume RUN_DIR``; an invalid recipe/override.
+        RunStateError: nothing of this run to resume.
+    """
+    from plugtune.config import RecipeError, load_recipe
+    from plugtune.runstate import recipe_from_run, run_record, select_checkpoint
+
+    resume = args.resume
+    if isinstance(resume, str):
+        if args.recipe:
+            raise RecipeError("give either RECIPE --resume or --resume RUN_DIR, not both")
+        recipe = recipe_from_run(resume, args.overrides)
+    elif args.recipe:
+        recipe = load_recipe(args.recipe, args.overrides)
+    else:
+        raise RecipeError("plugtune train: give a RECIPE, or --resume RUN_DIR")
+    if resume:
+        select_checkpoint(recipe.output_dir, run_record(recipe))
+    return recipe, bool(resume)
+
+
+def cmd_train(args, console: Console) -> int:
+    recipe, resume = train_recipe(args)  # fast: no torch import before this check
+    from plugtune.runstate import interrupted_message
+    from plugtune.train import TrainingInterrupted, train
+
+    try:
+        result = train(recipe, resume=resume, overwrite=args.overwrite, console=console)
+    except TrainingInterrupted as exc:
+        Console(stderr=True).print(f"interrupted: {exc}", markup=False, highlight=False)
+        return 130
+    except KeyboardInterrupt:
+        Console(stderr=True).print(f"aborted; {interrupted_message(recipe.output_dir)}",
+                                   markup=False, highlight=False)
+        return 130
     m = result.metrics
     if m.get("before") or m.get("after"):
         tab = Table(title="held-out metrics")
@@ -277,11 +318,12 @@ def cmd_plugins(args, console: Console) -> int:
         print(json.dumps(info, indent=2))
         return 0
     tab = Table(title="plugtune plugins")
-    for col in ("name", "version", "families (model types)", "hooks"):
+    for col in ("name", "version", "families (model types)", "methods", "hooks"):
         tab.add_column(col)
     for p in info:
         fams = "; ".join(f"{f['name']} ({', '.join(f['model_types'])})" for f in p["families"])
-        tab.add_row(p["name"], str(p["version"]), fams, ", ".join(h.replace("plugtune_", "") for h in p["hooks"]))
+        tab.add_row(p["name"], str(p["version"]), fams, ", ".join(p["methods"]),
+                    ", ".join(h.replace("plugtune_", "") for h in p["hooks"]))
     console.print(tab)
     return 0
 
@@ -368,11 +410,17 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     try:
         return COMMANDS[args.command](args, console)
-    except _known_errors() as exc:
+    except Exception as exc:
+        from plugtune.config import RecipeError
+        from plugtune.runstate import RunStateError
+
+        # the light errors first: `train --resume` with nothing to resume never imports torch
+        if not isinstance(exc, RecipeError | RunStateError) and not isinstance(exc, _known_errors()):
+            raise
         Console(stderr=True).print(f"error: {exc}", style="bold red", markup=False, highlight=False)
         return 2
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; the last complete checkpoint is intact")
+        Console(stderr=True).print("interrupted")
         return 130
 
 

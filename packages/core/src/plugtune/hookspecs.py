@@ -20,8 +20,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable, Sequence
 
     import torch
+    from pydantic import BaseModel
 
-    from plugtune.spec import Family, Loaded, ModelSpec
+    from plugtune.spec import Family, Loaded, Method, ModelSpec
 
 hookspec = pluggy.HookspecMarker("plugtune")
 hookimpl = pluggy.HookimplMarker("plugtune")
@@ -36,6 +37,39 @@ def plugtune_families() -> Sequence[Family]:
         ``config.model_type`` values (``transformers`` ``PretrainedConfig.model_type``) it
         claims. Core builds a routing table from all answers; two plugins claiming one
         ``model_type`` raise :class:`plugtune.plugins.PluginConflictError` naming both.
+    """
+
+
+@hookspec
+def plugtune_methods() -> Sequence[Method]:
+    """Declare the training methods this plugin provides (1:N: every plugin answers).
+
+    Core's own methods (``sft``, ``dpo`` ...) are built-in plugins answering this hook
+    (``plugtune.methods``); a third party publishes ``plugtune-<method>`` the same way.
+
+    Returns:
+        A sequence of :class:`plugtune.spec.Method`: its name and aliases (values of the
+        recipe's ``rl:`` key), the data kinds it accepts, its ``run(ctx)`` function (a callable
+        or a lazily imported ``"module:function"``) and an optional pydantic model of the recipe
+        keys it adds. Two plugins declaring one name raise
+        :class:`plugtune.plugins.PluginConflictError`; a recipe naming no installed method
+        raises :class:`plugtune.config.RecipeError` listing the installed ones.
+
+    The module answering this hook is imported whenever a recipe is validated: keep torch,
+    transformers and trl imports inside functions (``Method.run`` as ``"module:function"``).
+    """
+
+
+@hookspec
+def plugtune_recipe_keys() -> Sequence[type[BaseModel]]:
+    """Add recipe keys: pydantic models merged into the recipe schema (1:N).
+
+    Each answer is a ``pydantic.BaseModel`` subclass whose fields are extra top-level recipe
+    keys (give every field a default; use ``model_config = ConfigDict(extra="forbid")``).
+    They are validated like core keys (wrong types and unknown keys name the key path) and
+    read back as attributes of the recipe (``recipe.my_key``). A method's own keys may
+    instead be given as :attr:`plugtune.spec.Method.keys`. As for ``plugtune_methods``,
+    keep heavy imports out of the module top: recipe validation must stay fast.
     """
 
 

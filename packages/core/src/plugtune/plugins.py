@@ -23,10 +23,13 @@ from dataclasses import dataclass
 import pluggy
 
 from plugtune import hookspecs
-from plugtune.spec import Family
+from plugtune.spec import Family, Method
 
 ENTRY_POINT_GROUP = "plugtune"
-DEFAULT_PLUGINS = ("plugtune.default_plugins.causal_lm",)
+#: core's training methods, registered as built-in plugins (``plugtune_methods``); importing
+#: them is cheap (no torch), so recipe validation can collect their keys
+BUILTIN_METHODS = ("plugtune.methods.sft", "plugtune.methods.dpo")
+DEFAULT_PLUGINS = ("plugtune.default_plugins.causal_lm", *BUILTIN_METHODS)
 
 
 class PluginError(RuntimeError):
@@ -39,6 +42,10 @@ class PluginConflictError(PluginError):
 
 class UnknownModelError(PluginError):
     """No installed plugin claims a model's ``model_type``."""
+
+
+class UnknownMethodError(PluginError):
+    """No installed plugin declares the recipe's training method (``rl:``)."""
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -100,6 +107,76 @@ def get_plugin_manager(
             pm.register(module, name=name)
     pm.check_pending()
     return pm
+
+
+def methods_plugin_manager() -> pluggy.PluginManager:
+    """A plugin manager holding only core's built-in methods: no family plugins, no entry
+    points, no torch. Recipe validation uses it first (fast path, see
+    :func:`plugtune.config.validate_recipe`)."""
+    pm = pluggy.PluginManager("plugtune")
+    pm.add_hookspecs(hookspecs)
+    for mod in BUILTIN_METHODS:
+        pm.register(importlib.import_module(mod), name=mod)
+    return pm
+
+
+def method_table(pm: pluggy.PluginManager) -> dict[str, tuple[str, Method]]:
+    """``rl`` value (names and aliases) -> ``(plugin name, Method)`` from every
+    ``plugtune_methods`` answer.
+
+    Raises:
+        PluginConflictError: two plugins declare one name or alias (message names both).
+    """
+    table: dict[str, tuple[str, Method]] = {}
+    for impl in pm.hook.plugtune_methods.get_hookimpls():
+        for method in impl.function() or []:
+            for name in (method.name, *method.aliases):
+                if name in table and table[name][0] != impl.plugin_name:
+                    raise PluginConflictError(
+                        f"training method {name!r} is declared by two plugins: "
+                        f"{table[name][0]!r} and {impl.plugin_name!r}; uninstall one or set "
+                        f"PLUGTUNE_DISABLE_PLUGINS={impl.plugin_name}")
+                table[name] = (impl.plugin_name, method)
+    return table
+
+
+def resolve_method(pm: pluggy.PluginManager, name: str) -> Method:
+    """The :class:`Method` whose name or alias is ``name``.
+
+    Raises:
+        UnknownMethodError: none; the message lists the installed methods.
+    """
+    table = method_table(pm)
+    if name in table:
+        return table[name][1]
+    raise UnknownMethodError(
+        f"unknown training method rl: {name!r}; installed methods: {describe_methods(table)}. "
+        f"A method from another package is installed as a plugtune plugin (pip install "
+        f"plugtune-<method>).")
+
+
+def describe_methods(table: dict[str, tuple[str, Method]]) -> str:
+    """``"dpo (aliases ipo; plugin x), sft (...)"``: one entry per method of ``table``."""
+    seen: dict[str, str] = {}
+    for plugin, m in table.values():
+        alias = f"aliases {', '.join(m.aliases)}; " if m.aliases else ""
+        seen[m.name] = f"{m.name} ({alias}plugin {plugin})"
+    return ", ".join(seen[k] for k in sorted(seen)) or "none"
+
+
+def recipe_key_models(pm: pluggy.PluginManager) -> tuple[type, ...]:
+    """The pydantic models of plugin-contributed recipe keys: every method's
+    :attr:`Method.keys` and every ``plugtune_recipe_keys`` answer, in registration order,
+    without repeats."""
+    out: list[type] = []
+    for _, method in method_table(pm).values():
+        if method.keys is not None and method.keys not in out:
+            out.append(method.keys)
+    for answer in pm.hook.plugtune_recipe_keys():
+        for model in answer or []:
+            if model not in out:
+                out.append(model)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -172,7 +249,11 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict]:
             from plugtune import __version__
 
             version = __version__ if name.startswith("plugtune.") else "unknown"
+        methods = []
+        if hasattr(plugin, "plugtune_methods"):
+            methods = [m.name for m in plugin.plugtune_methods() or []]
         out.append(
-            {"name": name, "distribution": dist, "version": version, "families": fams, "hooks": hooks}
+            {"name": name, "distribution": dist, "version": version, "families": fams,
+             "methods": methods, "hooks": hooks}
         )
     return out

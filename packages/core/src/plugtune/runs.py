@@ -49,6 +49,10 @@ def load_run(run_dir: str | Path, pm=None) -> tuple[ModelSpec, Loaded, object]:
     pm = pm or get_plugin_manager()
     spec = build_spec(recipe, pm)
     loaded = pm.hook.plugtune_load(spec=spec)
+    if spec.quantization == "4bit":
+        from plugtune.kbit import cpu_4bit_fallback
+
+        cpu_4bit_fallback(loaded.model)
     if adapter:
         from peft import PeftModel
 

@@ -1,14 +1,21 @@
-"""Value types passed to and returned from hooks."""
+"""Value types passed to and returned from hooks.
+
+Importing this module is cheap (no torch): the plugin manager and the recipe validation
+(which collects the methods' recipe keys) import it before any model work starts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from pydantic import BaseModel
 
-from plugtune.config import Recipe
+    from plugtune.config import Recipe
 
 
 @dataclass(frozen=True)
@@ -59,9 +66,15 @@ class ModelSpec:
     plugin: str
     recipe: Recipe
     hf_config: Any = None
-    torch_dtype: torch.dtype = torch.float32
+    torch_dtype: torch.dtype | None = None  # None: torch.float32
     quantization: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.torch_dtype is None:
+            import torch
+
+            self.torch_dtype = torch.float32
 
     @property
     def task(self) -> str:
@@ -76,6 +89,8 @@ class ModelSpec:
 
 
 def cuda_supports_bf16() -> bool:
+    import torch
+
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
@@ -85,6 +100,47 @@ def resolve_dtype(requested: str) -> torch.dtype:
     ``auto`` picks bf16 on CUDA devices that support it and fp32 elsewhere: on CPUs without AMX
     bf16 matmuls are ~22x slower than fp32 (measured, ../shared/FINDINGS.md).
     """
+    import torch
+
     if requested == "auto":
         return torch.bfloat16 if cuda_supports_bf16() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method (``sft``, ``dpo``, ``kto`` ...) a plugin declares through
+    ``plugtune_methods``; core's own methods are built-in plugins declared the same way
+    (``plugtune.methods``).
+
+    Attributes:
+        name: the value of the recipe's ``rl:`` key (``"sft"`` when ``rl`` is unset).
+        run: ``run(ctx: plugtune.trainer.MethodContext) -> plugtune.trainer.RunResult``: builds
+            the method's Trainer from the prepared data and the loaded (not yet adapted) model,
+            trains, saves the run directory. Either the callable or a ``"module:function"``
+            string, imported only when the method runs (keeps recipe validation free of torch).
+        aliases: other ``rl:`` values that select this method (e.g. ``ipo`` for DPO with
+            ``loss_type: ipo``; the method reads ``recipe.rl`` to tell which was asked).
+        data_kinds: the :attr:`plugtune.data.PreparedData.kind` values the method accepts
+            (``"chat"``, ``"text"``, ``"seq2seq"``, ``"vision"``, ``"preference"`` ...); an
+            empty tuple accepts any. A mismatch is a ``TrainingError`` naming both.
+        keys: a pydantic model of the recipe keys the method adds (merged into the recipe
+            schema, validated like core keys); ``None`` when it adds none.
+        description: one line shown by ``plugtune plugins``.
+    """
+
+    name: str
+    run: Callable[..., Any] | str
+    aliases: tuple[str, ...] = ()
+    data_kinds: tuple[str, ...] = ()
+    keys: type[BaseModel] | None = None
+    description: str = ""
+
+    def load_run(self) -> Callable[..., Any]:
+        """The ``run`` callable (imports ``"module:function"`` strings)."""
+        if callable(self.run):
+            return self.run
+        import importlib
+
+        mod, _, fn = self.run.partition(":")
+        return getattr(importlib.import_module(mod), fn)

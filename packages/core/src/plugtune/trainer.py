@@ -1,0 +1,338 @@
+"""What every training method shares: the hook-driven Trainer, checkpoint markers, adapters,
+``TrainingArguments`` from the recipe, and the :class:`MethodContext` a method's ``run`` gets.
+
+Methods (``plugtune.methods.*``) and the run (``plugtune.train``) both import this module; it
+imports neither (see ``tests/test_import_cycles.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import Trainer
+
+from plugtune.config import Recipe
+from plugtune.run_control import LossGuard, RunControlCallback, seeded_train_sampler
+from plugtune.runstate import (  # noqa: F401 (COMPLETE_MARKER re-exported)
+    COMPLETE_MARKER,
+    interrupted_message,
+    last_complete_checkpoint,
+)
+from plugtune.spec import Method, ModelSpec
+from plugtune.token_rows import trainable_token_indices
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite loss, no checkpoint to resume, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer
+
+
+class PlugtuneTrainer(Trainer):
+    """``transformers.Trainer`` whose loss comes from the ``plugtune_train_step`` hook.
+
+    Stops with :class:`TrainingError` naming the step when the loss turns NaN/inf.
+    """
+
+    def __init__(self, *args, plugin_manager=None, spec: ModelSpec | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pm = plugin_manager
+        self.spec = spec
+
+    def _get_train_sampler(self, train_dataset=None):
+        # group_by_length from a seeded generator: a resumed run replays the epoch's order
+        return seeded_train_sampler(self, train_dataset) or Trainer._get_train_sampler(self, train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        n = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        inputs = {k: v for k, v in inputs.items() if k != "length"}
+        loss = self.pm.hook.plugtune_train_step(spec=self.spec, model=model, batch=inputs,
+                                                num_items_in_batch=n)
+        if loss is None:
+            raise TrainingError(f"no plugin computed a loss for family {self.spec.family.name!r}")
+        if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+                and n is not None):
+            loss = loss * self.accelerator.num_processes
+        if model.training:
+            guard = self.__dict__.setdefault("_loss_guard", LossGuard())
+            labels = inputs.get("labels")
+            trained = int((labels != -100).sum()) if labels is not None else None
+            why = guard.check(loss, self.state.global_step + 1, trained)
+            if why:
+                raise TrainingError(
+                    f"{why}; stopping. Lower learning_rate, use bf16/fp32 instead of fp16, or "
+                    f"check the data. {interrupted_message(self.args.output_dir)}")
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+
+try:  # seq2seq variant for encoder-decoder families (T5)
+    from transformers import Seq2SeqTrainer
+
+    class PlugtuneSeq2SeqTrainer(Seq2SeqTrainer):  # type: ignore[misc]
+        """``Seq2SeqTrainer`` with :class:`PlugtuneTrainer`'s hook-driven ``compute_loss``."""
+
+        def __init__(self, *args, plugin_manager=None, spec: ModelSpec | None = None, **kwargs):
+            # not PlugtuneTrainer.__init__: its zero-argument super() is bound to PlugtuneTrainer
+            super().__init__(*args, **kwargs)
+            self.pm = plugin_manager
+            self.spec = spec
+
+        compute_loss = PlugtuneTrainer.compute_loss
+        _get_train_sampler = PlugtuneTrainer._get_train_sampler
+except ImportError:  # pragma: no cover
+    PlugtuneSeq2SeqTrainer = PlugtuneTrainer  # type: ignore[misc,assignment]
+
+
+class CompleteCheckpointCallback(RunControlCallback):
+    """Marks each checkpoint complete and stamps it with the run's identity; SIGINT/SIGTERM save a
+    checkpoint and stop; the loss is logged at every save (see
+    :class:`plugtune.run_control.RunControlCallback`)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# adapters
+
+
+def prepare_base(spec: ModelSpec, model, gradient_checkpointing: bool | None = None):
+    """Prepare a k-bit base for training (``prepare_model_for_kbit_training``) and turn on
+    gradient checkpointing when the recipe asks for it. Returns the model."""
+    recipe = spec.recipe
+    gc = recipe.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    if spec.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc and not recipe.fsdp:  # under FSDP: fsdp_config activation_checkpointing instead
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def lora_config(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
+    """The ``peft.LoraConfig`` of the recipe, with targets from ``plugtune_target_modules``;
+    ``token_rows``: token ids whose embedding/output rows are trained too
+    (:func:`plugtune.token_rows.rows_to_train`).
+
+    Raises:
+        TrainingError: no plugin names target modules for the model.
+    """
+    from peft import LoraConfig, TaskType
+
+    recipe = spec.recipe
+    targets = pm.hook.plugtune_target_modules(spec=spec, model=model, method=recipe.lora_target_modules)
+    if not targets:
+        raise TrainingError(f"no plugin named LoRA target modules for {spec.model_type!r}")
+    task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
+    return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                      target_modules=targets, modules_to_save=recipe.lora_modules_to_save,
+                      trainable_token_indices=trainable_token_indices(
+                          model, token_rows, recipe.lora_modules_to_save),
+                      bias="none", task_type=task)
+
+
+def apply_adapter(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
+    """Wrap ``model`` with LoRA (peft) per the recipe; prepare k-bit bases for training.
+
+    Returns the (possibly wrapped) model. Full fine-tuning returns ``model`` unchanged.
+    """
+    recipe = spec.recipe
+    model = prepare_base(spec, model)
+    if recipe.adapter == "none":
+        return model
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora_config(spec, model, pm, token_rows))
+    if recipe.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (full sizes also under DeepSpeed ZeRO-3, whose
+    partitioned parameters report ``numel() == 0`` and keep the real size in ``ds_numel``)."""
+    def n(p) -> int:
+        return int(getattr(p, "ds_numel", 0) or p.numel())
+
+    trainable = sum(n(p) for p in model.parameters() if p.requires_grad)
+    total = sum(n(p) for p in model.parameters())
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+    log_history: list[dict] = field(default_factory=list)
+
+
+def training_arguments(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bool):
+    """``TrainingArguments`` (or ``Seq2SeqTrainingArguments``) from the recipe."""
+    cls = transformers.Seq2SeqTrainingArguments if seq2seq else transformers.TrainingArguments
+    return cls(**training_kwargs(recipe, spec, has_eval, seq2seq))
+
+
+def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bool = False) -> dict:
+    """The keyword arguments of ``TrainingArguments`` from the recipe (also fed to TRL configs,
+    which subclass ``TrainingArguments``)."""
+    dtype = spec.torch_dtype
+    kwargs: dict[str, Any] = dict(
+        output_dir=recipe.output_dir,
+        per_device_train_batch_size=recipe.micro_batch_size,
+        per_device_eval_batch_size=recipe.eval_batch_size or recipe.micro_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler,
+        # transformers 5: an int is a step count, a float in [0, 1) a ratio of all steps
+        warmup_steps=recipe.warmup_steps or recipe.warmup_ratio,
+        weight_decay=recipe.weight_decay,
+        optim=recipe.optimizer,
+        max_grad_norm=recipe.max_grad_norm,
+        num_train_epochs=recipe.num_epochs,
+        max_steps=recipe.max_steps,
+        logging_steps=recipe.logging_steps,
+        save_strategy="steps" if recipe.save_steps else "epoch",
+        save_total_limit=recipe.save_total_limit,
+        eval_strategy=("steps" if recipe.eval_steps else "epoch") if has_eval else "no",
+        bf16=dtype == torch.bfloat16 and spec.quantization is None and torch.cuda.is_available(),
+        fp16=dtype == torch.float16 and torch.cuda.is_available(),
+        report_to=recipe.report_to,
+        seed=recipe.seed,
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length"
+        if recipe.group_by_length and not recipe.sample_packing else "random",
+        length_column_name="length",
+        deepspeed=_deepspeed_config(recipe.deepspeed),
+        logging_first_step=True,
+        prediction_loss_only=True,
+        disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **_fsdp_kwargs(recipe),
+    )
+    kwargs.update(liger_training_kwargs(spec))
+    if recipe.save_steps:
+        kwargs["save_steps"] = recipe.save_steps
+    if recipe.eval_steps and has_eval:
+        kwargs["eval_steps"] = recipe.eval_steps
+    if seq2seq:
+        kwargs["predict_with_generate"] = False
+        kwargs["generation_max_length"] = recipe.generation.max_new_tokens
+    return kwargs
+
+
+def liger_training_kwargs(spec: ModelSpec) -> dict:
+    """``use_liger_kernel`` / ``liger_kernel_config`` when ``liger_kernel: true`` can be honoured
+    here (CUDA + liger-kernel + a model type Liger patches; else one notice and ``{}``). See
+    :mod:`plugtune.kernels`."""
+    from plugtune import kernels
+
+    if spec.task != "causal":
+        if spec.recipe.liger_kernel:
+            log.warning("liger_kernel: true is for decoder-only models; %s (%s) trains without it",
+                        spec.model_type, spec.task)
+        return {}
+    # Liger's table is keyed by the architecture's own model_type, not a routing override
+    model_type = getattr(spec.hf_config, "model_type", None) or spec.model_type
+    return kernels.training_kwargs(kernels.plan_liger(spec.recipe, model_type))
+
+
+def _deepspeed_config(value: str | None):
+    if not value:
+        return None
+    from plugtune import scale
+
+    cfg = scale.deepspeed_config(value)
+    scale.ensure_distributed_env()  # single process without a launcher: rank 0 of 1
+    return cfg
+
+
+def _fsdp_kwargs(recipe: Recipe) -> dict:
+    """``fsdp`` / ``fsdp_config`` for ``TrainingArguments``; ``{}`` in a single process (FSDP
+    shards across the processes of a launch; transformers refuses it without one)."""
+    if not recipe.fsdp:
+        return {}
+    from plugtune import scale
+
+    cfg = scale.fsdp_config(recipe.fsdp, recipe.gradient_checkpointing)  # validate either way
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        log.warning("fsdp: %s needs a multi-process launch (accelerate launch --num_processes N "
+                    "-m plugtune train ...); this single process trains unsharded", recipe.fsdp)
+        return {}
+    return {"fsdp": True, "fsdp_config": cfg}
+
+
+def _zero_stage(value: str) -> int:
+    from plugtune import scale
+
+    return scale.zero_stage(value)
+
+
+@dataclass
+class MethodContext:
+    """Everything a method's ``run(ctx)`` gets (see :class:`plugtune.spec.Method`).
+
+    Attributes:
+        recipe: the validated recipe, paths resolved (``demo://`` materialised).
+        user_recipe: the recipe as the user wrote it (saved into the run directory).
+        spec: the resolved model spec; ``pm``: the plugin manager.
+        model, tokenizer, processor: from ``plugtune_load`` (no adapter applied yet).
+        data: :class:`plugtune.data.PreparedData` (its ``kind`` is one the method accepts).
+        method: the :class:`Method` that runs.
+        resume: the checkpoint to continue from (chosen by :func:`plugtune.train.train`, which
+            never picks another run's), or ``True``: the newest complete one in ``output_dir``.
+        console: a ``rich`` console for progress lines, or ``None`` (logging).
+        started: ``time.perf_counter()`` when the run started (for ``data_prep_seconds``).
+    """
+
+    recipe: Recipe
+    user_recipe: Recipe
+    spec: ModelSpec
+    pm: Any
+    model: Any
+    tokenizer: Any
+    data: Any
+    method: Method
+    processor: Any = None
+    resume: bool | Path = False
+    console: Any = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def say(self, msg: str) -> None:
+        """Print a progress line (console) or log it."""
+        if self.console is not None:
+            self.console.print(msg, markup=False, highlight=False)
+        else:
+            log.info(msg)
+
+    def resume_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from (``None`` when not resuming).
+
+        Raises:
+            TrainingError: ``resume`` is set and there is no complete checkpoint.
+        """
+        if not self.resume:
+            return None
+        ckpt = (Path(self.resume) if isinstance(self.resume, str | Path)
+                else last_complete_checkpoint(self.recipe.output_dir))
+        if ckpt is None:
+            raise TrainingError(f"--resume: no complete checkpoint in {self.recipe.output_dir}")
+        self.say(f"plugtune: resuming from {ckpt}")
+        return ckpt
