@@ -63,11 +63,11 @@ PROFILES = {
                     dolly_train=64, alpaca_train=64, pack_heldout=32, text_train=64, text_test=24,
                     stories_train=256, dpo_train=32, dpo_test=24, micro=4, pack_rows=2,
                     epochs=1, rerun=True, samsum_variants=4),
-    # for a busy shared machine (load ~10 on 2 cores here: ~1/8 of the idle speed); the README
-    # says which profile made the table
-    "reduced": dict(seq=256, samsum_train=16, samsum_test=12, gen_tokens=32, forget=16,
-                    dolly_train=16, alpaca_train=16, pack_heldout=12, text_train=8, text_test=8,
-                    stories_train=128, dpo_train=12, dpo_test=8, micro=4, pack_rows=2,
+    # for a busy shared machine (load 10-18 on 2 cores here: ~1/10 of the idle speed); the
+    # README says which profile made the table
+    "reduced": dict(seq=192, samsum_train=12, samsum_test=8, gen_tokens=32, forget=8,
+                    dolly_train=12, alpaca_train=12, pack_heldout=8, text_train=8, text_test=6,
+                    stories_train=64, dpo_train=8, dpo_test=6, micro=2, pack_rows=1,
                     epochs=1, rerun=True, samsum_variants=4),
     "quick": dict(seq=256, samsum_train=12, samsum_test=8, gen_tokens=0, forget=0,
                   dolly_train=8, alpaca_train=8, pack_heldout=8, text_train=8, text_test=8,
@@ -438,7 +438,8 @@ def markdown(res: dict) -> str:
     """The tables of one result (what the README quotes)."""
     failed = [x for x in res["rows"] if x.get("variant") == "failed"]
     rows = [x for x in res["rows"] if x.get("variant") != "failed"]
-    L = [f"# plugtune experiments {res['name']} ({res['profile']} profile)", "",
+    L = [f"# plugtune experiments {res['name']} ({res['profile']} profile"
+         f"{'' if res.get('complete', True) else '; PARTIAL: finished ' + ', '.join(res.get('finished', []))})", "",
          f"`{res['command']}` on {res['machine']['cores']} CPU cores ({res['machine']['platform']}), "
          f"torch {res['machine']['torch']}, {res['threads']} threads per run; total {res['total_seconds']:.0f} s.",
          f"Load before: `{res['uptime_before']}`; after: `{res['uptime_after']}`.", ""]
@@ -561,6 +562,30 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def save(res: dict, out: Path, name: str, t0: float, final: bool) -> None:
+    """Derived figures (packing speed-up, rerun spread) and ``out/name.{json,md,png}``, written
+    atomically; called after every experiment (``final=False`` marks a partial result)."""
+    rows = res["rows"]
+    pk = {x["variant"]: x for x in rows if x["experiment"] == "packing" and x.get("steps")}
+    if "packing" in pk and "padding" in pk:
+        res["packing_speedup"] = round(pk["padding"]["train_seconds"] / pk["packing"]["train_seconds"], 2)
+    reruns = [x for x in rows if x["experiment"] == "causal" and x.get("model") == "stories260K"]
+    if len(reruns) == 2:
+        res["rerun_spread"] = {k: [reruns[0][k], reruns[1][k]] for k in ("ppl_after", "train_seconds", "last_loss")}
+    res["complete"] = final
+    res["uptime_after"] = uptime()
+    res["total_seconds"] = round(time.perf_counter() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, make in ((".json", lambda: json.dumps(res, indent=1, default=str)), (".md", lambda: markdown(res))):
+        tmp = out / f".{name}{suffix}.tmp"
+        tmp.write_text(make())  # the JSON is on disk before the table is rendered
+        os.replace(tmp, out / f"{name}{suffix}")
+    try:
+        plot(res, out / f"{name}.png")
+    except Exception as exc:  # a plot is not worth the run
+        print(f"plot failed: {exc}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=1,
@@ -613,37 +638,28 @@ def main(argv=None) -> int:
              "packing": lambda: exp_packing(r, smol, f, p),
              "causal": lambda: exp_causal(r, smol, stories, f, p, forget_base),
              "dpo": lambda: exp_dpo(r, smol, f, p)}
-    def one(key: str) -> list[dict]:
+    done: dict[str, list[dict]] = {}
+    out = Path(a.out)
+
+    def one(key: str) -> None:
         print(f"[{key}] starts at {time.perf_counter() - t0:.0f} s")
         try:
-            return steps[key]()
+            got = steps[key]()
         except Exception as exc:  # keep the other experiments; the error goes into the results
             print(f"[{key}] failed: {str(exc)[-1500:]}", file=sys.stderr)
-            return [{"experiment": key, "variant": "failed", "error": str(exc)[-1500:]}]
+            got = [{"experiment": key, "variant": "failed", "error": str(exc)[-1500:]}]
+        with r.lock:  # results so far on disk after every experiment: a cut-off run keeps them
+            done[key] = got
+            rows[:] = [x for k in only for x in done.get(k, [])]
+            res["finished"] = [k for k in only if k in done]
+            save(res, out, name, t0, final=False)
+        print(f"[{key}] done at {time.perf_counter() - t0:.0f} s")
 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # training runs are child processes
-        for got in list(pool.map(one, only)):
-            rows.extend(got)
-    pk = {x["variant"]: x for x in rows if x["experiment"] == "packing" and x.get("steps")}
-    if "packing" in pk and "padding" in pk:
-        res["packing_speedup"] = round(pk["padding"]["train_seconds"] / pk["packing"]["train_seconds"], 2)
-    reruns = [x for x in rows if x["experiment"] == "causal" and x["model"] == "stories260K"]
-    if len(reruns) == 2:
-        res["rerun_spread"] = {k: [reruns[0][k], reruns[1][k]] for k in ("ppl_after", "train_seconds", "last_loss")}
-    res["uptime_after"] = uptime()
-    res["total_seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for suffix, make in ((".json", lambda: json.dumps(res, indent=1, default=str)), (".md", lambda: markdown(res))):
-        tmp = out / f".{name}{suffix}.tmp"
-        tmp.write_text(make())  # the JSON is on disk before the table is rendered
-        os.replace(tmp, out / f"{name}{suffix}")
-    try:
-        plot(res, out / f"{name}.png")
-    except Exception as exc:  # a plot is not worth the run
-        print(f"plot failed: {exc}", file=sys.stderr)
+        list(pool.map(one, only))
+    save(res, out, name, t0, final=True)
     print(markdown(res))
     print(f"wrote {out / name}.{{json,md,png}} in {res['total_seconds']:.0f} s")
     if not a.work:
