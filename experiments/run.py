@@ -285,13 +285,13 @@ def row_common(run: dict, model: str) -> dict:
 
 
 def exp_samsum(r: Runner, smol: Path, f: dict, p: dict, forget_base: float) -> list[dict]:
-    ds = {"path": str(f["samsum_train"]), "type": "completion",
+    ds = {"path": str(f["samsum_train"]), "type": "prompt_completion",
           "columns": {"prompt": "dialogue", "completion": "summary"}, "system_prompt": SUMMARIZE}
     rec = recipe_file(r.work, "samsum", smol, [ds], p, generation={"max_new_tokens": max(p["gen_tokens"], 1)})
     metrics = "loss,rouge" if p["gen_tokens"] else "loss"
     base = base_run(smol, yaml.safe_load(rec.read_text()), r.work / "runs" / "samsum-base")
     rows = []
-    ev = r.eval(base, f["samsum_test"], "completion", metrics, p["samsum_test"])
+    ev = r.eval(base, f["samsum_test"], "prompt_completion", metrics, p["samsum_test"])
     rows.append({"experiment": "samsum", "variant": "base (prompted)", "model": "SmolLM2-135M-Instruct",
                  "steps": 0, **_task_metrics(ev), "forget_loss": forget_base})
     variants = [("LoRA r16 all-linear", {"adapter": "lora"}),
@@ -314,7 +314,7 @@ def exp_samsum(r: Runner, smol: Path, f: dict, p: dict, forget_base: float) -> l
                 rows.append({"experiment": "samsum", "variant": name, "error": str(exc)[-600:]})
                 continue
             raise
-        ev = r.eval(out, f["samsum_test"], "completion", metrics, p["samsum_test"])
+        ev = r.eval(out, f["samsum_test"], "prompt_completion", metrics, p["samsum_test"])
         rows.append({"experiment": "samsum", "variant": name, **row_common(run, "SmolLM2-135M-Instruct"),
                      **_task_metrics(ev), "forget_loss": r.forget(out, f, p)})
     return rows
