@@ -69,7 +69,8 @@ def lint(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The embedded default: a tiny model learns a synthetic task; prints before/after."""
     _install(session, _core("eval"), *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS])
-    session.run("plugtune", "train", "demo", "--set", "output_dir=runs/demo", *session.posargs)
+    session.run("plugtune", "train", "demo", "--set", "output_dir=runs/demo", "--overwrite",
+                *session.posargs)
     session.run("plugtune", "generate", "runs/demo", "--prompt", "reverse abcdef =")
 
 

@@ -1,7 +1,12 @@
 """plugtune training-throughput benchmark (issue 8): plugtune vs TRL vs a bare torch loop.
 
     nox -s bench                                   # what CI / the README quote
-    python bench/run.py [--name NAME] [--quick] [--models llama-20m,stories260k] [--threads 2]
+    python bench/run.py [--name NAME] [--quick] [--models llama-20m,stories260k,smollm2-135m]
+                        [--threads 2] [--prep-samples 1000,10000,100000]
+
+Models: ``llama-20m`` (19.5M, from a config, full fine-tuning), ``stories260k`` (real, 0.29M, full
+fine-tuning) and ``smollm2-135m`` (the real SmolLM2-135M-Instruct, its GGUF de-quantized to a
+safetensors folder once per bench, LoRA r16 all-linear in every method, 2 rows per step).
 
 For each model, on the same data (Dolly 151 + LLaMA-Factory Alpaca 999, alpaca chat template),
 ``sequence_len``, real tokens per optimizer step and number of optimizer steps, one process per
@@ -24,6 +29,10 @@ use transformers' ``sdpa``; plugtune's packed CPU path (a, d) loads the model wi
 (``plugtune.modeling.label_only_loss``). The padded run (b) gets about the real tokens per optimizer step of the packed runs by
 taking ``round(tokens_per_step / mean_sample_len)`` samples per step (micro-batches of <= 16,
 with gradient accumulation beyond).
+
+Data preparation at scale: plugtune's pipeline on the Dolly file replicated to each of
+``--prep-samples`` samples, one process per size (so each size's peak RSS is its own); datasets'
+Arrow caching stays on, so mapped columns live in memory-mapped files, not in the heap.
 
 Writes ``bench/results/<name>.json`` (ratios of the first model at the top level under "a/b",
 "a/c", "a/d"; every model under "models"), ``<name>.png`` (bar chart) and ``<name>.md`` (table).

@@ -192,7 +192,7 @@ class Runner:
         from plugtune.cli import main as plugtune_main
 
         args = ["eval", str(run), "--data", str(data), "--type", dtype, "--metrics", metrics,
-                "--max-samples", str(max_samples)]
+                "--max-samples", str(max_samples), "--no-base"]  # the base is its own row
         buf = io.StringIO()
         t0 = time.perf_counter()
         with self.lock:

@@ -221,3 +221,23 @@ def test_sigkill_at_several_points_then_resume_equals_the_straight_run(tmp_path)
     assert ma["train_loss"] == pytest.approx(whole, rel=1e-12)
     assert ma["train_loss"] == straight.metrics["train_loss"]
     assert f'"train_loss": {json.dumps(ma["train_loss"])}' in (run / "README.md").read_text()
+
+
+def test_eval_remaps_columns_and_compares_with_the_base(tmp_path, capsys):
+    """``plugtune eval RUN --data F --columns prompt=q,completion=a``: a file with other column
+    names evaluates; an adapter run is scored with and without its adapter (stderr table)."""
+    run = tmp_path / "run"
+    assert main(["train", "demo", "--set", f"output_dir={run}", "--set", "datasets.0.max_samples=48",
+                 "--set", "test_datasets=[]", "--set", "eval_before_training=false",
+                 "--set", "adapter=lora", "--set", "learning_rate=0.01", "--set", "max_steps=4"]) == 0
+    data = tmp_path / "renamed.jsonl"
+    data.write_text("".join(json.dumps({"q": f"reverse {w} =", "a": f" {w[::-1]}"}) + "\n"
+                            for w in ("abc", "bcd", "cde")))
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(data), "--columns", "prompt=q,completion=a"]) == 0
+    out = capsys.readouterr()
+    res = json.loads(out.out)
+    assert res["n"] == 3 and res["base"]["n"] == 3
+    assert res["eval_loss"] != res["base"]["eval_loss"]
+    assert "base vs fine-tuned" in out.err
+    assert main(["eval", str(run), "--data", str(data)]) == 2  # prompt/completion columns absent

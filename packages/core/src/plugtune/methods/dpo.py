@@ -65,6 +65,8 @@ def dpo_trainer_class():
     import torch
     from trl import DPOTrainer
 
+    from plugtune.run_control import seeded_train_sampler
+    from plugtune.runstate import interrupted_message
     from plugtune.trainer import TrainingError
 
     class PlugtuneDPOTrainer(DPOTrainer):
@@ -74,6 +76,10 @@ def dpo_trainer_class():
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
+        def _get_train_sampler(self, train_dataset=None):
+            # group_by_length from a seeded generator: a resumed run replays the epoch's order
+            return seeded_train_sampler(self, train_dataset) or super()._get_train_sampler(train_dataset)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = {k: v for k, v in inputs.items() if k != "length"}
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -82,7 +88,7 @@ def dpo_trainer_class():
                 raise TrainingError(
                     f"DPO loss became {loss.item()} at step {self.state.global_step + 1}; "
                     "stopping. Lower learning_rate or dpo_beta, use bf16/fp32 instead of fp16. "
-                    f"The last complete checkpoint in {self.args.output_dir} is intact.")
+                    f"{interrupted_message(self.args.output_dir)}")
             return out
 
     return PlugtuneDPOTrainer
@@ -154,6 +160,7 @@ def run(ctx):
     from plugtune.data.preference import tokenize_preferences
     from plugtune.data.templates import ensure_chat_template
     from plugtune.data.tokenize import probe_template
+    from plugtune.modeling import new_tokens
     from plugtune.run_control import fix_train_loss_entry, whole_run_loss
     from plugtune.rundir import save_run
     from plugtune.scale import gathered_state_dict
@@ -173,6 +180,7 @@ def run(ctx):
         raise TrainingError(f"DPO supports decoder-only (causal) families; {spec.family.name!r} "
                             f"is {spec.task}")
     added = [*data.added_tokens, *ensure_chat_template(tokenizer, recipe.chat_template)]
+    added = new_tokens(model, tokenizer, added)  # + special_tokens the recipe added
     if added:
         model.resize_token_embeddings(len(tokenizer))
     from plugtune.token_rows import rows_to_train
