@@ -79,7 +79,8 @@ def bench(session: nox.Session) -> None:
     """Throughput / padding / memory: plugtune vs TRL SFTTrainer (default, packing) vs a bare
     torch loop, plus data-preparation scaling; writes bench/results/<timestamp>.{json,md,png}.
     Extra arguments go to bench/run.py (e.g. ``nox -s bench -- --quick``)."""
-    _install(session, _core("test"), f"{ROOT}/packages/plugin-llama", "trl")
+    # gguf: transformers reads the SmolLM2-135M-Instruct GGUF of the third workload with it
+    _install(session, _core("test"), f"{ROOT}/packages/plugin-llama", "trl", "gguf")
     session.run("python", "bench/run.py", *session.posargs)
 
 
