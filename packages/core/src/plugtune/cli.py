@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset file (default: the recipe's test_datasets)")
     e.add_argument("--type", default=None, help="dataset type of --data (default: the recipe's)")
     e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--metrics", default=None, metavar="M[,M...]",
+                   help="loss, perplexity, exact_match, rouge (default: the recipe's eval_metrics; "
+                        "loss and perplexity alone skip generation)")
     e.add_argument("--columns", action="append", default=[], metavar="FIELD=COLUMN[,...]",
                    help="map --data's columns to the format's fields, e.g. "
                         "instruction=question,output=answer (default: the recipe's columns "
@@ -289,12 +292,21 @@ def cmd_eval(args, console: Console) -> int:
     from plugtune.evaluate import evaluate_generation
     from plugtune.runs import load_run
 
+    wanted = None
+    if args.metrics:
+        wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        bad = [m for m in wanted if m not in ("loss", "perplexity", "exact_match", "rouge")]
+        if bad or not wanted:
+            console.print(f"error: --metrics {args.metrics!r}: expected a comma list of "
+                          "loss, perplexity, exact_match, rouge")
+            return 2
     spec, loaded, pm = load_run(args.run_dir)
     recipe = spec.recipe
     if args.data:
         first = recipe.datasets[0]
         dtype = args.type or first.type
-        columns = dict(first.columns) if dtype == first.type else {}
+        same = dtype == first.type  # another format: the run's columns / system turn do not apply
+        columns = dict(first.columns) if same else {}
         for item in ",".join(args.columns).split(","):
             if not item.strip():
                 continue
@@ -306,7 +318,7 @@ def cmd_eval(args, console: Console) -> int:
                                   "instruction=question")
             columns[field.strip()] = col.strip()
         test = [DatasetConfig(path=args.data, type=dtype, columns=columns,
-                              system_prompt=first.system_prompt)]
+                              system_prompt=first.system_prompt if same else None)]
     elif recipe.test_datasets:
         test = recipe.test_datasets
     else:
@@ -328,9 +340,12 @@ def cmd_eval(args, console: Console) -> int:
     collate = pm.hook.plugtune_collate(spec=spec, tokenizer=loaded.tokenizer, processor=loaded.processor)
     rows = data.eval if data.eval is not None else data.train
     limit = min(len(rows), args.max_samples or len(rows))
-    metrics = [m for m in recipe.eval_metrics if m in ("exact_match", "rouge")] or ["exact_match"]
-    if spec.task == "seq2seq" and "rouge" not in metrics:  # summarization: ROUGE is the metric
-        metrics.append("rouge")
+    if wanted is not None:  # --metrics: generation only for exact_match / rouge
+        metrics = [m for m in wanted if m in ("exact_match", "rouge")]
+    else:
+        metrics = [m for m in recipe.eval_metrics if m in ("exact_match", "rouge")] or ["exact_match"]
+        if spec.task == "seq2seq" and "rouge" not in metrics:  # summarization: ROUGE is the metric
+            metrics.append("rouge")
 
     def evaluate(model) -> dict:
         tot, n = 0.0, 0
@@ -343,7 +358,9 @@ def cmd_eval(args, console: Console) -> int:
                 tot += float(loss) * ntok
                 n += ntok
         res = {"eval_loss": round(tot / max(n, 1), 4),
-               "perplexity": round(math.exp(min(tot / max(n, 1), 50)), 3)}
+               "perplexity": round(math.exp(min(tot / max(n, 1), 50)), 3), "n_tokens": n}
+        if not metrics:  # loss / perplexity only: no generation
+            return res
         res.update(evaluate_generation(pm, spec, model, loaded.tokenizer, data.eval_examples,
                                        metrics, recipe.generation.max_new_tokens,
                                        processor=loaded.processor))
