@@ -1,7 +1,12 @@
 """plugtune training-throughput benchmark (issue 8): plugtune vs TRL vs a bare torch loop.
 
     nox -s bench                                   # what CI / the README quote
-    python bench/run.py [--name NAME] [--quick] [--models llama-20m,stories260k] [--threads 2]
+    python bench/run.py [--name NAME] [--quick] [--models llama-20m,stories260k,smollm2-135m]
+                        [--threads 2] [--prep-samples 1000,10000,100000]
+
+Models: ``llama-20m`` (19.5M, from a config, full fine-tuning), ``stories260k`` (real, 0.29M, full
+fine-tuning) and ``smollm2-135m`` (the real SmolLM2-135M-Instruct, its GGUF de-quantized to a
+safetensors folder once per bench, LoRA r16 all-linear in every method, 2 rows per step).
 
 For each model, on the same data (Dolly 151 + LLaMA-Factory Alpaca 999, alpaca chat template),
 ``sequence_len``, real tokens per optimizer step and number of optimizer steps, one process per
@@ -25,6 +30,10 @@ use transformers' ``sdpa``; plugtune's packed CPU path (a, d) loads the model wi
 taking ``round(tokens_per_step / mean_sample_len)`` samples per step (micro-batches of <= 16,
 with gradient accumulation beyond).
 
+Data preparation at scale: plugtune's pipeline on the Dolly file replicated to each of
+``--prep-samples`` samples, one process per size (so each size's peak RSS is its own); datasets'
+Arrow caching stays on, so mapped columns live in memory-mapped files, not in the heap.
+
 Writes ``bench/results/<name>.json`` (ratios of the first model at the top level under "a/b",
 "a/c", "a/d"; every model under "models"), ``<name>.png`` (bar chart) and ``<name>.md`` (table).
 """
@@ -36,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -188,8 +198,16 @@ def run_worker(cfg: dict, tmp: Path, env: dict, timeout: float) -> dict:
     wenv = {**env, "HF_DATASETS_CACHE": str(tmp / f"hf-cache-{tag}")}
     t = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.run([sys.executable, str(HERE / "run.py"), "--worker", str(cfg_path)],
-                              env=wenv, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
+        # its own session: on a timeout the whole group goes (datasets' map workers too)
+        proc = subprocess.Popen([sys.executable, str(HERE / "run.py"), "--worker", str(cfg_path)],
+                                env=wenv, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"{tag} ran past --timeout {timeout:.0f} s (log: {log})") from None
     if proc.returncode != 0 or not Path(cfg["out"]).exists():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         raise RuntimeError(f"{tag} failed (rc {proc.returncode}); last lines of its log:\n{tail}")
@@ -249,7 +267,11 @@ def chart(results: dict, path: Path) -> None:
 
     models = results["models"]
     prep = results.get("prep_scaling")
+    if prep and not prep.get("points"):
+        prep = None  # every size failed (see "failed" in the JSON)
     n = len(models) + (1 if prep else 0)
+    if n == 0:
+        return  # nothing measured, nothing to draw
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
     colors = {"plugtune": "#2a7ab9", "trl_default": "#c8553d", "trl_packing": "#f28f3b",
               "bare_loop": "#7a7a7a"}
@@ -449,7 +471,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = {"method": "prep_scaling", "model_name": f"prep{n}", "model_dir": model_dir,
                    "dolly_file": data_files(shared)[0]["path"], "samples": [n],
                    "sequence_len": args.sequence_len, "threads": args.threads, "repeats": 1}
-            prep["points"] += run_worker(cfg, tmp, env, args.timeout)["points"]
+            try:
+                prep["points"] += run_worker(cfg, tmp, env, args.timeout)["points"]
+            except RuntimeError as exc:  # e.g. past --timeout on a loaded machine: keep the rest
+                prep.setdefault("failed", []).append({"samples": n, "error": str(exc)[:300]})
+                print(f"bench: data prep {n} samples failed: {str(exc)[:200]}", flush=True)
+                continue
             print(f"bench: data prep {n} samples: {prep['points'][-1]['samples_per_s']:.0f}/s, "
                   f"peak RSS {prep['points'][-1]['peak_rss_mib']:.0f} MiB", flush=True)
         prep["linearity"] = linearity([(p["samples"], p["seconds"]) for p in prep["points"]])

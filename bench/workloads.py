@@ -184,6 +184,7 @@ def run_plugtune(cfg: dict) -> dict:
         data = real_prepare(*a, **kw)
         prep["data_prep_s"] = round(time.perf_counter() - t, 2)
         prep["stats"] = {k: v for k, v in data.stats.items() if k not in ("per_dataset", "eval")}
+        prep["floor"] = packing_floor(data.train, cfg["sequence_len"])
         return data
 
     class MeasuredTrainer(base):
@@ -206,7 +207,23 @@ def run_plugtune(cfg: dict) -> dict:
         "rows": st["rows"], "samples": n_samples, "dropped_samples": st["dropped"],
         "mean_sample_len": round(st["real_tokens"] / max(n_samples, 1), 2),
         **_loss_ends(losses, 1), "logging_steps": prep["logging_steps"],
+        "packing_floor": prep.get("floor"),
         **_model_facts(prep["model"])})
+
+
+def packing_floor(train, capacity: int) -> dict:
+    """Rows plugtune packed vs the fewest any packing of these whole samples could use
+    (:func:`measure.pad_floor`), from the packed rows' restarting ``position_ids``."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from measure import pad_floor
+
+    if "position_ids" not in train.column_names:
+        return {}
+    lens = []
+    for row in train["position_ids"]:
+        starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
+        lens += [b - a for a, b in zip(starts, starts[1:])]
+    return {"packed_rows": len(train), "sample_lengths_sum": sum(lens), **pad_floor(lens, capacity)}
 
 
 def _model_facts(model) -> dict:

@@ -28,6 +28,7 @@ from plugtune.runstate import (  # noqa: F401 (COMPLETE_MARKER re-exported)
 )
 from plugtune.spec import Method, ModelSpec
 from plugtune.token_rows import trainable_token_indices
+from plugtune.trainer_options import adjust_training_kwargs, lora_variant_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def lora_config(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
                       target_modules=targets, modules_to_save=recipe.lora_modules_to_save,
                       trainable_token_indices=trainable_token_indices(
                           model, token_rows, recipe.lora_modules_to_save),
-                      bias="none", task_type=task)
+                      bias="none", task_type=task, **lora_variant_kwargs(recipe))
 
 
 def apply_adapter(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
@@ -245,7 +246,7 @@ def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bo
     if seq2seq:
         kwargs["predict_with_generate"] = False
         kwargs["generation_max_length"] = recipe.generation.max_new_tokens
-    return kwargs
+    return adjust_training_kwargs(recipe, kwargs)
 
 
 def liger_training_kwargs(spec: ModelSpec) -> dict:

@@ -23,7 +23,13 @@ from __future__ import annotations
 import datasets
 
 from plugtune.data.loading import DataError
-from plugtune.data.tokenize import TemplateInfo, TemplateRenderError, one_bos, render_segments
+from plugtune.data.tokenize import (
+    TemplateInfo,
+    TemplateRenderError,
+    cut_text_end,
+    one_bos,
+    render_segments,
+)
 
 
 def render_pair(tokenizer, info: TemplateInfo, prompt: list[dict], answer: str) -> tuple[str, str]:
@@ -66,6 +72,45 @@ def tokenize_pair(tokenizer, info: TemplateInfo, prompt: list[dict], chosen: str
         (``"kept"`` / ``"truncated"``) and ``boundary_shift`` (prompt tokens that merged into the
         answers at the boundary; usually 0).
     """
+    prompt_ids, chosen_ids, rejected_ids, shift = _split_pair(tokenizer, info, prompt, chosen, rejected)
+    keep = 1 if info.uses_bos else 0
+    status = "kept"
+    longest = max(len(chosen_ids), len(rejected_ids))
+    if len(prompt_ids) + longest > max_len:
+        status = "truncated"
+        room = max(max_len - longest, min(len(prompt_ids), max_len // 2))
+        msgs = [dict(m) for m in prompt]
+        n_sys = next((i for i, m in enumerate(msgs) if m["role"] != "system"), len(msgs))
+        # shorten the messages, never the template's structure or the system prompt (as
+        # plugtune.data.tokenize.shorten_messages): oldest turns first, then the end of the
+        # first user message's text
+        for _ in range(len(msgs) + 8):
+            if len(prompt_ids) <= room:
+                break
+            rest = msgs[n_sys:]
+            answer = next((i for i, m in enumerate(rest) if m["role"] == "assistant"), None)
+            if answer is not None and any(m["role"] == "user" for m in rest[answer + 1:]):
+                msgs = msgs[:n_sys] + rest[answer + 1:]
+            else:
+                user = next((i for i in range(n_sys, len(msgs)) if msgs[i]["role"] == "user"), None)
+                if user is None or not msgs[user]["content"]:
+                    break
+                msgs[user] = {**msgs[user], "content": cut_text_end(
+                    tokenizer, msgs[user]["content"], len(prompt_ids) - room)}
+            prompt_ids, chosen_ids, rejected_ids, shift = _split_pair(tokenizer, info, msgs, chosen,
+                                                                      rejected)
+        if len(prompt_ids) > room:  # last resort: cut the prompt from the left, keep the BOS
+            prompt_ids = prompt_ids[:keep] + prompt_ids[len(prompt_ids) - (room - keep):]
+        budget = max(1, max_len - len(prompt_ids))
+        chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
+            "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)),
+            "status": status, "boundary_shift": shift}
+
+
+def _split_pair(tokenizer, info: TemplateInfo, prompt: list[dict], chosen: str, rejected: str
+                ) -> tuple[list[int], list[int], list[int], int]:
+    """``(prompt_ids, chosen_ids, rejected_ids, boundary_shift)`` of one rendered pair."""
     p_text, c_text = render_pair(tokenizer, info, prompt, chosen)
     p_text2, r_text = render_pair(tokenizer, info, prompt, rejected)
     if p_text != p_text2:  # cannot happen with a deterministic template; guard the invariant
@@ -75,19 +120,7 @@ def tokenize_pair(tokenizer, info: TemplateInfo, prompt: list[dict], chosen: str
     n = min(_common_prefix(p_ids, pc_ids), _common_prefix(p_ids, pr_ids))
     prompt_ids, chosen_ids, rejected_ids = pc_ids[:n], pc_ids[n:], pr_ids[n:]
     prompt_ids, _ = one_bos(prompt_ids, list(prompt_ids), info)  # a BOS the text holds is not doubled
-    keep = 1 if info.uses_bos else 0
-    status = "kept"
-    longest = max(len(chosen_ids), len(rejected_ids))
-    if len(prompt_ids) + longest > max_len:
-        status = "truncated"
-        room = max(max_len - longest, min(len(prompt_ids), max_len // 2))
-        if len(prompt_ids) > room:  # cut the prompt from the left, keep the BOS
-            prompt_ids = prompt_ids[:keep] + prompt_ids[len(prompt_ids) - (room - keep):]
-        budget = max(1, max_len - len(prompt_ids))
-        chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-            "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)),
-            "status": status, "boundary_shift": len(p_ids) - n}
+    return prompt_ids, chosen_ids, rejected_ids, len(p_ids) - n
 
 
 def tokenize_preferences(ds: datasets.Dataset, tokenizer, info: TemplateInfo, max_len: int

@@ -235,7 +235,7 @@ def _encode_chat(tokenizer, messages: list[dict], info: TemplateInfo, train_on_i
         tokenizer, render_segments(tokenizer, messages, info, train_on_inputs, tools), info)
 
 
-def _cut_text_end(tokenizer, text: str, n_tokens: int) -> str:
+def cut_text_end(tokenizer, text: str, n_tokens: int) -> str:
     """``text`` without its last ``n_tokens`` tokens (cut at a token's first character)."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
@@ -285,7 +285,7 @@ def shorten_messages(tokenizer, messages: list[dict], info: TemplateInfo, max_le
             return ids, labels
         if user is None or not msgs[user]["content"]:
             return None
-        msgs[user] = {**msgs[user], "content": _cut_text_end(
+        msgs[user] = {**msgs[user], "content": cut_text_end(
             tokenizer, msgs[user]["content"], len(ids) - max_len)}
         ids, labels = _encode_chat(tokenizer, msgs, info, train_on_inputs, tools)
     return (ids, labels) if len(ids) <= max_len else None

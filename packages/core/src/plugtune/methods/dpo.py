@@ -160,6 +160,7 @@ def run(ctx):
     from plugtune.data.preference import tokenize_preferences
     from plugtune.data.templates import ensure_chat_template
     from plugtune.data.tokenize import probe_template
+    from plugtune.modeling import new_tokens
     from plugtune.run_control import fix_train_loss_entry, whole_run_loss
     from plugtune.rundir import save_run
     from plugtune.scale import gathered_state_dict
@@ -179,6 +180,7 @@ def run(ctx):
         raise TrainingError(f"DPO supports decoder-only (causal) families; {spec.family.name!r} "
                             f"is {spec.task}")
     added = [*data.added_tokens, *ensure_chat_template(tokenizer, recipe.chat_template)]
+    added = new_tokens(model, tokenizer, added)  # + special_tokens the recipe added
     if added:
         model.resize_token_embeddings(len(tokenizer))
     from plugtune.token_rows import rows_to_train
