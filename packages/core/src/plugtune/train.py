@@ -51,7 +51,7 @@ __all__ = [  # re-exported: tests and plugins import these from plugtune.train
     "COMPLETE_MARKER", "CompleteCheckpointCallback", "MethodContext", "PlugtuneSeq2SeqTrainer",
     "PlugtuneTrainer", "RunResult", "TrainingError", "_atomic_write", "_deepspeed_config",
     "apply_adapter", "build_spec", "count_parameters", "last_complete_checkpoint", "lora_config",
-    "prepare_base", "read_model_type", "resolve_run_method", "save_run", "train",
+    "prepare_base", "prepare_run", "read_model_type", "resolve_run_method", "save_run", "train",
     "training_arguments", "training_kwargs"]
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,18 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
         plugtune.plugins.PluginError: no plugin / conflicting plugins for the model.
         plugtune.data.DataError: bad input data.
     """
+    ctx = prepare_run(recipe, pm, resume=resume, console=console)
+    return ctx.method.load_run()(ctx)
+
+
+def prepare_run(recipe: Recipe, pm=None, resume: bool = False, console=None) -> MethodContext:
+    """Everything up to the method: family route, ``plugtune_load``, the data pipeline and the
+    method resolved from ``rl``. Returns the :class:`MethodContext` its ``run`` gets (tests
+    build a method's trainer from it).
+
+    Raises:
+        TrainingError, PluginError, DataError: as :func:`train`.
+    """
     pm = pm or get_plugin_manager()
     transformers.set_seed(recipe.seed)
     spec = build_spec(recipe, pm)
@@ -170,7 +182,6 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunRes
         encode = hook_encoder(pm, spec, loaded.processor, tokenizer)
     data = prepare(recipe, tokenizer, spec.task, encode=encode)
     method = resolve_run_method(recipe, pm, data.kind)
-    ctx = MethodContext(recipe=recipe, user_recipe=user_recipe, spec=spec, pm=pm, model=model,
-                        tokenizer=tokenizer, data=data, method=method, processor=loaded.processor,
-                        resume=resume, console=console, started=t0)
-    return method.load_run()(ctx)
+    return MethodContext(recipe=recipe, user_recipe=user_recipe, spec=spec, pm=pm, model=model,
+                         tokenizer=tokenizer, data=data, method=method, processor=loaded.processor,
+                         resume=resume, console=console, started=t0)
