@@ -96,3 +96,32 @@ def test_preference_margin_rises(tmp_path, rl, extra, key):
     name = key.replace("/", "_")
     assert res.metrics[f"last_{name}"] == vals[-1]
     assert (res.output_dir / "adapter_model.safetensors").exists()
+
+
+def test_reward_model_lora_learns_pairs_and_eval_compares_base(tmp_path, capsys):
+    """``rl: reward``: a sequence classifier with a LoRA adapter (SEQ_CLS, score head saved)
+    learns the pairs: pairwise accuracy and mean margin rise on the pairs it was measured on
+    before training; ``plugtune eval RUN`` reports base vs trained."""
+    import json
+
+    from plugtune.cli import main
+    from plugtune.train import train
+
+    torch.set_num_threads(1)
+    data = shared_path("llama_factory", "dpo_en_demo.json")
+    rec = _recipe(tmp_path, "reward", {}, max_steps=10, learning_rate=5e-3,
+                  test_datasets=[dict(path=str(data), type="preference", max_samples=8)])
+    res = train(rec)
+    before, after = res.metrics["before"], res.metrics["after"]
+    assert after["pairs"] == 8
+    assert after["mean_margin"] > before["mean_margin"] + 0.5
+    assert after["pairwise_accuracy"] >= 0.75 and after["pairwise_accuracy"] > before["pairwise_accuracy"]
+    cfg = json.loads((res.output_dir / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS"
+    capsys.readouterr()
+    assert main(["eval", str(res.output_dir)]) == 0
+    text = capsys.readouterr().out
+    out = json.loads(text[text.index("{"):])
+    assert out["trained"]["pairwise_accuracy"] == after["pairwise_accuracy"]
+    assert out["trained"]["mean_margin"] > out["base"]["mean_margin"]
+

@@ -376,11 +376,12 @@ def policy_and_reference(ctx: MethodContext, needs_reference: bool = True
 
 
 def fit_and_save(ctx: MethodContext, trainer, metrics: dict, stats: dict,
-                 watch: tuple[str, ...] = ()) -> RunResult:
+                 watch: tuple[str, ...] = (), after=None) -> RunResult:
     """Train (resuming when asked), evaluate on the eval rows, write the run directory.
 
     ``watch``: logged keys (``rewards/accuracies`` ...) whose first and last values go into
-    the metrics as ``first_<key>`` / ``last_<key>`` (``/`` -> ``_``).
+    the metrics as ``first_<key>`` / ``last_<key>`` (``/`` -> ``_``). ``after(trainer)``: a
+    method's own measurement after training (it updates ``metrics``), before the save.
 
     Returns:
         :class:`RunResult`.
@@ -408,6 +409,8 @@ def fit_and_save(ctx: MethodContext, trainer, metrics: dict, stats: dict,
         name = key.replace("/", "_")
         metrics[f"first_{name}"], metrics[f"last_{name}"] = a, b
         moved.append(f"{key} {a} -> {b}")
+    if after is not None:
+        after(trainer)
     if trainer.eval_dataset is not None:
         ev = trainer.evaluate()
         metrics.update({k: v for k, v in ev.items() if k.startswith("eval_")})
