@@ -164,20 +164,57 @@ def score_completions(funcs, weights, prompts, completions, references) -> dict:
     return out
 
 
+def sample_completions(model, tokenizer, prompts: list[list[dict]], n: int, max_new_tokens: int,
+                       temperature: float, seed: int) -> list[list[str]]:
+    """``n`` sampled completions per chat prompt (``model.generate``, ``do_sample``, the
+    recipe's temperature, a fixed seed), as TRL samples them during training: the prompt
+    rendered with the chat template's generation prompt, special tokens skipped in the text."""
+    import torch
+
+    out = []
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    for msgs in prompts:
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                            return_dict=False)
+        ids = torch.tensor([ids], device=dev)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        with torch.no_grad():
+            seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                  max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        out.append(tokenizer.batch_decode(seqs[:, ids.shape[1]:], skip_special_tokens=True))
+    model.train(was_training)
+    return out
+
+
 def held_out_reward(ctx, model, funcs) -> dict:
-    """Mean reward of greedy completions on the held-out examples (``plugtune_generate``)."""
+    """The reward of the policy on the held-out examples: of greedy completions
+    (``plugtune_generate``: ``reward``) and of ``num_generations`` sampled completions per
+    prompt at the recipe's temperature (``sampled_reward``: the expected reward GRPO / RLOO
+    maximise)."""
     examples = [e for e in ctx.data.eval_examples if "reference" in e]
     if not examples:
         return {}
+    recipe = ctx.recipe
+    prompts, refs = [e["prompt"] for e in examples], [e["reference"] for e in examples]
     preds = ctx.pm.hook.plugtune_generate(
-        spec=ctx.spec, model=model, tokenizer=ctx.tokenizer,
-        prompts=[e["prompt"] for e in examples], max_new_tokens=ctx.recipe.max_completion_length,
-        images=None, processor=None)
-    res = score_completions(funcs, ctx.recipe.reward_weights, [e["prompt"] for e in examples],
-                            preds, [e["reference"] for e in examples])
-    return {"n": len(examples), **res,
-            "samples": [{"reference": e["reference"], "prediction": p}
-                        for e, p in list(zip(examples, preds))[:3]]}
+        spec=ctx.spec, model=model, tokenizer=ctx.tokenizer, prompts=prompts,
+        max_new_tokens=recipe.max_completion_length, images=None, processor=None)
+    res = score_completions(funcs, recipe.reward_weights, prompts, preds, refs)
+    k = recipe.num_generations
+    samples = sample_completions(model, ctx.tokenizer, prompts, k, recipe.max_completion_length,
+                                 recipe.temperature, recipe.seed)
+    flat = [c for group in samples for c in group]
+    sampled = score_completions(funcs, recipe.reward_weights,
+                                [p for p in prompts for _ in range(k)], flat,
+                                [r for r in refs for _ in range(k)])
+    return {"n": len(examples), **res, "sampled_reward": sampled["reward"],
+            "samples": [{"reference": r, "prediction": p}
+                        for r, p in list(zip(refs, preds))[:3]]}
 
 
 # ---------------------------------------------------------------------------------------------
