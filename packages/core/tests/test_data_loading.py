@@ -20,7 +20,7 @@ def _cfg(path, type_, **kw) -> DatasetConfig:
 REAL = [
     # (path under ../shared/data, type, columns, expected kind key, records)
     ("dolly/dolly_validation_151.instruction_context_response.jsonl", "dolly", {}, "messages", 151),
-    ("dolly/dolly_validation_151.alpaca_prompt_answer.jsonl", "completion", {"completion": "answer"}, "messages", 151),
+    ("dolly/dolly_validation_151.alpaca_prompt_answer.jsonl", "prompt_completion", {"completion": "answer"}, "messages", 151),
     ("alpaca/alpaca_tiny.torchtune.json", "alpaca", {}, "messages", 100),
     ("llama_factory/alpaca_en_demo.json", "alpaca", {}, "messages", 999),
     ("llama_factory/dpo_en_demo.json", "preference", {}, "chosen", 300),
@@ -137,7 +137,7 @@ def test_missing_file_is_clear(tmp_path):
 def test_column_mapping(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"question": "Why?", "answer": "Because."}) + "\n")
-    ds, _ = to_canonical(_cfg(p, "completion", columns={"prompt": "question", "completion": "answer"}))
+    ds, _ = to_canonical(_cfg(p, "prompt_completion", columns={"prompt": "question", "completion": "answer"}))
     assert ds[0]["messages"][1]["content"] == "Because."
 
 
@@ -173,7 +173,7 @@ def test_chat_generation_prompt_gets_the_system_turn():
 @pytest.mark.parametrize(("dtype", "rec"), [
     ("alpaca", {"instruction": "i", "input": "", "output": "o"}),
     ("dolly", {"instruction": "i", "context": "", "response": "r"}),
-    ("completion", {"prompt": "p", "completion": "c"}),
+    ("prompt_completion", {"prompt": "p", "completion": "c"}),
     ("messages", {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}),
     ("text", {"text": "t"}),
     ("seq2seq", {"source": "s", "target": "t"}),

@@ -13,7 +13,7 @@ from plugtune.data.tokenize import (
     tokenize_seq2seq,
     tokenize_text,
 )
-from plugtune.testing import load_shared_tokenizer
+from plugtune.testing import load_shared_tokenizer, trained_spans
 
 ONE_TURN = [{"role": "user", "content": "Name a primary colour."},
             {"role": "assistant", "content": "Red is a primary colour."}]
@@ -41,19 +41,7 @@ def _prep(name, template):
     return tok, probe_template(tok)
 
 
-def _trained_spans(ids, labels):
-    """Contiguous runs of trained token ids."""
-    spans, cur = [], []
-    for t, lab in zip(ids, labels):
-        if lab != IGNORE_INDEX:
-            assert lab == t, "labels must not be shifted"
-            cur.append(t)
-        elif cur:
-            spans.append(cur)
-            cur = []
-    if cur:
-        spans.append(cur)
-    return spans
+_trained_spans = trained_spans
 
 
 @pytest.mark.parametrize("name,template,end", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])

@@ -111,7 +111,7 @@ def _weights_after_one_step(tmp_path, name, micro, accum):
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     r = validate_recipe({
         "base_model": "demo://tiny-llama", "model_type": "causal_lm", "adapter": "none",
-        "chat_template": "plain", "datasets": [{"path": str(data), "type": "completion"}],
+        "chat_template": "plain", "datasets": [{"path": str(data), "type": "prompt_completion"}],
         "sequence_len": 64, "micro_batch_size": micro, "gradient_accumulation_steps": accum,
         "optimizer": "sgd", "learning_rate": 0.5, "lr_scheduler": "constant", "max_grad_norm": 0,
         "max_steps": 1, "group_by_length": False, "output_dir": str(tmp_path / name)})

@@ -30,15 +30,26 @@ from pydantic import (
 
 DATASET_TYPES = (
     "alpaca",
+    "alpaca:chat",
     "dolly",
     "sharegpt",
     "messages",
+    "chat_template",
     "completion",
+    "prompt_completion",
     "seq2seq",
     "text",
     "preference",
+    "chat_template.default",
+    "chat_template.argilla",
+    "chat_template.argilla_chat",
+    "bradley_terry.chat_template",
+    "kto",
+    "llama3.ultra",
     "vision",
 )
+#: the roles a turn may be trained as (``roles_to_train``); plugtune trains assistant turns
+TRAINABLE_ROLES = ("assistant", "gpt", "model")
 
 
 class RecipeError(ValueError):
@@ -72,6 +83,48 @@ class DatasetConfig(_Strict):
     image_dir: str | None = Field(
         None, description="folder that relative image paths of a vision dataset are resolved "
         "against (default: the dataset file's folder)")
+    # axolotl's dataset keys, with axolotl's meaning (docs/dataset-formats, schemas/datasets.py)
+    ds_type: str | None = Field(None, description="file format when path is a file "
+                                "(json, parquet, csv, text, arrow); default: from the suffix")
+    field_messages: str | None = Field(None, description="column of the message list "
+                                       "(chat_template, chat_template.default)")
+    field_chosen: str | None = None
+    field_rejected: str | None = None
+    field_tools: str | None = Field(None, description="column of the tool schemas")
+    message_property_mappings: dict[str, str] | None = Field(
+        None, description="message keys: {role: from, content: value}")
+    message_field_role: str | None = Field(None, description="legacy: message_property_mappings.role")
+    message_field_content: str | None = Field(
+        None, description="legacy: message_property_mappings.content")
+    roles: dict[str, list[str]] | None = Field(
+        None, description="{target_role: [source roles]}, e.g. {assistant: [gpt, model]}")
+    roles_to_train: list[str] | None = Field(
+        None, description="roles whose turns are trained; plugtune trains assistant turns")
+    train_on_eos: Literal["turn", "all", "last", "none"] | None = Field(
+        None, description="which stop tokens are trained: turn (each trained turn's, "
+        "default), all, last, none (one value per run; see data.pipeline.apply_train_on_eos)")
+    chat_template: str | None = Field(
+        None, description="per-dataset chat template (must agree with the recipe's)")
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="LLaMA-Factory ShareGPT tags: role_tag, content_tag, "
+        "user_tag, assistant_tag, observation_tag, function_tag, system_tag")
+
+    @field_validator("roles_to_train")
+    @classmethod
+    def _roles_to_train(cls, v: list[str] | None) -> list[str] | None:
+        bad = [r for r in v or [] if r not in TRAINABLE_ROLES]
+        if bad:
+            raise ValueError(f"roles_to_train {bad}: plugtune trains assistant turns only "
+                             "(other roles are always prompt); use [assistant]")
+        return v
+
+    @model_validator(mode="after")
+    def _type_keys(self) -> DatasetConfig:
+        if self.type == "completion" and {"prompt", "completion"} & set(self.columns):
+            raise ValueError("type: completion is raw text (axolotl's meaning, column set with "
+                             "field:); for prompt/completion columns use type: prompt_completion "
+                             "(plugtune's former 'completion')")
+        return self
 
 
 class GenerationConfig(_Strict):
@@ -93,6 +146,15 @@ class Recipe(_Strict):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     flash_attention: bool = False
     attn_implementation: str | None = None
+    liger_kernel: bool = Field(
+        False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear "
+        "cross-entropy) on CUDA; pip install 'plugtune[liger]'. Without CUDA or liger-kernel: "
+        "one notice, then plugtune's label-only LM head (plugtune.kernels)")
+    liger_kernel_config: dict[
+        Literal["rope", "rms_norm", "swiglu", "geglu", "layer_norm", "cross_entropy",
+                "fused_linear_cross_entropy"], bool] | None = Field(
+        None, description="switch single Liger kernels, e.g. {rope: false}; default: Liger's "
+        "own per-model defaults")
     # adapter
     adapter: Literal["none", "lora", "qlora"] = "lora"
     load_in_8bit: bool = False
@@ -107,9 +169,19 @@ class Recipe(_Strict):
         "adapt those layers too (default: self-attention/MLP of the language model only)")
     # data
     datasets: list[DatasetConfig] = Field(min_length=1)
+    dataset: str | list[str] | None = Field(
+        None, description="LLaMA-Factory dataset names (\"a,b\") from dataset_dir's "
+        "dataset_info.json; they become datasets entries")
+    dataset_dir: str | None = Field(None, description="folder of dataset_info.json (default ./data)")
     test_datasets: list[DatasetConfig] = Field(default_factory=list)
     val_set_size: float = Field(0.0, ge=0)
     chat_template: str | None = None
+    added_tokens: list[str] = Field(
+        default_factory=list, description="tokens to add to the vocabulary (as special tokens); "
+        "their embedding and output rows are trained (see train_token_rows)")
+    train_token_rows: bool = Field(
+        True, description="with an adapter, train the embedding/output rows of added tokens and "
+        "of stop tokens the base model never learned (plugtune.token_rows); false: never")
     train_on_inputs: bool = False
     sequence_len: int = Field(512, ge=8)
     truncation: Literal["prompt_then_drop", "drop"] = "prompt_then_drop"
@@ -142,6 +214,9 @@ class Recipe(_Strict):
     reward_model: bool = Field(False, description="train a reward model (same as rl: reward)")
     # scale
     deepspeed: str | None = None
+    fsdp: str | None = Field(
+        None, description="FSDP2 through accelerate: a preset (full_shard, shard_grad_op, "
+        "full_shard_offload) or the path of a JSON fsdp_config (plugtune.scale)")
     # bookkeeping
     output_dir: str = "./out"
     logging_steps: int = Field(5, ge=1)
@@ -164,6 +239,31 @@ class Recipe(_Strict):
             raise ValueError("an empty list wraps nothing: use auto, all-linear or module names")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _registry_and_templates(cls, data: Any) -> Any:
+        """``dataset:`` + ``dataset_dir:`` (LLaMA-Factory) become ``datasets`` entries, and a
+        per-dataset ``chat_template`` becomes the recipe's (one template per run)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if not data.get("dataset"):
+            data.pop("dataset", None)
+        else:
+            from plugtune.data.registry import resolve_llamafactory
+
+            resolved = resolve_llamafactory(data.pop("dataset"), data.pop("dataset_dir", None) or "data")
+            data["datasets"] = [*(data.get("datasets") or []),
+                                *resolved]
+        names = {d.get("chat_template") for d in data.get("datasets") or []
+                 if isinstance(d, dict) and d.get("chat_template")}
+        if len(names) > 1 or (names and data.get("chat_template") not in (None, *names)):
+            raise ValueError(f"datasets name different chat templates {sorted(names)} (recipe: "
+                             f"{data.get('chat_template')!r}); a run renders with one template")
+        if names and not data.get("chat_template"):
+            data["chat_template"] = names.pop()
+        return data
+
     @model_validator(mode="after")
     def _consistency(self) -> Recipe:
         if self.load_in_4bit and self.load_in_8bit:
@@ -174,8 +274,21 @@ class Recipe(_Strict):
             raise ValueError(
                 "a quantized base cannot be fully fine-tuned: set adapter: lora or qlora"
             )
+        if self.fsdp and self.deepspeed:
+            raise ValueError("fsdp and deepspeed are exclusive: choose one way to shard")
+        if self.fsdp and self.quantization is not None:
+            raise ValueError("fsdp with a 4/8-bit base (qlora, load_in_*) is not supported by "
+                             "plugtune yet: use adapter: lora, or deepspeed: zero3 for QLoRA")
         if self.reward_model and self.rl not in (None, "reward"):
             raise ValueError(f"reward_model: true trains a reward model; drop rl: {self.rl}")
+        return self
+
+    @model_validator(mode="after")
+    def _liger(self) -> Recipe:
+        cfg = self.liger_kernel_config or {}
+        if cfg.get("cross_entropy") and cfg.get("fused_linear_cross_entropy"):
+            raise ValueError("liger_kernel_config: cross_entropy and fused_linear_cross_entropy "
+                             "are exclusive (the fused one already includes the cross-entropy)")
         return self
 
     @property
@@ -352,6 +465,10 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, pm
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
+    ddir = data.get("dataset_dir")
+    if isinstance(ddir, str) and not Path(ddir).expanduser().is_absolute() \
+            and not Path(ddir).is_dir() and (path.parent / ddir).is_dir():
+        data["dataset_dir"] = str(path.parent / ddir)  # LLaMA-Factory's folder next to the recipe
     return validate_recipe(data, source=str(path), pm=pm)
 
 

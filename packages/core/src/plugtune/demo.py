@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 
 SCHEME = "demo://"
@@ -48,12 +49,15 @@ def _write_model(dest: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=4 + len(_VOCAB_CHARS), hidden_size=128, intermediate_size=256,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(dest, safe_serialization=True)
+    # fork_rng: making the model must not move the caller's RNG, or a run that materializes the
+    # demo initialises its LoRA weights differently from every later run (or from other ranks)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=4 + len(_VOCAB_CHARS), hidden_size=128, intermediate_size=256,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                          max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2, tie_word_embeddings=True)
+        LlamaForCausalLM(cfg).save_pretrained(dest, safe_serialization=True)
 
 
 def _write_data(dest: Path) -> None:
@@ -65,9 +69,12 @@ def _write_data(dest: Path) -> None:
     ordered = sorted(words)
     rng.shuffle(ordered)
     for name, chunk in (("reverse-train.jsonl", ordered[:2000]), ("reverse-test.jsonl", ordered[2000:])):
-        with open(dest / name, "w", encoding="utf-8") as fh:
+        # temp file + rename: ranks of a multi-process launch may write it at the same time
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for w in chunk:
                 fh.write(json.dumps({"prompt": f"reverse {w} =", "completion": f" {w[::-1]}"}) + "\n")
+        os.replace(tmp, dest / name)
 
 
 def _ensure(name: str) -> Path:
@@ -75,15 +82,22 @@ def _ensure(name: str) -> Path:
     if name == "tiny-llama":
         dest = home / "tiny-llama"
         if not (dest / "model.safetensors").exists():
-            tmp = home / ".tiny-llama.tmp"
-            tmp.mkdir(parents=True, exist_ok=True)
+            import shutil
+
+            # a private temp folder, renamed into place: the ranks of a multi-process launch all
+            # get here at once on a fresh PLUGTUNE_HOME; the first rename wins, the rest drop theirs
+            home.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=home, prefix=".tiny-llama."))
             _write_tokenizer(tmp)
             _write_model(tmp)
-            if dest.exists():
-                import shutil
-
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
+            if dest.exists() and not (dest / "model.safetensors").exists():
+                shutil.rmtree(dest, ignore_errors=True)  # a leftover from an older layout
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                if not (dest / "model.safetensors").exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         return dest
     if name in ("reverse-train.jsonl", "reverse-test.jsonl"):
         if not (home / "reverse-test.jsonl").exists():

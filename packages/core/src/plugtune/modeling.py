@@ -402,6 +402,15 @@ def label_only_loss(model, kwargs: dict, num_items_in_batch=None) -> torch.Tenso
     return _label_only(backbone, head, kwargs, num_items_in_batch)
 
 
+def disable_label_only_head(model) -> None:
+    """Make :func:`label_only_loss` step aside for ``model`` (peft-wrapped or bare), so the
+    model's own forward computes the loss: used when Liger's fused linear cross-entropy has
+    replaced that forward (it never builds logits at all, plugtune's head builds the trained
+    positions' ones)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    setattr(base, _VERDICT, False)
+
+
 def _label_only(backbone, head, kwargs: dict, num_items_in_batch=None) -> torch.Tensor:
     labels = kwargs["labels"]
     out = backbone(**{k: v for k, v in kwargs.items() if k != "labels"})

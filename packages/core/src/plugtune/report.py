@@ -40,6 +40,9 @@ def model_card(recipe: Recipe, spec: ModelSpec, metrics: dict, stats: dict) -> s
     else:
         what = f"a LoRA adapter (r={recipe.lora_r}, alpha={recipe.lora_alpha})"
         load = f"PeftModel.from_pretrained(base, '{recipe.output_dir}')"
+        if stats.get("added_tokens"):  # the base needs the run's vocabulary size first
+            load = (f"base.resize_token_embeddings(len(AutoTokenizer.from_pretrained("
+                    f"'{recipe.output_dir}'))); {load}")
     keep = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     return f"""---
 base_model: {recipe.base_model}

@@ -1,4 +1,4 @@
-"""Scale-out helpers: DeepSpeed ZeRO presets and gathering sharded weights for saving.
+"""Scale-out helpers: DeepSpeed ZeRO and FSDP2 presets, and gathering sharded weights for saving.
 
 A recipe's ``deepspeed:`` key is a preset name (``zero2``, ``zero3``, ``zero3_offload``) or the
 path of a DeepSpeed JSON config. Presets ship in ``plugtune/recipes/deepspeed/`` in the style of
@@ -197,8 +197,15 @@ def gathered_state_dict(trainer) -> dict | None:
     ``stage3_gather_16bit_weights_on_model_save: true``, set in the presets). For a PEFT model,
     ``PeftModel.save_pretrained(state_dict=...)`` picks the adapter keys out of it.
 
-    Returns ``None`` without DeepSpeed or below stage 3 (the live parameters are complete).
+    Under FSDP (``fsdp:``) the same call gathers the full state dict on every rank (a
+    collective: every rank must call it).
+
+    Returns ``None`` without DeepSpeed or FSDP, or below ZeRO stage 3 (the live parameters
+    are complete).
     """
+    if getattr(trainer, "is_fsdp_enabled", False):
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        return {k: v.detach().cpu() for k, v in state.items()} if state else None
     if not getattr(trainer, "is_deepspeed_enabled", False):
         return None
     ds_cfg = trainer.accelerator.deepspeed_config or {}
@@ -237,3 +244,123 @@ def ensure_distributed_env() -> None:
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+
+
+def ensure_cpu_process_group() -> bool:
+    """On a machine without CUDA, make a multi-process launch (``accelerate launch
+    --multi_gpu --num_processes N`` / ``torchrun --nproc_per_node N``) a real DDP run over gloo.
+
+    Without ``ACCELERATE_USE_CPU`` accelerate's state does not join the launcher's process group
+    on CPU: every rank then trains alone on the whole data (N copies of a one-process run, each
+    seeing every batch), silently. When the launcher's ``WORLD_SIZE`` is above 1 and no CUDA device
+    is visible, this sets ``ACCELERATE_USE_CPU=true`` before ``TrainingArguments`` exist.
+
+    Returns:
+        ``True`` when it set the variable.
+    """
+    import os
+
+    import torch
+
+    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+            and "ACCELERATE_USE_CPU" not in os.environ):
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP (FSDP2, torch.distributed.fsdp.fully_shard, through accelerate)
+
+#: ``fsdp:`` presets -> ``TrainingArguments.fsdp_config`` (FSDP2; ``auto_wrap_policy``
+#: TRANSFORMER_BASED_WRAP falls back to the model's ``_no_split_modules``, i.e. one FSDP unit per
+#: decoder layer). ``full_shard`` ~ ZeRO-3 (parameters resharded after each forward),
+#: ``shard_grad_op`` ~ ZeRO-2 (kept gathered from forward to backward: more memory, fewer
+#: all-gathers), ``full_shard_offload`` also keeps parameters and gradients in CPU memory.
+#: Source: transformers ``TrainingArguments.fsdp_config`` docs (5.x), accelerate
+#: ``FullyShardedDataParallelPlugin``.
+FSDP_PRESETS: dict[str, dict] = {
+    "full_shard": {"version": 2, "reshard_after_forward": True},
+    "shard_grad_op": {"version": 2, "reshard_after_forward": False},
+    "full_shard_offload": {"version": 2, "reshard_after_forward": True, "cpu_offload": True},
+}
+#: keys of ``fsdp_config`` that transformers 5 reads (an ``fsdp_`` prefix is accepted too)
+FSDP_KEYS = {"version", "reshard_after_forward", "cpu_offload", "activation_checkpointing",
+             "cpu_ram_efficient_loading", "state_dict_type", "auto_wrap_policy",
+             "transformer_layer_cls_to_wrap", "min_num_params", "forward_prefetch",
+             "backward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers"}
+
+
+class FSDPConfigError(RecipeError):
+    """An ``fsdp:`` value (preset or file) is invalid; the message names the file and key."""
+
+
+def validate_fsdp_config(cfg: Any, source: str = "<fsdp config>") -> dict:
+    """Check an FSDP config mapping: known keys (typos get a "did you mean"), ``version`` 1 or
+    2, booleans where transformers expects them, a valid ``state_dict_type`` and wrap policy.
+
+    Returns:
+        A copy without ``fsdp_`` prefixes.
+
+    Raises:
+        FSDPConfigError: naming ``source`` and the key.
+    """
+    def bad(key: str, why: str) -> FSDPConfigError:
+        return FSDPConfigError(f"fsdp config {source}: {key}: {why}")
+
+    if not isinstance(cfg, dict):
+        raise bad("<root>", f"expected a JSON object, got {type(cfg).__name__}")
+    out = {(k[5:] if k.startswith("fsdp_") else k): v for k, v in cfg.items()}
+    for key in out:
+        if key not in FSDP_KEYS:
+            close = difflib.get_close_matches(key, sorted(FSDP_KEYS), n=1, cutoff=0.6)
+            raise bad(key, "unknown key" + (f"; did you mean '{close[0]}'?" if close else ""))
+    if out.get("version", 2) not in (1, 2):
+        raise bad("version", f"expected 2 (FSDP2) or 1, got {out['version']!r}")
+    for key in ("cpu_offload", "activation_checkpointing", "cpu_ram_efficient_loading"):
+        if key in out and not isinstance(out[key], bool):
+            raise bad(key, f"expected true or false, got {out[key]!r}")
+    if out.get("version", 2) == 2 and not isinstance(out.get("reshard_after_forward", True), bool):
+        raise bad("reshard_after_forward", "FSDP2 takes true (full_shard) or false (shard_grad_op)")
+    sdt = out.get("state_dict_type", "FULL_STATE_DICT")
+    if sdt not in ("FULL_STATE_DICT", "SHARDED_STATE_DICT"):
+        raise bad("state_dict_type", f"expected FULL_STATE_DICT or SHARDED_STATE_DICT, got {sdt!r}")
+    pol = out.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")
+    if pol not in ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"):
+        raise bad("auto_wrap_policy", "expected TRANSFORMER_BASED_WRAP, SIZE_BASED_WRAP or NO_WRAP, "
+                  f"got {pol!r}")
+    return out
+
+
+def fsdp_config(value: str | dict, gradient_checkpointing: bool = False) -> dict:
+    """Resolve the recipe's ``fsdp:`` value (a :data:`FSDP_PRESETS` name, a JSON file or a
+    dict) to a validated ``TrainingArguments.fsdp_config``.
+
+    ``gradient_checkpointing: true`` becomes FSDP's own ``activation_checkpointing`` (the
+    model-level switch costs a redundant all-gather in the backward under FSDP).
+
+    Raises:
+        FSDPConfigError: unknown preset / missing file (lists the presets), malformed JSON
+            (file and line), or an invalid key (see :func:`validate_fsdp_config`).
+    """
+    if isinstance(value, dict):
+        cfg = validate_fsdp_config(value, "<dict>")
+    elif value in FSDP_PRESETS:
+        cfg = dict(FSDP_PRESETS[value])
+    else:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            close = difflib.get_close_matches(value, list(FSDP_PRESETS), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise FSDPConfigError(f"fsdp: {value!r} is neither a preset ({', '.join(FSDP_PRESETS)}) "
+                                  f"nor an existing JSON file{hint}")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise FSDPConfigError(f"fsdp config {path}:{exc.lineno}: malformed JSON ({exc.msg} at "
+                                  f"column {exc.colno})") from None
+        cfg = validate_fsdp_config(raw, str(path))
+    if gradient_checkpointing:
+        cfg.setdefault("activation_checkpointing", True)
+    return cfg
+

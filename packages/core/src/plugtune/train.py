@@ -153,6 +153,9 @@ def prepare_run(recipe: Recipe, pm=None, resume: bool = False, console=None) -> 
     """
     pm = pm or get_plugin_manager()
     transformers.set_seed(recipe.seed)
+    from plugtune.scale import ensure_cpu_process_group
+
+    ensure_cpu_process_group()  # N CPU processes from a launcher: one DDP run, not N copies
     spec = build_spec(recipe, pm)
     user_recipe, recipe = recipe, spec.recipe  # user_recipe keeps demo:// names (portable)
 

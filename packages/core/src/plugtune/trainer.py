@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from transformers import Trainer, TrainerCallback
 
 from plugtune.config import Recipe
 from plugtune.spec import Method, ModelSpec
+from plugtune.token_rows import trainable_token_indices
 
 log = logging.getLogger(__name__)
 COMPLETE_MARKER = "plugtune_checkpoint_complete"
@@ -122,13 +124,15 @@ def prepare_base(spec: ModelSpec, model, gradient_checkpointing: bool | None = N
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gc:
+    elif gc and not recipe.fsdp:  # under FSDP: fsdp_config activation_checkpointing instead
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def lora_config(spec: ModelSpec, model, pm):
-    """The ``peft.LoraConfig`` of the recipe, with targets from ``plugtune_target_modules``.
+def lora_config(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
+    """The ``peft.LoraConfig`` of the recipe, with targets from ``plugtune_target_modules``;
+    ``token_rows``: token ids whose embedding/output rows are trained too
+    (:func:`plugtune.token_rows.rows_to_train`).
 
     Raises:
         TrainingError: no plugin names target modules for the model.
@@ -142,10 +146,12 @@ def lora_config(spec: ModelSpec, model, pm):
     task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
     return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                       target_modules=targets, modules_to_save=recipe.lora_modules_to_save,
+                      trainable_token_indices=trainable_token_indices(
+                          model, token_rows, recipe.lora_modules_to_save),
                       bias="none", task_type=task)
 
 
-def apply_adapter(spec: ModelSpec, model, pm):
+def apply_adapter(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
     """Wrap ``model`` with LoRA (peft) per the recipe; prepare k-bit bases for training.
 
     Returns the (possibly wrapped) model. Full fine-tuning returns ``model`` unchanged.
@@ -156,7 +162,7 @@ def apply_adapter(spec: ModelSpec, model, pm):
         return model
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_config(spec, model, pm))
+    model = get_peft_model(model, lora_config(spec, model, pm, token_rows))
     if recipe.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return model
@@ -227,7 +233,9 @@ def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bo
         prediction_loss_only=True,
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        **_fsdp_kwargs(recipe),
     )
+    kwargs.update(liger_training_kwargs(spec))
     if recipe.save_steps:
         kwargs["save_steps"] = recipe.save_steps
     if recipe.eval_steps and has_eval:
@@ -238,6 +246,22 @@ def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bo
     return kwargs
 
 
+def liger_training_kwargs(spec: ModelSpec) -> dict:
+    """``use_liger_kernel`` / ``liger_kernel_config`` when ``liger_kernel: true`` can be honoured
+    here (CUDA + liger-kernel + a model type Liger patches; else one notice and ``{}``). See
+    :mod:`plugtune.kernels`."""
+    from plugtune import kernels
+
+    if spec.task != "causal":
+        if spec.recipe.liger_kernel:
+            log.warning("liger_kernel: true is for decoder-only models; %s (%s) trains without it",
+                        spec.model_type, spec.task)
+        return {}
+    # Liger's table is keyed by the architecture's own model_type, not a routing override
+    model_type = getattr(spec.hf_config, "model_type", None) or spec.model_type
+    return kernels.training_kwargs(kernels.plan_liger(spec.recipe, model_type))
+
+
 def _deepspeed_config(value: str | None):
     if not value:
         return None
@@ -246,6 +270,21 @@ def _deepspeed_config(value: str | None):
     cfg = scale.deepspeed_config(value)
     scale.ensure_distributed_env()  # single process without a launcher: rank 0 of 1
     return cfg
+
+
+def _fsdp_kwargs(recipe: Recipe) -> dict:
+    """``fsdp`` / ``fsdp_config`` for ``TrainingArguments``; ``{}`` in a single process (FSDP
+    shards across the processes of a launch; transformers refuses it without one)."""
+    if not recipe.fsdp:
+        return {}
+    from plugtune import scale
+
+    cfg = scale.fsdp_config(recipe.fsdp, recipe.gradient_checkpointing)  # validate either way
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        log.warning("fsdp: %s needs a multi-process launch (accelerate launch --num_processes N "
+                    "-m plugtune train ...); this single process trains unsharded", recipe.fsdp)
+        return {}
+    return {"fsdp": True, "fsdp_config": cfg}
 
 
 def _zero_stage(value: str) -> int:
@@ -335,7 +374,9 @@ def preference_rows(ctx: MethodContext) -> tuple[Any, Any, dict]:
     if spec.task != "causal":
         raise TrainingError(f"rl: {ctx.method.name} supports decoder-only (causal) families; "
                             f"{spec.family.name!r} is {spec.task}")
-    if ensure_chat_template(tokenizer, recipe.chat_template):
+    added = ensure_chat_template(tokenizer, recipe.chat_template)
+    data.added_tokens = [*data.added_tokens, *added]  # their rows train (policy_and_reference)
+    if data.added_tokens:
         ctx.model.resize_token_embeddings(len(tokenizer))
     info = probe_template(tokenizer)
     fn = tokenize_unpaired if data.kind == "kto" else tokenize_preferences
@@ -370,9 +411,17 @@ def policy_and_reference(ctx: MethodContext, needs_reference: bool = True
         return model, ref, None, "frozen copy of the initial model"
     if spec.quantization is not None:
         model = prepare_base(spec, model)
+    token_rows: list[int] = []
+    if spec.task == "causal":  # added tokens' embedding/output rows train with the adapter
+        from plugtune.token_rows import rows_to_train
+
+        token_rows, notice = rows_to_train(model, ctx.tokenizer, ctx.data.added_tokens, [], [],
+                                           ctx.recipe.train_token_rows)
+        if notice:
+            ctx.say(f"plugtune: {notice}")
     desc = ("base model with the adapter disabled" if needs_reference
             else "none (reference-free method)")
-    return model, None, lora_config(spec, model, ctx.pm), desc
+    return model, None, lora_config(spec, model, ctx.pm, token_rows), desc
 
 
 def fit_and_save(ctx: MethodContext, trainer, metrics: dict, stats: dict,

@@ -1,10 +1,31 @@
-"""The instruction data pipeline: formats, templates, tokenization + label masking, packing."""
+"""The instruction data pipeline: formats, registries, templates, tokenization + label masking,
+packing.
 
-from plugtune.data.collate import Collator
-from plugtune.data.loading import DataError
-from plugtune.data.packing import best_fit_decreasing, pack_rows
-from plugtune.data.pipeline import PreparedData, prepare
-from plugtune.data.tokenize import IGNORE_INDEX, TemplateInfo, probe_template
+Names are imported lazily so that ``plugtune.data.registry`` (recipe validation) does not load
+``datasets`` or torch.
+"""
 
-__all__ = ["Collator", "DataError", "IGNORE_INDEX", "PreparedData", "TemplateInfo",
-           "best_fit_decreasing", "pack_rows", "prepare", "probe_template"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Collator": "plugtune.data.collate",
+    "DataError": "plugtune.data.errors",
+    "IGNORE_INDEX": "plugtune.data.tokenize",
+    "PreparedData": "plugtune.data.pipeline",
+    "TemplateInfo": "plugtune.data.tokenize",
+    "best_fit_decreasing": "plugtune.data.packing",
+    "pack_rows": "plugtune.data.packing",
+    "prepare": "plugtune.data.pipeline",
+    "probe_template": "plugtune.data.tokenize",
+    "resolve_llamafactory": "plugtune.data.registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'plugtune.data' has no attribute {name!r}")

@@ -17,16 +17,43 @@ from pathlib import Path
 import datasets
 
 from plugtune.config import DatasetConfig
-from plugtune.data.formats import ADAPTERS, BadRecord, vision_features
+from plugtune.data.errors import DataError
+from plugtune.data.formats import ADAPTERS, BadRecord, Shape, vision_features
 
 log = logging.getLogger(__name__)
 
+_TAG_ROLES = {"user_tag": "user", "assistant_tag": "assistant", "observation_tag": "tool",
+              "function_tag": "function_call", "system_tag": "system"}
+
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
              ".txt": "text", ".arrow": "arrow"}
+#: compressed text files ``datasets`` reads through fsspec (``.zst`` needs ``zstandard``)
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 
 
-class DataError(ValueError):
-    """Bad input data: the message names the file, the line or record, and the field."""
+def file_suffix(path: Path) -> tuple[str, str | None]:
+    """``(format suffix, compression)``: ``a.jsonl.gz`` -> ``(".jsonl", "gzip")``."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), COMPRESSIONS[suffixes[-1]]
+    return path.suffix.lower(), None
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when its suffix names a compression."""
+    _, compression = file_suffix(path)
+    if compression is None:
+        return path.read_bytes()
+    import fsspec
+
+    try:
+        with fsspec.open(str(path), "rb", compression=compression) as fh:
+            return fh.read()
+    except ImportError as exc:  # zstd without zstandard
+        raise DataError(f"{path}: reading {compression} files needs {exc.name or 'zstandard'}: "
+                        f"pip install zstandard") from None
+    except Exception as exc:
+        raise DataError(f"{path}: not a valid {compression} file ({exc})") from None
 
 
 def check_utf8(path: Path) -> None:
@@ -35,9 +62,9 @@ def check_utf8(path: Path) -> None:
     Arrow reads such bytes without complaint and fails later, far from the file, so text
     files are checked before loading (one decode pass; no parsing).
     """
-    if path.suffix.lower() not in (".json", ".jsonl", ".csv", ".txt"):
+    if file_suffix(path)[0] not in (".json", ".jsonl", ".csv", ".txt"):
         return
-    raw = path.read_bytes()
+    raw = read_bytes(path)
     try:
         raw.decode("utf-8")
         return
@@ -107,8 +134,8 @@ def diagnose_file(path: Path) -> str | None:
 
     Only called after ``datasets`` failed, to turn its error into ``file:line: why``.
     """
-    raw = path.read_bytes()
-    suffix = path.suffix.lower()
+    raw = read_bytes(path)
+    suffix = file_suffix(path)[0]
     if suffix == ".jsonl" or (suffix == ".json" and not raw.lstrip().startswith(b"[")
                               and not raw.lstrip().startswith(b"{\n") and b"\n{" in raw):
         for i, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
@@ -131,9 +158,9 @@ def diagnose_file(path: Path) -> str | None:
 def _line_hint(path: Path | None, row: int) -> str:
     if path is None:
         return f"row {row}"
-    if path.suffix.lower() == ".jsonl":
+    if file_suffix(path)[0] == ".jsonl":
         return f"{path}:{row + 1} (record {row})"
-    if path.suffix.lower() == ".csv":
+    if file_suffix(path)[0] == ".csv":
         return f"{path}:{row + 2} (row {row})"
     return f"{path} record {row}"
 
@@ -154,23 +181,31 @@ def load_raw(cfg: DatasetConfig) -> tuple[datasets.Dataset, Path | None]:
     local_file: Path | None = None
     try:
         if p.is_file():
-            builder = _BUILDERS.get(p.suffix.lower())
+            suffix, compression = file_suffix(p)
+            builder = cfg.ds_type or _BUILDERS.get(suffix)
             if builder is None:
-                raise DataError(f"{p}: unsupported file type {p.suffix!r}; "
-                                f"expected one of {', '.join(_BUILDERS)}")
+                raise DataError(f"{p}: unsupported file type {''.join(p.suffixes)!r}; expected "
+                                f"one of {', '.join(_BUILDERS)}, optionally compressed "
+                                f"({', '.join(COMPRESSIONS)})")
+            if compression and builder in ("parquet", "arrow"):
+                raise DataError(f"{p}: {builder} files are compressed inside; a {compression} "
+                                f"{builder} file is not readable: decompress it")
             local_file = p
             check_not_empty(p)
             check_record_sizes(p, cfg.max_record_bytes)
             check_utf8(p)
-            kwargs = {"field": cfg.field} if cfg.field and builder == "json" else {}
-            ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kwargs)
+            # axolotl's field is completion's text column; otherwise the JSON key of the records
+            kwargs = {"field": cfg.field} if (cfg.field and builder == "json"
+                                              and cfg.type != "completion") else {}
+            split = cfg.split if cfg.split.startswith("train") else "train"
+            ds = datasets.load_dataset(builder, data_files=str(p), split=split, **kwargs)
         elif p.is_dir():
             if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
                 loaded = datasets.load_from_disk(str(p))
                 ds = loaded[cfg.split] if isinstance(loaded, datasets.DatasetDict) else loaded
             else:
                 ds = datasets.load_dataset(str(p), data_files=cfg.data_files, split=cfg.split)
-        elif cfg.path.startswith((".", "/", "~")) or p.suffix.lower() in _BUILDERS:
+        elif cfg.path.startswith((".", "/", "~")) or file_suffix(p)[0] in _BUILDERS:
             raise DataError(f"dataset path {cfg.path!r} does not exist")
         else:
             ds = datasets.load_dataset(cfg.path, cfg.name, data_files=cfg.data_files,
@@ -197,16 +232,11 @@ def to_canonical(cfg: DatasetConfig, num_proc: int | None = None) -> tuple[datas
         DataError: a bad record, naming file, line and field (unless ``on_bad_row: skip``).
     """
     ds, local_file = load_raw(cfg)
-    adapter = ADAPTERS[cfg.type]
-    cols, system = dict(cfg.columns), cfg.system_prompt
-    features = None
-    if cfg.type == "vision":  # image paths resolve against image_dir, else the data's folder
-        from plugtune.demo import materialize
-
-        where = Path(os.path.expanduser(materialize(cfg.path)))
-        base = cfg.image_dir or (local_file.parent if local_file else where if where.is_dir() else None)
-        adapter = functools.partial(adapter, base_dir=base)
-        features = vision_features()
+    ds = _undecoded_images(ds)
+    cols, shape = dataset_shape(cfg, local_file)
+    adapter = functools.partial(ADAPTERS[cfg.type], shape=shape)
+    system = cfg.system_prompt
+    features = vision_features() if cfg.type == "vision" else None
 
     def convert(batch: dict, idx: list[int]) -> dict:
         keys = list(batch)
@@ -242,9 +272,93 @@ def to_canonical(cfg: DatasetConfig, num_proc: int | None = None) -> tuple[datas
     if errors:
         log.warning("%s: skipped %d bad rows, first: %s", cfg.path, len(errors), errors[0])
         conv = conv.filter(lambda e: not e, input_columns="_error")
-    conv = conv.map(lambda b: json.loads(b["example"]),
+    conv = conv.map(_decoder(conv["example"]) if features is None else
+                    (lambda b: json.loads(b["example"])),
                     remove_columns=["example", "_error", "_missing"], features=features)
     return conv, len(errors)
+
+
+def _decoder(examples: list[str]):
+    """A ``map`` function that decodes the JSON examples with every key any of them has (``None``
+    where a row lacks it), so Arrow sees one schema: rows with and without ``tools``, messages
+    with and without ``tool_calls``."""
+    top: dict[str, None] = {}
+    msg: dict[str, None] = {}
+    for ex in examples:
+        d = json.loads(ex)
+        top.update(dict.fromkeys(d))
+        for m in d.get("messages") or d.get("prompt") or []:
+            if isinstance(m, dict):
+                msg.update(dict.fromkeys(m))
+
+    def decode(b: dict) -> dict:
+        d = json.loads(b["example"])
+        for key in ("messages", "prompt"):
+            if isinstance(d.get(key), list):
+                d[key] = [{**msg, **m} for m in d[key]]
+        return {**top, **d}
+    return decode
+
+
+def _undecoded_images(ds: datasets.Dataset) -> datasets.Dataset:
+    """Image columns as ``{"bytes", "path"}`` (adapters write them to files; no PIL decode)."""
+    def undecoded(feature):
+        if isinstance(feature, datasets.Image):
+            return datasets.Image(decode=False)
+        if isinstance(feature, datasets.List | datasets.Sequence):
+            inner = undecoded(feature.feature)
+            return datasets.List(inner) if inner is not None else None
+        return None
+
+    for name, feature in ds.features.items():
+        new = undecoded(feature)
+        if new is not None:
+            ds = ds.cast_column(name, new)
+    return ds
+
+
+def dataset_shape(cfg: DatasetConfig, local_file: Path | None = None) -> tuple[dict, Shape]:
+    """The adapter's column map and :class:`~plugtune.data.formats.Shape` for one dataset entry.
+
+    axolotl keys map onto canonical columns (``field_messages`` -> messages, ``field_chosen``,
+    ``field_rejected``, ``field_tools``, and ``field`` -> the text column of ``completion``),
+    ``message_property_mappings`` / ``tags`` onto the message keys, ``roles`` / ``tags`` onto
+    the role names. Explicit ``columns`` win.
+    """
+    cols: dict[str, str] = {}
+    if cfg.field_messages:
+        cols["messages"] = cols["conversations"] = cfg.field_messages
+    for name, value in (("chosen", cfg.field_chosen), ("rejected", cfg.field_rejected),
+                        ("tools", cfg.field_tools)):
+        if value:
+            cols[name] = value
+    if cfg.type == "completion" and cfg.field:
+        cols["text"] = cfg.field
+    cols.update(cfg.columns)
+    mapping = dict(cfg.message_property_mappings or {})
+    if cfg.message_field_role:
+        mapping.setdefault("role", cfg.message_field_role)
+    if cfg.message_field_content:
+        mapping.setdefault("content", cfg.message_field_content)
+    roles: dict[str, str] = {}
+    for target, sources in (cfg.roles or {}).items():
+        for src in sources:
+            roles[src] = target
+    role_key, content_key = mapping.get("role"), mapping.get("content")
+    if cfg.tags:
+        role_key = role_key or cfg.tags.get("role_tag")
+        content_key = content_key or cfg.tags.get("content_tag")
+        for tag, target in _TAG_ROLES.items():
+            if cfg.tags.get(tag):
+                roles.setdefault(cfg.tags[tag], target)
+    from plugtune.demo import materialize
+
+    where = Path(os.path.expanduser(materialize(cfg.path)))
+    base = cfg.image_dir or (local_file.parent if local_file else where if where.is_dir() else None)
+    shape = Shape(role_key=role_key, content_key=content_key, roles=roles, base_dir=base,
+                  allow_images=cfg.type in ("vision", "chat_template"),
+                  image_cache=Path(datasets.config.HF_DATASETS_CACHE) / "plugtune_images")
+    return cols, shape
 
 
 def load_datasets(cfgs: list[DatasetConfig], num_proc: int | None = None,

@@ -16,7 +16,7 @@ from typing import Any
 import datasets
 
 from plugtune.config import Recipe
-from plugtune.data.formats import IMAGE_PLACEHOLDER, kind_of
+from plugtune.data.formats import IMAGE_PLACEHOLDER, flatten_tools, kind_of, template_messages
 from plugtune.data.loading import DataError, load_datasets
 from plugtune.data.packing import pack_rows
 from plugtune.data.templates import ensure_chat_template
@@ -40,10 +40,11 @@ class PreparedData:
         eval: the same for evaluation, or ``None``.
         eval_examples: canonical eval examples (``prompt`` messages / ``reference`` text) for
             generation metrics (exact match, ROUGE).
-        kind: ``"chat"``, ``"text"``, ``"seq2seq"`` or ``"preference"``.
+        kind: ``"chat"``, ``"text"``, ``"seq2seq"``, ``"preference"`` or ``"kto"``.
         template: the probed chat template (``None`` for text-free kinds).
         stats: counts: samples, kept, truncated, dropped, rows, real_tokens, pad_fraction ...
-        added_tokens: tokens the chat template added to the vocabulary.
+        added_tokens: tokens added to the vocabulary (the recipe's ``added_tokens``, the chat
+            template's markers); their rows are trained (:mod:`plugtune.token_rows`).
     """
 
     train: datasets.Dataset
@@ -70,6 +71,84 @@ def _seq2seq_view(ex: dict) -> tuple[str, str]:
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     source = "\n\n".join(m["content"] for m in msgs[:last] if m["role"] != "assistant")
     return source, msgs[last]["content"]
+
+
+def train_on_eos_policy(recipe: Recipe) -> str:
+    """The recipe's axolotl ``train_on_eos`` (``turn`` unless its datasets set one; they must
+    agree, since mixed datasets are tokenized together).
+
+    Raises:
+        DataError: datasets ask for different values.
+    """
+    values = {d.train_on_eos or "turn" for d in [*recipe.datasets, *recipe.test_datasets]}
+    if len(values) > 1:
+        raise DataError(f"datasets set different train_on_eos values {sorted(values)}; "
+                        "plugtune applies one per run: set the same on every dataset")
+    return values.pop()
+
+
+def apply_train_on_eos(ids: list[int], labels: list[int], stops: list[int], policy: str
+                       ) -> list[int]:
+    """axolotl's ``train_on_eos`` on one tokenized chat row (labels are not shifted).
+
+    * ``turn`` (plugtune's and axolotl's default): the stop token ending each trained turn is
+      trained (labels unchanged);
+    * ``last``: only the stop token of the last trained turn is trained;
+    * ``none``: no stop token is trained (the model is not taught to stop);
+    * ``all``: every stop token in the row is trained, also those ending user / system turns.
+
+    Args:
+        stops: the ids that end a turn (:attr:`TemplateInfo.stop_token_ids`).
+    """
+    if policy == "turn":
+        return labels
+    stop = set(stops)
+    out = list(labels)
+    if policy == "all":
+        return [t if t in stop else lab for t, lab in zip(ids, out)]
+    trained_stops = [i for i, (t, lab) in enumerate(zip(ids, out)) if lab != -100 and t in stop]
+    keep = trained_stops[-1:] if policy == "last" else []
+    for i in trained_stops:
+        if i not in keep:
+            out[i] = -100
+    return out
+
+
+_TOOL_PROBE = {"name": "plugtune_probe_fn", "description": "PLUGTUNE_PROBE_TOOL",
+               "parameters": {"type": "object", "properties": {}}}
+_tool_support: dict[str, bool] = {}
+
+
+def supports_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders tools: the ``tools=`` schemas, an assistant
+    ``tool_calls`` turn and a ``tool`` result all appear in its output (Qwen2.5, Qwen3 and
+    Llama 3.1/3.2 templates do; ChatML / alpaca / llama2 do not). Cached per template."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if template not in _tool_support:
+        msgs = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "plugtune_probe_fn",
+                                                      "arguments": {"x": 1}}}]},
+                {"role": "tool", "content": "PLUGTUNE_PROBE_RESULT"}]
+        try:
+            out = tokenizer.apply_chat_template(msgs, tools=[_TOOL_PROBE], tokenize=False)
+            ok = all(s in out for s in ("PLUGTUNE_PROBE_TOOL", "plugtune_probe_fn",
+                                        "PLUGTUNE_PROBE_RESULT"))
+        except Exception:  # a template that raises on tools has no tool support
+            ok = False
+        _tool_support[template] = ok
+    return _tool_support[template]
+
+
+def chat_for_template(tokenizer, example: dict) -> tuple[list[dict], list[dict] | None]:
+    """A canonical chat example -> ``(messages, tools)`` for ``apply_chat_template``: native
+    tool rendering when :func:`supports_tools`, else :func:`~plugtune.data.formats.flatten_tools`
+    (tools described in the system turn, calls as JSON answers, results as user turns)."""
+    msgs, tools = template_messages(example)
+    has_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs)
+    if has_tools and not supports_tools(tokenizer):
+        return flatten_tools(msgs, tools), None
+    return msgs, tools
 
 
 #: the row columns an ``encode`` function (``plugtune_encode``) returns
@@ -108,6 +187,7 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
     tokenizers; its rows also carry ``images``.
     """
     max_len, policy, toi = recipe.sequence_len, recipe.truncation, recipe.train_on_inputs
+    eos_policy = train_on_eos_policy(recipe)
 
     def fn(batch: dict) -> dict:
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": []}
@@ -126,7 +206,11 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
             elif task == "seq2seq":
                 rows = [tokenize_seq2seq(tokenizer, *_seq2seq_view(ex), max_len)]
             elif "messages" in ex:
-                rows = [tokenize_chat(tokenizer, ex["messages"], info, max_len, toi, policy)]
+                msgs, tools = chat_for_template(tokenizer, ex)
+                rows = [tokenize_chat(tokenizer, msgs, info, max_len, toi, policy, tools)]
+                if eos_policy != "turn":
+                    rows[0]["labels"] = apply_train_on_eos(
+                        rows[0]["input_ids"], rows[0]["labels"], info.stop_token_ids, eos_policy)
             elif "text" in ex:
                 rows = tokenize_text(tokenizer, ex["text"], max_len, info)
             else:
@@ -301,7 +385,7 @@ def _eval_examples(ds: datasets.Dataset | None, limit: int | None) -> list[dict]
     for ex in ds.select(range(min(len(ds), limit or len(ds)))):
         ex = {k: v for k, v in ex.items() if v is not None}
         if "messages" in ex:
-            msgs = ex["messages"]
+            msgs = template_messages(ex)[0]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
             item = {"prompt": msgs[:last], "reference": msgs[last]["content"]}
             if "images" in ex:  # vision: the images whose placeholders lie in the prompt
@@ -339,14 +423,16 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
         split = train_raw.train_test_split(test_size=int(n), seed=recipe.dataset_seed)
         train_raw, eval_raw = split["train"], split["test"]
     kind = kind_of(train_raw[0]) if len(train_raw) else "chat"
-    if kind == "preference":
+    from plugtune.token_rows import add_tokens
+
+    added: list[str] = add_tokens(tokenizer, recipe.added_tokens)
+    if kind in ("preference", "kto"):  # tokenized by the method (dpo.py, methods/)
         return PreparedData(train=train_raw, eval=eval_raw, eval_examples=[], kind=kind,
                             template=None, stats={"samples": len(train_raw), **load_stats},
-                            raw_train=train_raw, raw_eval=eval_raw)
+                            added_tokens=added, raw_train=train_raw, raw_eval=eval_raw)
     info = None
-    added: list[str] = []
     if task != "seq2seq" and kind == "chat":
-        added = ensure_chat_template(tokenizer, recipe.chat_template)
+        added += ensure_chat_template(tokenizer, recipe.chat_template)
         info = probe_template(tokenizer)
     elif task != "seq2seq":
         info = TemplateInfo(stop_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [],
@@ -363,6 +449,8 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
     train, stats = finalize(train_tok, recipe, recipe.sample_packing and packable, tokenizer)
     stats["skipped_bad_rows"] = load_stats["skipped_bad_rows"]
     stats["per_dataset"] = load_stats["per_dataset"]
+    if added:
+        stats["added_tokens"] = list(added)
     check_trainable(stats, recipe)
     stats.update(check_representable(tokenizer, train_raw, stats))
     if stats["rows"] == 0:

@@ -70,6 +70,42 @@ PLAIN = (
     "{% endfor %}"
 )
 
+# Llama 3 instruct layout (Meta's llama3 repo ``ChatFormat``): header tokens around the role,
+# content trimmed, every turn closed by <|eot_id|>; the BOS is added by the tokenizer.
+LLAMA3 = (
+    "{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Qwen2.5 instruct: ChatML with Qwen's default system prompt when the conversation has none.
+QWEN25 = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}" + CHATML
+)
+
+# Gemma: <start_of_turn>user / model turns closed by <end_of_turn>; a system turn is prepended
+# to the first user turn (Gemma has no system role).
+GEMMA = (
+    "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] + '\n\n' %}"
+    "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+    "{% for m in msgs %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{{ (sys if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+# Phi-3: <|role|> headers, turns closed by <|end|>.
+PHI3 = (
+    "{% for m in messages %}"
+    "{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
 TEMPLATES: dict[str, str] = {
     "alpaca": ALPACA,
     "llama2": LLAMA2,
@@ -77,10 +113,26 @@ TEMPLATES: dict[str, str] = {
     "chatml": CHATML,
     "zephyr": ZEPHYR,
     "plain": PLAIN,
+    "llama3": LLAMA3,
+    "qwen_25": QWEN25,
+    "gemma": GEMMA,
+    "phi_3": PHI3,
 }
 
+#: axolotl's ``chat_template`` names (``utils/schemas/enums.py`` ``ChatTemplate``) that are
+#: plugtune templates under another name
+ALIASES = {"mistral_v1": "mistral", "llama2_chat": "llama2"}
+#: axolotl names whose template is the model's own (vision processors ship theirs):
+#: ``tokenizer_default`` semantics, an error when the tokenizer has none
+OWN_TEMPLATE = {"tokenizer_default", "tokenizer", "llama3_2_vision", "qwen2_vl", "llava",
+                "pixtral", "gemma3", "gemma3n", "qwen3", "qwen3_5", "llama4"}
+
 # Tokens a template needs in the vocabulary, added as special tokens if missing.
-TEMPLATE_SPECIAL_TOKENS = {"chatml": ["<|im_start|>", "<|im_end|>"]}
+TEMPLATE_SPECIAL_TOKENS = {"chatml": ["<|im_start|>", "<|im_end|>"],
+                           "qwen_25": ["<|im_start|>", "<|im_end|>"],
+                           "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                           "gemma": ["<start_of_turn>", "<end_of_turn>"],
+                           "phi_3": ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]}
 
 
 class TemplateError(ValueError):
@@ -92,9 +144,13 @@ def ensure_chat_template(tokenizer, name: str | None) -> list[str]:
 
     Args:
         tokenizer: a ``transformers`` tokenizer (modified in place).
-        name: the recipe's ``chat_template``: a name in :data:`TEMPLATES`, ``"tokenizer"`` to
-            insist on the tokenizer's own, a literal Jinja string, or ``None`` (keep the
-            tokenizer's own, else fall back to ``alpaca`` with a notice).
+        name: the recipe's ``chat_template``: a name in :data:`TEMPLATES` (axolotl's names
+            ``chatml``, ``llama3``, ``qwen_25``, ``gemma``, ``phi_3``, ``alpaca``,
+            ``mistral_v1`` included), ``"tokenizer"`` / ``"tokenizer_default"`` (or a name in
+            :data:`OWN_TEMPLATE`) to insist on the tokenizer's own,
+            ``"tokenizer_default_fallback_<name>"`` (the tokenizer's own, else ``<name>``), a
+            literal Jinja string, or ``None`` (keep the tokenizer's own, else fall back to
+            ``alpaca`` with a notice).
 
     Returns:
         Special tokens added to the vocabulary (the caller must resize embeddings).
@@ -110,20 +166,26 @@ def ensure_chat_template(tokenizer, name: str | None) -> list[str]:
         log.info("tokenizer has no chat template; using the 'alpaca' template "
                  "(set chat_template: in the recipe to choose)")
         name = "alpaca"
-    if name == "tokenizer":
+    if name.startswith("tokenizer_default_fallback_"):
+        if getattr(tokenizer, "chat_template", None):
+            return added
+        name = name[len("tokenizer_default_fallback_"):]
+    name = ALIASES.get(name, name)
+    if name in OWN_TEMPLATE:
         if not getattr(tokenizer, "chat_template", None):
-            raise TemplateError("chat_template: tokenizer, but the tokenizer ships no chat "
+            raise TemplateError(f"chat_template: {name}, but the tokenizer ships no chat "
                                 f"template; choose one of {', '.join(TEMPLATES)}")
         return added
     if name in TEMPLATES:
         tokenizer.chat_template = TEMPLATES[name]
-        missing = [t for t in TEMPLATE_SPECIAL_TOKENS.get(name, []) if t not in tokenizer.get_vocab()]
-        if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing})
-            added = missing
-        return added
+        from plugtune.token_rows import add_tokens
+
+        return add_tokens(tokenizer, TEMPLATE_SPECIAL_TOKENS.get(name, []))
     if "{%" in name or "{{" in name:
         tokenizer.chat_template = name
         return added
     raise TemplateError(f"chat_template: unknown template {name!r}; expected one of "
-                        f"{', '.join(TEMPLATES)}, 'tokenizer', or a Jinja template string")
+                        f"{', '.join(TEMPLATES)}, 'tokenizer_default', "
+                        "'tokenizer_default_fallback_<name>', or a Jinja template string (axolotl "
+                        "templates not listed are not bundled: use the model's own with "
+                        "tokenizer_default, or pass its Jinja text)")

@@ -30,9 +30,11 @@ class TemplateRenderError(ValueError):
     """The chat template cannot be split into prompt and response segments."""
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool,
+            tools: list[dict] | None = None) -> str:
+    kwargs = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
     )
 
 
@@ -129,11 +131,13 @@ def probe_template(tokenizer) -> TemplateInfo:
 
 
 def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
-                    train_on_inputs: bool = False) -> list[tuple[str, bool]]:
+                    train_on_inputs: bool = False, tools: list[dict] | None = None
+                    ) -> list[tuple[str, bool]]:
     """Render a conversation into ``[(text, trainable), ...]`` whose concatenation is the prompt.
 
-    Every assistant turn is trainable (multi-turn); turns after the last assistant turn are
-    dropped. A response the template does not end with a stop token gets the EOS appended.
+    Every assistant turn is trainable (multi-turn; tool calls included); turns after the last
+    assistant turn are dropped. A response the template does not end with a stop token gets the
+    EOS appended. ``tools`` (function schemas) is passed to the template on every render.
 
     Raises:
         TemplateRenderError: the template is not prefix-stable for this conversation.
@@ -144,8 +148,8 @@ def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], True) if i else ""
-        full = _render(tokenizer, messages[: i + 1], False)
+        prompt = _render(tokenizer, messages[:i], True, tools) if i else ""
+        full = _render(tokenizer, messages[: i + 1], False, tools)
         if not prompt.startswith(prev) or not full.startswith(prompt):
             raise TemplateRenderError(
                 f"chat template is not prefix-stable at turn {i}: cannot split prompt and "
@@ -223,10 +227,10 @@ def apply_length_policy(ids: list[int], labels: list[int], max_len: int, policy:
     return [], [], "dropped"
 
 
-def _encode_chat(tokenizer, messages: list[dict], info: TemplateInfo, train_on_inputs: bool
-                 ) -> tuple[list[int], list[int]]:
-    return tokenize_segments(tokenizer, render_segments(tokenizer, messages, info, train_on_inputs),
-                             info)
+def _encode_chat(tokenizer, messages: list[dict], info: TemplateInfo, train_on_inputs: bool,
+                 tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    return tokenize_segments(
+        tokenizer, render_segments(tokenizer, messages, info, train_on_inputs, tools), info)
 
 
 def _cut_text_end(tokenizer, text: str, n_tokens: int) -> str:
@@ -240,7 +244,8 @@ def _cut_text_end(tokenizer, text: str, n_tokens: int) -> str:
 
 
 def shorten_messages(tokenizer, messages: list[dict], info: TemplateInfo, max_len: int,
-                     train_on_inputs: bool = False) -> tuple[list[int], list[int]] | None:
+                     train_on_inputs: bool = False, tools: list[dict] | None = None
+                     ) -> tuple[list[int], list[int]] | None:
     """Fit a conversation into ``max_len`` tokens by shortening what the user wrote.
 
     The template's structural tokens (BOS, ``<|im_start|>``, ``[INST]`` ...) and the system
@@ -259,15 +264,18 @@ def shorten_messages(tokenizer, messages: list[dict], info: TemplateInfo, max_le
     n_sys = 0
     while n_sys < len(msgs) and msgs[n_sys]["role"] == "system":
         n_sys += 1
-    ids, labels = _encode_chat(tokenizer, msgs, info, train_on_inputs)
+    ids, labels = _encode_chat(tokenizer, msgs, info, train_on_inputs, tools)
     # 1. drop the oldest turns while another answered turn remains after them
     while len(ids) > max_len:
         rest = msgs[n_sys:]
         first_answer = next((i for i, m in enumerate(rest) if m["role"] == "assistant"), None)
         if first_answer is None or not any(m["role"] == "assistant" for m in rest[first_answer + 1:]):
             break
-        msgs = msgs[:n_sys] + rest[first_answer + 1:]
-        ids, labels = _encode_chat(tokenizer, msgs, info, train_on_inputs)
+        rest = rest[first_answer + 1:]
+        while rest and rest[0]["role"] == "tool":  # a dropped tool call's results go with it
+            rest = rest[1:]
+        msgs = msgs[:n_sys] + rest
+        ids, labels = _encode_chat(tokenizer, msgs, info, train_on_inputs, tools)
     # 2. cut the end of the first user message's text
     user = next((i for i in range(n_sys, len(msgs)) if msgs[i]["role"] == "user"), None)
     for _ in range(8):  # token merges at the cut can leave a token or two over: retry
@@ -277,22 +285,23 @@ def shorten_messages(tokenizer, messages: list[dict], info: TemplateInfo, max_le
             return None
         msgs[user] = {**msgs[user], "content": _cut_text_end(
             tokenizer, msgs[user]["content"], len(ids) - max_len)}
-        ids, labels = _encode_chat(tokenizer, msgs, info, train_on_inputs)
+        ids, labels = _encode_chat(tokenizer, msgs, info, train_on_inputs, tools)
     return (ids, labels) if len(ids) <= max_len else None
 
 
 def tokenize_chat(tokenizer, messages: list[dict], info: TemplateInfo, max_len: int,
-                  train_on_inputs: bool = False, policy: str = "prompt_then_drop") -> dict:
+                  train_on_inputs: bool = False, policy: str = "prompt_then_drop",
+                  tools: list[dict] | None = None) -> dict:
     """One chat example -> ``{"input_ids", "labels", "length", "status", "cut_tokens"}``.
 
     Over ``max_len``: ``prompt_then_drop`` shortens the messages (:func:`shorten_messages`;
     ``cut_tokens`` says by how many tokens) and drops the sample when that cannot fit it;
-    ``drop`` drops it.
+    ``drop`` drops it. ``tools`` (function schemas) go to the template on every render.
     """
-    ids, labels = _encode_chat(tokenizer, messages, info, train_on_inputs)
+    ids, labels = _encode_chat(tokenizer, messages, info, train_on_inputs, tools)
     n, status = len(ids), "kept"
     if n > max_len:
-        fitted = (shorten_messages(tokenizer, messages, info, max_len, train_on_inputs)
+        fitted = (shorten_messages(tokenizer, messages, info, max_len, train_on_inputs, tools)
                   if policy == "prompt_then_drop" else None)
         ids, labels, status = (*fitted, "truncated") if fitted else ([], [], "dropped")
     return {"input_ids": ids, "labels": labels, "length": len(ids), "status": status,

@@ -275,7 +275,9 @@ def build_online_trainer(ctx, trainer_cls, config_cls, default_beta: float):
     recipe = ctx.recipe
     if ctx.spec.task != "causal":
         raise TrainingError(f"rl: {ctx.method.name} supports decoder-only (causal) families")
-    if ensure_chat_template(ctx.tokenizer, recipe.chat_template):
+    ctx.data.added_tokens = [*ctx.data.added_tokens,
+                             *ensure_chat_template(ctx.tokenizer, recipe.chat_template)]
+    if ctx.data.added_tokens:
         ctx.model.resize_token_embeddings(len(ctx.tokenizer))
     funcs, tokenizers = reward_functions(recipe)
     train_rows = prompt_rows(ctx.data.raw_train)

@@ -58,6 +58,15 @@ def run(ctx):
     model = ctx.model
     if data.added_tokens:
         model.resize_token_embeddings(len(tokenizer))
+    token_rows: list[int] = []
+    if recipe.adapter != "none" and spec.task == "causal":
+        from plugtune.token_rows import rows_to_train
+
+        token_rows, notice = rows_to_train(
+            model, tokenizer, data.added_tokens, data.template.stop_token_ids if data.template else [],
+            data.train.select(range(min(4, len(data.train)))), recipe.train_token_rows)
+        if notice:
+            ctx.say(f"plugtune: {notice}")
     prep_s = time.perf_counter() - ctx.started
     ctx.say(f"plugtune: data: {json.dumps({k: v for k, v in data.stats.items() if k not in ('per_dataset', 'eval')})}")
 
@@ -70,7 +79,7 @@ def run(ctx):
                                                 processor=ctx.processor)
         ctx.say(f"plugtune: before training: {metrics['before']}")
 
-    model = apply_adapter(spec, model, pm)
+    model = apply_adapter(spec, model, pm, token_rows)
     trainable, total = count_parameters(model)
     metrics.update(trainable_params=trainable, total_params=total,
                    trainable_share=round(trainable / max(total, 1), 6))
@@ -79,11 +88,20 @@ def run(ctx):
     collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tokenizer, processor=ctx.processor)
     seq2seq = spec.task == "seq2seq"
     args = training_arguments(recipe, spec, data.eval is not None, seq2seq)
+    if getattr(args, "use_liger_kernel", False):  # Liger's fused head replaces plugtune's
+        from plugtune.modeling import disable_label_only_head
+
+        disable_label_only_head(model)
+        ctx.say(f"plugtune: Liger kernels on ({args.liger_kernel_config or 'Liger defaults'})")
     trainer_cls = PlugtuneSeq2SeqTrainer if seq2seq else PlugtuneTrainer
     trainer = trainer_cls(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=collate, processing_class=tokenizer,
         callbacks=[CompleteCheckpointCallback()], plugin_manager=pm, spec=spec)
+    if (recipe.fsdp and not getattr(trainer, "is_fsdp_enabled", False)
+            and trainer.accelerator.num_processes > 1):
+        ctx.say(f"plugtune: fsdp: {recipe.fsdp} is not applied: accelerate shards with FSDP only on "
+                f"GPUs (here: {trainer.accelerator.distributed_type}); training unsharded (DDP)")
     ckpt = ctx.resume_checkpoint()
     t1 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
@@ -108,7 +126,10 @@ def run(ctx):
                                                processor=ctx.processor)
         ctx.say(f"plugtune: after training: {metrics['after']}")
     out_dir = Path(recipe.output_dir)
-    save_run(out_dir, model, tokenizer, ctx.user_recipe, spec, metrics, trainer.state.log_history,
-             data.stats, state_dict=gathered_state_dict(trainer), processor=ctx.processor)
-    ctx.say(f"plugtune: run saved to {out_dir}")
+    state_dict = gathered_state_dict(trainer)  # a collective under ZeRO-3 / FSDP: every rank
+    if trainer.is_world_process_zero():  # one writer, not one per rank
+        save_run(out_dir, model, tokenizer, ctx.user_recipe, spec, metrics, trainer.state.log_history,
+                 data.stats, state_dict=state_dict, processor=ctx.processor)
+        ctx.say(f"plugtune: run saved to {out_dir}")
+    trainer.accelerator.wait_for_everyone()  # no rank returns before the run folder exists
     return RunResult(output_dir=out_dir, metrics=metrics, log_history=trainer.state.log_history)

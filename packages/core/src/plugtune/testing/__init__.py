@@ -288,3 +288,20 @@ class PluginContract:
                                          processor=self.make_processor(tok))
         assert isinstance(outs, list) and len(outs) == len(prompts)
         assert all(isinstance(o, str) for o in outs)
+
+
+def trained_spans(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The runs of consecutive trained token ids of one row (labels not ``-100``); asserts the
+    labels are not shifted (a trained label equals its input id)."""
+    spans: list[list[int]] = []
+    cur: list[int] = []
+    for t, lab in zip(ids, labels):
+        if lab != -100:
+            assert lab == t, "labels must not be shifted"
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    return spans
