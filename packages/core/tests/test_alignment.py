@@ -125,3 +125,27 @@ def test_reward_model_lora_learns_pairs_and_eval_compares_base(tmp_path, capsys)
     assert out["trained"]["pairwise_accuracy"] == after["pairwise_accuracy"]
     assert out["trained"]["mean_margin"] > out["base"]["mean_margin"]
 
+
+
+def test_kto_on_real_unpaired_data(tmp_path):
+    """``rl: kto`` on LLaMA-Factory's ``kto_en_demo.json`` (messages + bool label): rows keep
+    their labels, each completion ends on the stop token, the desirable-minus-undesirable
+    reward margin rises."""
+    from plugtune.train import prepare_run
+    from plugtune.trainer import preference_rows
+
+    torch.set_num_threads(1)
+    data = shared_path("llama_factory", "kto_en_demo.json")
+    rec = _recipe(tmp_path, "kto", {}, max_steps=8, learning_rate=5e-3,
+                  datasets=[dict(path=str(data), type="kto", max_samples=16)])
+    ctx = prepare_run(rec)
+    assert ctx.data.kind == "kto"
+    rows, _, stats = preference_rows(ctx)
+    assert stats["desirable"] + stats["undesirable"] == 16 and 0 < stats["desirable"] < 16
+    assert all(r["completion_ids"][-1] == ctx.tokenizer.eos_token_id for r in rows)
+    assert all(r["prompt_ids"][0] == ctx.tokenizer.bos_token_id for r in rows)
+    from plugtune.train import train
+
+    res = train(rec)
+    vals = [h["rewards/margins"] for h in res.log_history if "rewards/margins" in h]
+    assert len(vals) >= 6 and sum(vals[-2:]) > sum(vals[:2]), vals

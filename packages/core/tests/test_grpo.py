@@ -20,8 +20,8 @@ from plugtune.config import load_recipe, validate_recipe
 def _rl_recipe(base, out, rl, **kw):
     data = dict(
         base_model=base, model_type="causal_lm", chat_template="plain", rl=rl,
-        datasets=[dict(path="demo://reverse-train.jsonl", type="completion")],
-        test_datasets=[dict(path="demo://reverse-test.jsonl", type="completion")],
+        datasets=[dict(path="demo://reverse-train.jsonl", type="prompt_completion")],
+        test_datasets=[dict(path="demo://reverse-test.jsonl", type="prompt_completion")],
         sequence_len=32, micro_batch_size=16, lr_scheduler="constant", logging_steps=5,
         eval_metrics=["loss"], eval_max_samples=50, num_generations=8, max_completion_length=8,
         temperature=1.0, output_dir=str(out), save_total_limit=1)

@@ -1,7 +1,7 @@
 """Group Relative Policy Optimization (Shao et al. 2024, arXiv:2402.03300) through TRL's
 ``GRPOTrainer``: ``rl: grpo``; online RL with rewards computed on the policy's own samples.
 
-Data: any chat-kind dataset (``completion``, ``alpaca``, ``messages`` ...); each example's
+Data: any chat-kind dataset (``prompt_completion``, ``alpaca``, ``messages`` ...); each example's
 prompt (the messages before the last answer) is sampled ``num_generations`` times and the
 example's answer is its ``reference`` (what the ``exact_match`` reward compares with).
 
