@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/smollm2-dpo")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--grad-accum", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=384)
     a = ap.parse_args()
     torch.manual_seed(0)
     out = Path(a.out)
@@ -93,8 +95,8 @@ def main() -> None:
         base_model=str(base), rl="dpo", adapter="lora", lora_r=16, lora_alpha=32,
         lora_dropout=0.0, lora_target_modules="all-linear",
         datasets=[dict(path=str(out / "train.json"), type="preference")],
-        sequence_len=384, micro_batch_size=2, gradient_accumulation_steps=4,
-        learning_rate=a.lr, lr_scheduler="constant", max_steps=a.steps, logging_steps=5,
+        sequence_len=a.seq, micro_batch_size=2, gradient_accumulation_steps=a.grad_accum,
+        learning_rate=a.lr, lr_scheduler="constant", max_steps=a.steps, logging_steps=1,
         dpo_beta=a.beta, output_dir=str(out / "run"), save_total_limit=1))
     tok = AutoTokenizer.from_pretrained(base)  # the same tokenization as training
     ensure_chat_template(tok, recipe.chat_template)
@@ -111,7 +113,8 @@ def main() -> None:
     implicit = a.beta * (pol - ref)
     margin = implicit[:, 0] - implicit[:, 1]
     report = {
-        "pairs_held_out": len(held), "steps": a.steps, "train_seconds": round(train_s, 1),
+        "pairs_held_out": len(held), "steps": a.steps, "pairs_per_step": 2 * a.grad_accum,
+        "lr": a.lr, "beta": a.beta, "sequence_len": a.seq, "train_seconds": round(train_s, 1),
         "before": {"implicit_reward_accuracy": 0.0, "implicit_margin": 0.0,
                    "logp_accuracy": round(float((ref[:, 0] > ref[:, 1]).float().mean()), 4)},
         "after": {"implicit_reward_accuracy": round(float((margin > 0).float().mean()), 4),

@@ -129,23 +129,31 @@ def test_reward_model_lora_learns_pairs_and_eval_compares_base(tmp_path, capsys)
 
 def test_kto_on_real_unpaired_data(tmp_path):
     """``rl: kto`` on LLaMA-Factory's ``kto_en_demo.json`` (messages + bool label): rows keep
-    their labels, each completion ends on the stop token, the desirable-minus-undesirable
-    reward margin rises."""
-    from plugtune.train import prepare_run
-    from plugtune.trainer import preference_rows
+    their labels, start with one BOS, and every uncut completion ends on the stop token; two
+    steps train end to end (the margin-rises check on unpaired rows is
+    ``test_preference_margin_rises[kto]``)."""
+    from transformers import AutoTokenizer
+
+    from plugtune.data import prepare
+    from plugtune.data.preference import tokenize_unpaired
+    from plugtune.data.templates import ensure_chat_template
+    from plugtune.data.tokenize import probe_template
+    from plugtune.train import train
 
     torch.set_num_threads(1)
     data = shared_path("llama_factory", "kto_en_demo.json")
-    rec = _recipe(tmp_path, "kto", {}, max_steps=8, learning_rate=5e-3,
+    rec = _recipe(tmp_path, "kto", {}, max_steps=2, learning_rate=5e-3, sequence_len=192,
                   datasets=[dict(path=str(data), type="kto", max_samples=16)])
-    ctx = prepare_run(rec)
-    assert ctx.data.kind == "kto"
-    rows, _, stats = preference_rows(ctx)
+    tok = AutoTokenizer.from_pretrained(rec.base_model)
+    ensure_chat_template(tok, rec.chat_template)
+    prepared = prepare(rec, tok, "causal")
+    assert prepared.kind == "kto"
+    rows, stats = tokenize_unpaired(prepared.raw_train, tok, probe_template(tok), 1024)
     assert stats["desirable"] + stats["undesirable"] == 16 and 0 < stats["desirable"] < 16
-    assert all(r["completion_ids"][-1] == ctx.tokenizer.eos_token_id for r in rows)
-    assert all(r["prompt_ids"][0] == ctx.tokenizer.bos_token_id for r in rows)
-    from plugtune.train import train
-
+    assert all(r["prompt_ids"][0] == tok.bos_token_id and r["prompt_ids"].count(tok.bos_token_id) == 1
+               for r in rows)
+    whole = [r for r in rows if r["length"] < 1024]  # not cut by the length policy
+    assert len(whole) >= 4 and all(r["completion_ids"][-1] == tok.eos_token_id for r in whole)
     res = train(rec)
-    vals = [h["rewards/margins"] for h in res.log_history if "rewards/margins" in h]
-    assert len(vals) >= 6 and sum(vals[-2:]) > sum(vals[:2]), vals
+    assert res.metrics["global_step"] == 2 and math.isfinite(res.metrics["train_loss"])
+    assert res.metrics["last_rewards_margins"] is not None
