@@ -55,7 +55,7 @@ def integration(session: nox.Session) -> None:
     benchmark's bookkeeping tests (no timing)."""
     _install(session, _core("test,eval,quant,vision"),
              *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS])
-    session.run(*PYTEST, "tests", "bench/test_bench.py", *session.posargs)
+    session.run(*PYTEST, "tests", "bench/test_bench.py", "bench/test_gpu.py", *session.posargs)
 
 
 @nox.session(tags=["tests"])
@@ -68,7 +68,8 @@ def lint(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The embedded default: a tiny model learns a synthetic task; prints before/after."""
     _install(session, _core("eval"), *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS])
-    session.run("plugtune", "train", "demo", "--set", "output_dir=runs/demo", *session.posargs)
+    session.run("plugtune", "train", "demo", "--set", "output_dir=runs/demo", "--overwrite",
+                *session.posargs)
     session.run("plugtune", "generate", "runs/demo", "--prompt", "reverse abcdef =")
 
 

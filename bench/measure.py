@@ -156,3 +156,35 @@ def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
             cells.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def bin_packing_lower_bound(lengths: Sequence[int], capacity: int) -> int:
+    """The fewest rows of ``capacity`` tokens that can hold whole samples of ``lengths``:
+    Martello & Toth's L2 bound (Martello, Toth 1990, "Lower bounds and reduction procedures for
+    the bin packing problem", Discrete Applied Mathematics 28): for each threshold ``k`` in
+    ``[0, capacity/2]``, samples longer than ``capacity - k`` each need a row of their own,
+    samples longer than half a row each need one too, and samples of ``k .. capacity/2`` tokens
+    can only use what the half-row ones leave free. Never below the volume bound
+    ``ceil(sum / capacity)``.
+
+    Raises:
+        ValueError: a sample longer than ``capacity``.
+    """
+    if any(x > capacity for x in lengths):
+        raise ValueError(f"a sample is longer than capacity {capacity}")
+    best = -(-sum(lengths) // capacity) if lengths else 0
+    for k in sorted({0, *[x for x in lengths if x <= capacity // 2]}):
+        n1 = [x for x in lengths if x > capacity - k]
+        n2 = [x for x in lengths if capacity / 2 < x <= capacity - k]
+        n3 = [x for x in lengths if k <= x <= capacity / 2]
+        spare = len(n2) * capacity - sum(n2)
+        best = max(best, len(n1) + len(n2) + max(0, -(-(sum(n3) - spare) // capacity)))
+    return best
+
+
+def pad_floor(lengths: Sequence[int], capacity: int) -> dict:
+    """``{"rows_lower_bound", "pad_floor"}``: the least padding any packing of whole samples
+    into rows of ``capacity`` can reach (``1 - sum / (rows * capacity)``)."""
+    rows = bin_packing_lower_bound(lengths, capacity)
+    return {"rows_lower_bound": rows,
+            "pad_floor": round(pad_fraction(sum(lengths), rows * capacity), 4) if rows else 0.0}

@@ -1,7 +1,12 @@
 """plugtune training-throughput benchmark (issue 8): plugtune vs TRL vs a bare torch loop.
 
     nox -s bench                                   # what CI / the README quote
-    python bench/run.py [--name NAME] [--quick] [--models llama-20m,stories260k] [--threads 2]
+    python bench/run.py [--name NAME] [--quick] [--models llama-20m,stories260k,smollm2-135m]
+                        [--threads 2] [--prep-samples 1000,10000,100000]
+
+Models: ``llama-20m`` (19.5M, from a config, full fine-tuning), ``stories260k`` (real, 0.29M, full
+fine-tuning) and ``smollm2-135m`` (the real SmolLM2-135M-Instruct, its GGUF de-quantized to a
+safetensors folder once per bench, LoRA r16 all-linear in every method, 2 rows per step).
 
 For each model, on the same data (Dolly 151 + LLaMA-Factory Alpaca 999, alpaca chat template),
 ``sequence_len``, real tokens per optimizer step and number of optimizer steps, one process per
@@ -24,6 +29,10 @@ use transformers' ``sdpa``; plugtune's packed CPU path (a, d) loads the model wi
 (``plugtune.modeling.label_only_loss``). The padded run (b) gets about the real tokens per optimizer step of the packed runs by
 taking ``round(tokens_per_step / mean_sample_len)`` samples per step (micro-batches of <= 16,
 with gradient accumulation beyond).
+
+Data preparation at scale: plugtune's pipeline on the Dolly file replicated to each of
+``--prep-samples`` samples, one process per size (so each size's peak RSS is its own); datasets'
+Arrow caching stays on, so mapped columns live in memory-mapped files, not in the heap.
 
 Writes ``bench/results/<name>.json`` (ratios of the first model at the top level under "a/b",
 "a/c", "a/d"; every model under "models"), ``<name>.png`` (bar chart) and ``<name>.md`` (table).
@@ -61,10 +70,16 @@ LETTER = {"plugtune": "a", "trl_default": "b", "trl_packing": "c", "bare_loop": 
 
 #: measured steps / warm-up steps per model (full run); --quick divides the measured steps
 #: ``inproc_steps``: measured steps of each of the 4 alternating phases of the (d) process
+#: ``rows_per_batch`` / ``adapter``: per-model overrides of ``--rows-per-batch`` / full fine-tuning
 MODELS = {
     "llama-20m": {"steps": 4, "warmup": 1, "inproc_steps": 6},
     "stories260k": {"steps": 16, "warmup": 1, "inproc_steps": 16},
+    # the real SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to fp32) with LoRA r16 all-linear:
+    # ~190 real tokens/s on 2 idle cores, so 2 rows (~1000 tokens) per step and few steps
+    "smollm2-135m": {"steps": 3, "warmup": 1, "inproc_steps": 2, "min_steps": 2,
+                     "rows_per_batch": 2, "adapter": "lora"},
 }
+SMOLLM2_GGUF = ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def shared_dir() -> Path:
@@ -132,6 +147,35 @@ def build_llama_20m(dest: Path) -> dict:
     params = 2 * v * h + n * (4 * h * h + 3 * h * i + 2 * h) + h
     return {"path": str(dest), "params": params, "config": {k: cfg[k] for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}}
+
+
+def build_smollm2(shared: Path, dest: Path) -> dict:
+    """The real SmolLM2-135M-Instruct as a plain safetensors folder: transformers loads the
+    GGUF (``gguf_file=``, de-quantized to fp32) but refuses to save a GGUF-loaded model, so the
+    weights go into a model built ``from_config`` without the quantization entry
+    (../shared/FINDINGS.md); the tokenizer comes from the same GGUF.
+
+    Raises:
+        FileNotFoundError: the GGUF is not in ``shared/data/models``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = shared / "data" / "models" / SMOLLM2_GGUF[0]
+    if not (folder / SMOLLM2_GGUF[1]).is_file():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF[1]} not found")
+    t = time.perf_counter()
+    q = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF[1], dtype=torch.float32)
+    cfg = q.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(q.state_dict())
+    plain.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF[1]).save_pretrained(dest)
+    params = sum(p.numel() for p in plain.parameters())
+    return {"path": str(dest), "params": params, "dequantize_s": round(time.perf_counter() - t, 1),
+            "source": f"{SMOLLM2_GGUF[0]}/{SMOLLM2_GGUF[1]} (de-quantized to fp32)"}
 
 
 def best_of(rounds: list[dict]) -> dict:
@@ -237,7 +281,8 @@ def chart(results: dict, path: Path) -> None:
         pts = prep["points"]
         ax.plot([p["samples"] for p in pts], [p["samples_per_s"] for p in pts], "o-", color="#2a7ab9")
         for p in pts:
-            ax.annotate(f"{p['scale']}x: {p['samples_per_s']:.0f}/s", (p["samples"], p["samples_per_s"]),
+            ax.annotate(f"{p['samples_per_s']:.0f}/s, {p.get('peak_rss_mib', 0):.0f} MiB",
+                        (p["samples"], p["samples_per_s"]),
                         fontsize=8, xytext=(4, 4), textcoords="offset points")
         ax.set_xscale("log")
         from matplotlib.ticker import NullFormatter, ScalarFormatter
@@ -246,7 +291,7 @@ def chart(results: dict, path: Path) -> None:
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(0, max(p["samples_per_s"] for p in pts) * 1.3)
-        ax.set_xlabel("samples (Dolly replicated)")
+        ax.set_xlabel("samples (Dolly replicated), one process each")
         ax.set_ylabel("data preparation samples / s")
         fit = prep.get("linear_fit") or {}
         ax.set_title(f"plugtune data prep: {fit.get('per_sample_ms')} ms/sample + {fit.get('fixed_s')} s, "
@@ -274,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2,
                    help="runs per method, order reversed each round (ABBA); the best round counts")
     p.add_argument("--quick", action="store_true", help="a short smoke run (steps / 4, no 16x prep)")
-    p.add_argument("--prep-scales", default="1,4,16,64")
-    p.add_argument("--prep-repeats", type=int, default=2, help="runs per size; the fastest counts")
+    p.add_argument("--prep-samples", default="1000,10000,100000",
+                   help="data-preparation sizes (Dolly replicated), one process each")
     p.add_argument("--no-prep", action="store_true")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
@@ -296,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     scale = args.steps_scale / (4 if args.quick else 1)
     if args.quick:
         args.rounds = 1
-    prep_scales = [int(x) for x in args.prep_scales.split(",")] if not args.no_prep else []
+    prep_sizes = [int(x) for x in args.prep_samples.split(",")] if not args.no_prep else []
     if args.quick:
-        prep_scales = [s for s in prep_scales if s <= 4]
+        prep_sizes = [s for s in prep_sizes if s <= 10000]
     methods = ["plugtune"] + [m for m in args.methods.split(",") if m in METHODS and m != "plugtune"]
     tmp = Path(tempfile.mkdtemp(prefix="plugtune-bench-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
@@ -325,8 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     for model_name in [m for m in args.models.split(",") if m]:
         if model_name not in MODELS:
             raise SystemExit(f"unknown model {model_name!r}; choose from {', '.join(MODELS)}")
+        mcfg = MODELS[model_name]
         if model_name == "llama-20m":
             info = build_llama_20m(tmp / "llama-20m")
+        elif model_name == "smollm2-135m":
+            info = build_smollm2(shared, tmp / "smollm2-135m")
         else:
             path = shared / "data" / "models" / "stories260K" / "hf"
             from safetensors import safe_open
@@ -334,15 +382,17 @@ def main(argv: list[str] | None = None) -> int:
             with safe_open(str(path / "model.safetensors"), "pt") as f:
                 params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
             info = {"path": str(path), "params": params}
-        steps = max(4, round(MODELS[model_name]["steps"] * scale))
+        min_steps = mcfg.get("min_steps", 4)
+        steps = max(min_steps, round(MODELS[model_name]["steps"] * scale))
         warm = MODELS[model_name]["warmup"]
         files, kept = fitting_data(data_files(shared), info["path"], args.sequence_len,
                                    tmp / f"data-{model_name}")
         info["samples_kept_of_total"] = kept
+        rows_per_batch = mcfg.get("rows_per_batch", args.rows_per_batch)
         base = {"model_name": model_name, "model_dir": info["path"], "datasets": files,
-                "sequence_len": args.sequence_len, "rows_per_batch": args.rows_per_batch,
+                "sequence_len": args.sequence_len, "rows_per_batch": rows_per_batch,
                 "steps": steps, "warmup": warm, "threads": args.threads,
-                "logging_steps": args.logging_steps}
+                "logging_steps": args.logging_steps, "adapter": mcfg.get("adapter", "none")}
         runs: dict = {}
         every: dict = {m: [] for m in methods}
         print(f"bench: {model_name}: {info['params'] / 1e6:.2f}M params, {warm}+{steps} steps, samples "
@@ -364,11 +414,11 @@ def main(argv: list[str] | None = None) -> int:
                     # sdpa has no varlen kernel, so 4 rows per micro-batch pay (4*512)^2
                     # attention (3x slower than this). One row per micro-batch, accumulated
                     # to the same tokens per optimizer step, is TRL's best layout here.
-                    cfg.update(micro_batch=1, grad_accum=args.rows_per_batch)
+                    cfg.update(micro_batch=1, grad_accum=rows_per_batch)
                 elif meth == "bare_loop":
                     if rnd > 0:  # one process alternates (d) and (a) itself: no rounds needed
                         continue
-                    cfg.update(steps=max(4, round(MODELS[model_name]["inproc_steps"] * scale)))
+                    cfg.update(steps=max(min_steps, round(MODELS[model_name]["inproc_steps"] * scale)))
                 r = run_worker({**cfg, "round": rnd}, tmp, env, args.timeout)
                 r["round"] = rnd
                 every[meth].append(r)
@@ -390,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         rss = ratios({k: v["peak_rss_mib"] for k, v in runs.items()})
         results["models"][model_name] = {
             **{k: v for k, v in info.items() if k != "path"}, "path": info["path"] if model_name != "llama-20m" else "built from config",
-            "sequence_len": args.sequence_len, "rows_per_batch": args.rows_per_batch,
-            "measured_steps": steps, "warmup_steps": warm, "runs": runs, "ratios": rat,
+            "sequence_len": args.sequence_len, "rows_per_batch": rows_per_batch,
+            "adapter": base["adapter"], "measured_steps": steps, "warmup_steps": warm, "runs": runs, "ratios": rat,
             "ratios_from_median_step": rat_med, "peak_rss_ratios": rss, "rounds": args.rounds,
             "all_rounds": {m: [{k: r[k] for k in ("round", "real_tokens_per_s", "real_tokens_per_s_median",
                                                    "time_to_first_step_s", "peak_rss_mib", "loadavg_end")}
@@ -401,13 +451,16 @@ def main(argv: list[str] | None = None) -> int:
     if first:
         results.update(first["ratios"])
         results["ratios_model"] = next(iter(results["models"]))
-    if prep_scales:
+    if prep_sizes:
         model_dir = str(tmp / "llama-20m") if (tmp / "llama-20m").exists() else str(build_llama_20m(tmp / "llama-20m")["path"])
-        cfg = {"method": "prep_scaling", "model_name": "llama2-tokenizer", "model_dir": model_dir,
-               "dolly_file": data_files(shared)[0]["path"], "scales": prep_scales,
-               "sequence_len": args.sequence_len, "threads": args.threads,
-               "repeats": 1 if args.quick else args.prep_repeats}
-        prep = run_worker(cfg, tmp, env, args.timeout)
+        prep = {"method": "prep_scaling", "points": [], "process_per_size": True}
+        for n in prep_sizes:  # one process per size: its peak RSS is that size's alone
+            cfg = {"method": "prep_scaling", "model_name": f"prep{n}", "model_dir": model_dir,
+                   "dolly_file": data_files(shared)[0]["path"], "samples": [n],
+                   "sequence_len": args.sequence_len, "threads": args.threads, "repeats": 1}
+            prep["points"] += run_worker(cfg, tmp, env, args.timeout)["points"]
+            print(f"bench: data prep {n} samples: {prep['points'][-1]['samples_per_s']:.0f}/s, "
+                  f"peak RSS {prep['points'][-1]['peak_rss_mib']:.0f} MiB", flush=True)
         prep["linearity"] = linearity([(p["samples"], p["seconds"]) for p in prep["points"]])
         prep["linear_fit"] = linear_fit([(p["samples"], p["seconds"]) for p in prep["points"]])
         results["prep_scaling"] = prep
@@ -422,9 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         pr = results["prep_scaling"]
         md += "\n### data preparation (plugtune, Dolly replicated, llama2 tokenizer, packing on)\n\n" + table(
             [{**p, "phases": ", ".join(f"{k} {v:.1f}s" for k, v in p["phases_s"].items())} for p in pr["points"]],
-            [("scale", "scale", ""), ("samples", "samples", ""), ("seconds", "s", ".2f"),
+            [("scale", "x Dolly", ""), ("samples", "samples", ""), ("seconds", "s", ".2f"),
              ("samples_per_s", "samples/s", ".0f"), ("ms_per_sample", "ms/sample", ".2f"),
-             ("all_seconds", "all runs s", ""), ("phases", "phases", "")])
+             ("peak_rss_mib", "peak RSS MiB", ".0f"), ("phases", "phases", "")])
         md += (f"\n\nsamples/s at the largest size / at the smallest: {pr['linearity']}; least-squares "
                f"fit seconds = fixed + samples x per-sample: {pr['linear_fit']}\n")
     md += (f"\nload average {results['meta']['loadavg_start']} at start, {results['meta']['loadavg_end']} at end; "

@@ -110,3 +110,28 @@ def test_token_counter_attributes_batches_to_steps_in_collation_order():
     assert c.upto(3) == (9, 11)
     with pytest.raises(RuntimeError):
         c.upto(4)
+
+
+def test_bin_packing_lower_bound_beats_the_volume_bound():
+    from measure import bin_packing_lower_bound, pad_floor
+
+    # three 60s in rows of 100: volume says 2 rows, but no two fit together -> 3
+    assert bin_packing_lower_bound([60, 60, 60], 100) == 3
+    # 2 x 70 + 6 x 30: the 70s take 2 rows with 30 free each, the other four 30s 2 more
+    assert bin_packing_lower_bound([70, 70] + [30] * 6, 100) == 4
+    assert bin_packing_lower_bound([50, 50, 50, 50], 100) == 2
+    assert bin_packing_lower_bound([], 100) == 0
+    assert pad_floor([60, 60, 60], 100) == {"rows_lower_bound": 3, "pad_floor": 0.4}
+    with pytest.raises(ValueError):
+        bin_packing_lower_bound([101], 100)
+
+
+def test_packing_floor_reads_sample_lengths_from_packed_rows():
+    import datasets
+    from workloads import packing_floor
+
+    rows = datasets.Dataset.from_dict({"position_ids": [[0, 1, 2, 0, 1, 2], [0, 1, 2, 3]]})
+    # samples 3, 3, 4 in rows of 6: the volume bound says 2 rows, and 2 were used
+    assert packing_floor(rows, 6) == {"packed_rows": 2, "sample_lengths_sum": 10,
+                                      "rows_lower_bound": 2, "pad_floor": round(1 - 10 / 12, 4)}
+    assert packing_floor(datasets.Dataset.from_dict({"input_ids": [[1]]}), 6) == {}

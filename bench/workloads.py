@@ -152,11 +152,18 @@ def _result(cfg: dict, record: dict, extra: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+#: the LoRA of LoRA workloads, the same in plugtune's recipe and TRL's ``peft_config``
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"}
+
+
 def _recipe(cfg: dict, packing: bool, out_dir: str):
     from plugtune.config import validate_recipe
 
+    lora = dict(lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                lora_target_modules=LORA["targets"]) if cfg.get("adapter") == "lora" else {}
     return validate_recipe(dict(
-        base_model=cfg["model_dir"], adapter="none", dtype="fp32", sample_packing=packing,
+        **lora, base_model=cfg["model_dir"], adapter=cfg.get("adapter", "none"), dtype="fp32",
+        sample_packing=packing,
         sequence_len=cfg["sequence_len"], micro_batch_size=cfg["rows_per_batch"],
         chat_template="alpaca", datasets=cfg["datasets"], max_steps=cfg["warmup"] + cfg["steps"],
         **({"logging_steps": cfg["logging_steps"]} if cfg.get("logging_steps") else {}),
@@ -167,15 +174,17 @@ def _recipe(cfg: dict, packing: bool, out_dir: str):
 def run_plugtune(cfg: dict) -> dict:
     """(a) ``plugtune.train.train`` with packing; the Trainer subclass only adds measurement."""
     import plugtune.train as pt
+    import plugtune.trainer as ptr
 
     counter, record, prep, losses = TokenCounter(), {}, {}, []
-    real_prepare, base = pt.prepare, pt.PlugtuneTrainer
+    real_prepare, base = pt.prepare, ptr.PlugtuneTrainer
 
     def timed_prepare(*a, **kw):
         t = time.perf_counter()
         data = real_prepare(*a, **kw)
         prep["data_prep_s"] = round(time.perf_counter() - t, 2)
         prep["stats"] = {k: v for k, v in data.stats.items() if k not in ("per_dataset", "eval")}
+        prep["floor"] = packing_floor(data.train, cfg["sequence_len"])
         return data
 
     class MeasuredTrainer(base):
@@ -188,7 +197,7 @@ def run_plugtune(cfg: dict) -> dict:
             prep["model"] = self.model
             _capture_losses(self, losses)
 
-    pt.prepare, pt.PlugtuneTrainer = timed_prepare, MeasuredTrainer
+    pt.prepare, ptr.PlugtuneTrainer = timed_prepare, MeasuredTrainer
     with tempfile.TemporaryDirectory() as out:
         pt.train(_recipe(cfg, True, out))
     st = prep["stats"]
@@ -198,7 +207,23 @@ def run_plugtune(cfg: dict) -> dict:
         "rows": st["rows"], "samples": n_samples, "dropped_samples": st["dropped"],
         "mean_sample_len": round(st["real_tokens"] / max(n_samples, 1), 2),
         **_loss_ends(losses, 1), "logging_steps": prep["logging_steps"],
+        "packing_floor": prep.get("floor"),
         **_model_facts(prep["model"])})
+
+
+def packing_floor(train, capacity: int) -> dict:
+    """Rows plugtune packed vs the fewest any packing of these whole samples could use
+    (:func:`measure.pad_floor`), from the packed rows' restarting ``position_ids``."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from measure import pad_floor
+
+    if "position_ids" not in train.column_names:
+        return {}
+    lens = []
+    for row in train["position_ids"]:
+        starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
+        lens += [b - a for a, b in zip(starts, starts[1:])]
+    return {"packed_rows": len(train), "sample_lengths_sum": sum(lens), **pad_floor(lens, capacity)}
 
 
 def _model_facts(model) -> dict:
@@ -247,8 +272,15 @@ def run_trl(cfg: dict) -> dict:
             max_length=cfg["sequence_len"], packing=packing,
             per_device_train_batch_size=cfg["micro_batch"],
             gradient_accumulation_steps=cfg["grad_accum"], learning_rate=2e-4)
+        peft_config = None
+        if cfg.get("adapter") == "lora":
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
+                                     lora_dropout=LORA["dropout"], target_modules=LORA["targets"],
+                                     task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                             callbacks=[_step_clock(counter, record)])
+                             callbacks=[_step_clock(counter, record)], peft_config=peft_config)
         prep_s = time.perf_counter() - t
         collator = type(trainer.data_collator).__qualname__
         padding_free = getattr(trainer.data_collator, "padding_free", None)
@@ -294,12 +326,13 @@ def run_bare(cfg: dict) -> dict:
     import torch
 
     import plugtune.train as pt
+    import plugtune.trainer as ptr
 
     sys.path.insert(0, str(Path(__file__).parent))
     from measure import steady_throughput
 
     prep: dict = {}
-    real_prepare, base = pt.prepare, pt.PlugtuneTrainer
+    real_prepare, base = pt.prepare, ptr.PlugtuneTrainer
 
     def timed_prepare(*a, **kw):
         t = time.perf_counter()
@@ -393,7 +426,7 @@ def run_bare(cfg: dict) -> dict:
             prep["model"] = model
             raise _BareDone
 
-    pt.prepare, pt.PlugtuneTrainer = timed_prepare, BareTrainer
+    pt.prepare, ptr.PlugtuneTrainer = timed_prepare, BareTrainer
     with tempfile.TemporaryDirectory() as out:
         try:
             pt.train(_recipe(cfg, True, out))
@@ -434,7 +467,7 @@ def run_prep_scaling(cfg: dict) -> dict:
     from plugtune.plugins import get_plugin_manager
     from plugtune.train import build_spec
 
-    datasets.disable_caching()
+    del datasets  # caching stays on: mapped results go to Arrow files on disk (memory-mapped)
     phases: dict[str, float] = {}
 
     def timed(name, fn):
@@ -463,10 +496,13 @@ def run_prep_scaling(cfg: dict) -> dict:
 
         spec = build_spec(recipe_for(src), pm)
         tok = pm.hook.plugtune_load(spec=spec).tokenizer
-        for scale in [0, *cfg["scales"]]:  # 0: a 16-record warm-up, not reported
-            path = Path(tmp) / f"dolly_x{scale}.jsonl"
-            path.write_text("\n".join(records[:16] if scale == 0 else records * scale) + "\n",
-                            encoding="utf-8")
+        sizes = cfg.get("samples") or [len(records) * s for s in cfg["scales"]]
+        for scale in [0, *sizes]:  # 0: a 16-record warm-up, not reported; else a sample count
+            path = Path(tmp) / f"dolly_{scale}.jsonl"
+            with open(path, "w", encoding="utf-8") as fh:  # streamed: never all lines in a list
+                for i in range(16 if scale == 0 else scale):
+                    fh.write(records[i % len(records)] + "\n")
+            rss_before = _peak_rss_mib()
             runs = []
             for rep in range(1 if scale == 0 else cfg.get("repeats", 1)):
                 os.environ["HF_DATASETS_CACHE"] = str(Path(tmp) / f"cache{scale}-{rep}")
@@ -477,7 +513,9 @@ def run_prep_scaling(cfg: dict) -> dict:
             if scale:
                 secs, ph, stats = min(runs, key=lambda x: x[0])  # fastest of the repeats
                 n = stats["samples"]
-                points.append({"scale": scale, "samples": n, "seconds": round(secs, 3),
+                points.append({"scale": round(scale / len(records), 2), "samples": n,
+                               "seconds": round(secs, 3), "peak_rss_mib": round(_peak_rss_mib(), 1),
+                               "peak_rss_before_mib": round(rss_before, 1),
                                "samples_per_s": round(n / secs, 1),
                                "ms_per_sample": round(1000 * secs / n, 3), "rows": stats["rows"],
                                "all_seconds": [round(x[0], 2) for x in runs],

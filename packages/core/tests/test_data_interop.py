@@ -462,3 +462,66 @@ def test_kto_answer_renders_as_the_trained_completion():
     for r, ex in zip(raw, ds):
         prompt_text, answer = render_pair(tok, info, ex["prompt"], ex["completion"])
         assert answer == r["completion"].strip() + "<|eot_id|>" and r["prompt"].strip() in prompt_text
+
+
+def _axolotl_dataset_entries():
+    import yaml
+
+    root = shared_path("configs", "axolotl")
+    out = []
+    for cfg in sorted(root.glob("*.y*ml")):
+        for ds in yaml.safe_load(cfg.read_text()).get("datasets") or []:
+            out.append(pytest.param(cfg.name, ds, id=f"{cfg.stem}:{ds['type']}"))
+    return out
+
+
+@pytest.mark.parametrize("config,entry", _axolotl_dataset_entries())
+def test_axolotl_example_dataset_entries_load_unchanged_but_for_path(config, entry):
+    """Every ``datasets:`` entry of axolotl's example configs, with its hub id replaced by the
+    local stand-in (fixtures/README.md), loads with its own type and keys."""
+    from plugtune.data.formats import KINDS
+
+    hub = entry["path"].replace("/", "__")
+    fixtures = shared_path("configs", "axolotl", "fixtures")
+    local = next(p for p in fixtures.iterdir() if p.name.split(".")[0] == hub)
+    ds, skipped = to_canonical(DatasetConfig(**{**entry, "path": str(local)}))
+    assert len(ds) >= 1 and skipped == 0
+    kind = {"messages": "chat", "chosen": "preference", "label": "kto", "text": "text"}
+    got = next(v for k, v in kind.items() if ds[0].get(k) is not None)
+    assert got == KINDS[entry["type"]]
+
+
+def test_tool_and_plain_chat_datasets_mix_but_kinds_do_not():
+    from plugtune.data.loading import load_datasets
+
+    cfgs = [DatasetConfig(**d) for d in resolve_llamafactory(
+        "glaive_toolcall_en_demo,identity,c4_demo", _lf(), max_samples=20)]
+    mixed, stats = load_datasets(cfgs[:2])
+    assert len(mixed) == 40
+    with_tools = [ex for ex in mixed if ex["tools"]]
+    assert with_tools and any(m["tool_calls"] for ex in with_tools for m in ex["messages"])
+    with pytest.raises(DataError, match="must share a kind.*c4_demo.jsonl: text"):
+        load_datasets(cfgs)
+
+
+def test_per_turn_training_flags(tmp_path, qwen):
+    """LLaMA-Factory v1 ``loss_weight`` and axolotl ``message_field_training``: an assistant turn
+    marked untrained is context only."""
+    turns = [{"role": "user", "content": [{"type": "text", "value": "hi"}], "loss_weight": 0.0},
+             {"role": "assistant", "content": [{"type": "text", "value": "Hello."}], "loss_weight": 0.0},
+             {"role": "user", "content": [{"type": "text", "value": "bye"}], "loss_weight": 0.0},
+             {"role": "assistant", "content": [{"type": "text", "value": "Bye."}], "loss_weight": 1.0}]
+    p = tmp_path / "v1.jsonl"
+    p.write_text(json.dumps({"messages": turns}) + "\n")
+    ds, _ = to_canonical(DatasetConfig(path=str(p), type="messages"))
+    assert _trained_spans(qwen, _tokenize(qwen, ds[0])) == ["Bye.<|im_end|>"]
+    q = tmp_path / "ax.jsonl"
+    q.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello.", "train": False},
+        {"role": "user", "content": "bye"}, {"role": "assistant", "content": "Bye.", "train": True}]}) + "\n")
+    ds, _ = to_canonical(DatasetConfig(path=str(q), type="chat_template", message_field_training="train"))
+    assert _trained_spans(qwen, _tokenize(qwen, ds[0])) == ["Bye.<|im_end|>"]
+    turns[3]["loss_weight"] = 0.5
+    p.write_text(json.dumps({"messages": turns}) + "\n")
+    with pytest.raises(DataError, match=r"v1.jsonl:1 .*loss_weight.*only 0 \(not trained\) or 1"):
+        to_canonical(DatasetConfig(path=str(p), type="messages"))

@@ -210,3 +210,44 @@ def test_identical_preference_pair_names_file_and_line(tmp_path):
         {"prompt": "q", "chosen": "same", "rejected": "same"}]))
     with pytest.raises(DataError, match=rf"{p.name}:2 .*'rejected': is identical to chosen"):
         to_canonical(DatasetConfig(path=str(p), type="preference"))
+
+
+def test_preference_prompt_that_starts_with_bos_gets_one_bos():
+    from plugtune.data.preference import tokenize_pair
+
+    tok, info = _prep("llama2", "alpaca")
+    row = tokenize_pair(tok, info, [{"role": "system", "content": "<s>Be terse."},
+                                    {"role": "user", "content": "Colour?"}], "Red.", "Blue.", 256)
+    assert _leading_bos(row["prompt_ids"], tok.bos_token_id) == 1
+
+
+def test_preference_prompt_truncation_keeps_system_and_structure():
+    from plugtune.data.preference import tokenize_pair
+
+    tok, info = _prep("qwen2_5", None)
+    prompt = [{"role": "system", "content": "SYSTEM RULES."},
+              {"role": "user", "content": "Old question? " + LONG},
+              {"role": "assistant", "content": "Old answer."},
+              {"role": "user", "content": "Summarise this: " + LONG}]
+    row = tokenize_pair(tok, info, prompt, "A short summary.", "No.", 200)
+    assert row["status"] == "truncated" and row["length"] <= 200
+    text = tok.decode(row["prompt_ids"])
+    assert text.startswith("<|im_start|>system\nSYSTEM RULES.<|im_end|>")
+    assert "Old answer." not in text and "Summarise this:" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_record_size_scan_memory_is_bounded_by_its_block(tmp_path):
+    import tracemalloc
+
+    from plugtune.data.loading import check_record_sizes
+
+    p = tmp_path / "huge.jsonl"
+    with p.open("wb") as f:
+        f.write(b'{"text": "' + b"x" * 20_000_000 + b'"}\n')
+    tracemalloc.start()
+    with pytest.raises(DataError, match=r"huge.jsonl:1:"):
+        check_record_sizes(p, 10_000_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * (1 << 20), f"peak {peak} bytes for a 20 MB line"

@@ -161,3 +161,26 @@ def test_label_only_loss_never_lets_packed_samples_attend_to_each_other(make_tin
     assert not torch.allclose(ref, leaky, atol=1e-4)  # the control: a cache does leak here
     got = label_only_loss(model, {k: v for k, v in batch.items() if k != "use_cache"})
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_label_only_loss_only_for_heads_whose_forward_is_a_plain_linear(make_tiny_llama):
+    """RecurrentGemma soft-caps its logits (``logits_soft_cap``, a name no allow-list had): with
+    small random logits the one-row check passed and training then optimised another objective.
+    The forward is read instead: only ``logits = self.lm_head(hidden)`` left unchanged passes."""
+    from transformers import AutoModelForCausalLM, RecurrentGemmaConfig
+
+    from plugtune.modeling import _label_only_parts, plain_head_forward
+
+    torch.manual_seed(0)
+    cfg = RecurrentGemmaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=2, lru_width=32,
+                               attention_window_size=16, block_types=["recurrent", "attention"],
+                               logits_soft_cap=30.0)
+    rg = AutoModelForCausalLM.from_config(cfg)
+    ids = torch.randint(3, 100, (1, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    assert _label_only_parts(rg, batch) is None
+    torch.testing.assert_close(loss_from_batch(rg, batch), rg(**batch, use_cache=False).loss)
+    llama = make_tiny_llama(vocab_size=100)
+    assert _label_only_parts(llama, batch) is not None
+    assert plain_head_forward(type(llama), "lm_head")

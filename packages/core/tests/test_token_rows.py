@@ -23,6 +23,7 @@ def _chat_data(tmp_path, n=16):
 
 
 def _recipe(tmp_path, model, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return validate_recipe({
         "base_model": str(model), "model_type": "causal_lm", "output_dir": str(tmp_path / "run"),
         "datasets": [{"path": str(_chat_data(tmp_path)), "type": "alpaca"}],
@@ -62,6 +63,16 @@ def test_added_template_tokens_are_trained_saved_and_reloaded(tmp_path, caplog):
         in caplog.text
 
 
+def _p_eos_after_response(run_dir, tok):
+    from plugtune.runs import load_run
+
+    _, loaded, _ = load_run(run_dir)
+    prompt = tok("### Instruction:\nTell me about cat 3.\n\n### Response:\nThe cat 3 was happy.",
+                 return_tensors="pt").input_ids
+    with torch.no_grad():
+        return float(loaded.model(prompt).logits[0, -1].softmax(-1)[tok.eos_token_id])
+
+
 def test_untrained_eos_row_is_detected_and_learned(tmp_path, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,17 +83,16 @@ def test_untrained_eos_row_is_detected_and_learned(tmp_path, caplog):
              "labels": tok("Once upon a time.").input_ids + [2]}]
     weak = untrained_stop_tokens(base, rows, [tok.eos_token_id])
     assert set(weak) == {tok.eos_token_id} and weak[tok.eos_token_id] < 1e-9
-    with caplog.at_level(logging.INFO, logger="plugtune"):
-        result = train(_recipe(tmp_path, model_dir, chat_template="alpaca", max_steps=6))
-    assert caplog.text.count("untrained: P=") == 1 and "</s> (untrained" in caplog.text
-    from plugtune.runs import load_run
-
-    _, loaded, _ = load_run(result.output_dir)
-    prompt = tok("### Instruction:\nTell me about cat 3.\n\n### Response:\nThe cat 3 was happy.",
-                 return_tensors="pt").input_ids
-    with torch.no_grad():
-        p_eos = loaded.model(prompt).logits[0, -1].softmax(-1)[tok.eos_token_id]
-    assert p_eos > 1e-3, f"P(EOS) after a response is {float(p_eos):.1e}"
+    p = {}
+    for rows_on in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="plugtune"):
+            result = train(_recipe(tmp_path / str(rows_on), model_dir, chat_template="alpaca",
+                                   max_steps=8, learning_rate=3e-3, train_token_rows=rows_on))
+        assert caplog.text.count("untrained: P=") == (1 if rows_on else 0)
+        p[rows_on] = _p_eos_after_response(result.output_dir, tok)
+    print("P(EOS) rows trained / frozen", p)
+    assert p[True] > 3e-3 and p[True] > 100 * p[False], p
 
 
 def test_trained_stop_row_is_left_alone(make_tiny_llama):
@@ -111,3 +121,18 @@ def test_train_token_rows_off_trains_no_rows(tmp_path):
                            max_steps=1))
     cfg = json.loads((result.output_dir / "adapter_config.json").read_text())
     assert not cfg.get("trainable_token_indices")
+
+
+def test_token_rows_get_their_own_learning_rate(make_tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    from plugtune.token_rows import scale_token_rows_lr, trainable_token_indices
+
+    model = make_tiny_llama(64)
+    rows = trainable_token_indices(model, [2, 5])
+    assert rows == {"model.embed_tokens": [2, 5], "lm_head": [2, 5]}, "untied: both layers"
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=rows))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    assert scale_token_rows_lr(opt, peft_model, 10.0) == 2
+    by_lr = {g["lr"]: len(g["params"]) for g in opt.param_groups}
+    assert by_lr[1e-3 * 10.0] == 2 and by_lr[1e-3] >= 4

@@ -75,7 +75,7 @@ def test_resume_skips_incomplete_checkpoint(tmp_path, monkeypatch):
 
 
 def test_resume_without_checkpoint_is_clear(tmp_path):
-    with pytest.raises(TrainingError, match="no complete checkpoint"):
+    with pytest.raises(TrainingError, match="no run to resume"):
         train(_small_demo(tmp_path, "max_steps=1"), resume=True)
 
 

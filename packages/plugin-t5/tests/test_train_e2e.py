@@ -39,12 +39,15 @@ def _falls(result):
     return losses
 
 
-def _eval_cli(run_dir, capsys, n=3):
+def _eval_cli(run_dir, capsys, n=3, base=False):
     capsys.readouterr()
     rc = cli_main(["eval", str(run_dir), "--data", str(shared_path("samsum", "test.json")),
                    "--max-samples", str(n)])
     assert rc == 0
-    res = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    res = json.loads(out.out)
+    if base:  # an adapter run is also scored without its adapter: the base-vs-tuned table
+        assert {"rouge1", "rougeL", "eval_loss"} <= set(res["base"]) and "base vs fine-tuned" in out.err
     assert math.isfinite(res["eval_loss"]) and res["n"] == n
     samples = res["samples"]
     assert len(samples) == n
@@ -79,7 +82,11 @@ def test_lora_8bit_falls_and_evaluates(tiny_dir, tmp_path, capsys):
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == ["q", "v"] and cfg["task_type"] == "SEQ_2_SEQ_LM"
     assert 0 < result.metrics["trainable_params"] < result.metrics["total_params"] / 10
-    _eval_cli(tmp_path / "lora", capsys)
+    # a summarization run is scored with ROUGE even when its recipe does not list it
+    saved = tmp_path / "lora" / "recipe.yaml"
+    saved.write_text(saved.read_text().replace("- rouge\n", ""))
+    assert "rouge" not in saved.read_text()
+    _eval_cli(tmp_path / "lora", capsys, base=True)
 
 
 def test_qlora_4bit_all_linear_trains(tiny_dir, tmp_path):

@@ -1,6 +1,7 @@
 """The ``plugtune`` command line.
 
-    plugtune train RECIPE [--set key=value ...] [--resume]
+    plugtune train RECIPE [--set key=value ...] [--overwrite]
+    plugtune train --resume RUN_DIR [--set key=value ...]   (or: train RECIPE --resume)
     plugtune prepare RECIPE [--set ...]           data statistics without training
     plugtune generate RUN_DIR --prompt TEXT [--image PATH ...] [--max-new-tokens N]
     plugtune eval RUN_DIR [--data FILE --type T]  loss + generation metrics
@@ -33,10 +34,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from plugtune.modeling import ModelLoadError
     from plugtune.plugins import PluginError
     from plugtune.runs import RunDirError
+    from plugtune.runstate import RunStateError
     from plugtune.train import TrainingError
 
     errors = (RecipeError, DataError, TemplateError, TemplateRenderError, ModelLoadError,
-              PluginError, RunDirError, TrainingError)
+              PluginError, RunDirError, RunStateError, TrainingError)
     return errors + _scale_errors()
 
 
@@ -54,10 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune from a recipe")
-    t.add_argument("recipe", help="recipe file or bundled recipe name")
+    t.add_argument("recipe", nargs="?", help="recipe file or bundled recipe name (not needed "
+                   "with --resume RUN_DIR: the run's own recipe is used)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key (dotted paths: datasets.0.path=...)")
-    t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue a run from its newest complete checkpoint: RUN_DIR (its saved "
+                        "recipe is used), or RECIPE's output_dir")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output_dir that holds another run (its files are "
+                        "removed, each named)")
 
     pr = sub.add_parser("prepare", help="run the data pipeline and print its statistics")
     pr.add_argument("recipe")
@@ -75,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset file (default: the recipe's test_datasets)")
     e.add_argument("--type", default=None, help="dataset type of --data (default: the recipe's)")
     e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--columns", action="append", default=[], metavar="FIELD=COLUMN[,...]",
+                   help="map --data's columns to the format's fields, e.g. "
+                        "instruction=question,output=answer (default: the recipe's columns "
+                        "when --type is the recipe's)")
+    e.add_argument("--no-base", action="store_true",
+                   help="skip the base model (adapter runs are also evaluated without the adapter)")
 
     pl = sub.add_parser("plugins", help="list installed plugins")
     pl.add_argument("--json", action="store_true")
@@ -113,12 +127,45 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_train(args, console: Console) -> int:
-    from plugtune.config import load_recipe
-    from plugtune.train import train
+def train_recipe(args):
+    """The recipe of ``plugtune train`` and whether it resumes; checks the folder for
+    ``--resume`` without importing torch (nothing to resume fails before any model loads).
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume, console=console)
+    Raises:
+        RecipeError: no recipe and no ``--resume RUN_DIR``; an invalid recipe/override.
+        RunStateError: nothing of this run to resume.
+    """
+    from plugtune.config import RecipeError, load_recipe
+    from plugtune.runstate import recipe_from_run, run_record, select_checkpoint
+
+    resume = args.resume
+    if isinstance(resume, str):
+        if args.recipe:
+            raise RecipeError("give either RECIPE --resume or --resume RUN_DIR, not both")
+        recipe = recipe_from_run(resume, args.overrides)
+    elif args.recipe:
+        recipe = load_recipe(args.recipe, args.overrides)
+    else:
+        raise RecipeError("plugtune train: give a RECIPE, or --resume RUN_DIR")
+    if resume:
+        select_checkpoint(recipe.output_dir, run_record(recipe))
+    return recipe, bool(resume)
+
+
+def cmd_train(args, console: Console) -> int:
+    recipe, resume = train_recipe(args)  # fast: no torch import before this check
+    from plugtune.runstate import interrupted_message
+    from plugtune.train import TrainingInterrupted, train
+
+    try:
+        result = train(recipe, resume=resume, overwrite=args.overwrite, console=console)
+    except TrainingInterrupted as exc:
+        Console(stderr=True).print(f"interrupted: {exc}", markup=False, highlight=False)
+        return 130
+    except KeyboardInterrupt:
+        Console(stderr=True).print(f"aborted; {interrupted_message(recipe.output_dir)}",
+                                   markup=False, highlight=False)
+        return 130
     m = result.metrics
     if m.get("before") or m.get("after"):
         tab = Table(title="held-out metrics")
@@ -229,9 +276,21 @@ def cmd_eval(args, console: Console) -> int:
     spec, loaded, pm = load_run(args.run_dir)
     recipe = spec.recipe
     if args.data:
-        dtype = args.type or recipe.datasets[0].type
-        test = [DatasetConfig(path=args.data, type=dtype, columns=recipe.datasets[0].columns,
-                              system_prompt=recipe.datasets[0].system_prompt)]
+        first = recipe.datasets[0]
+        dtype = args.type or first.type
+        columns = dict(first.columns) if dtype == first.type else {}
+        for item in ",".join(args.columns).split(","):
+            if not item.strip():
+                continue
+            field, sep, col = item.partition("=")
+            if not sep or not field.strip() or not col.strip():
+                from plugtune.config import RecipeError
+
+                raise RecipeError(f"--columns {item!r}: expected FIELD=COLUMN, e.g. "
+                                  "instruction=question")
+            columns[field.strip()] = col.strip()
+        test = [DatasetConfig(path=args.data, type=dtype, columns=columns,
+                              system_prompt=first.system_prompt)]
     elif recipe.test_datasets:
         test = recipe.test_datasets
     else:
@@ -251,22 +310,41 @@ def cmd_eval(args, console: Console) -> int:
     import torch
 
     collate = pm.hook.plugtune_collate(spec=spec, tokenizer=loaded.tokenizer, processor=loaded.processor)
-    tot, n = 0.0, 0
     rows = data.eval if data.eval is not None else data.train
     limit = min(len(rows), args.max_samples or len(rows))
-    with torch.no_grad():
-        for k in range(0, limit, 8):
-            batch = collate([rows[i] for i in range(k, min(k + 8, limit))])
-            ntok = int((batch["labels"] != -100).sum())
-            loss = pm.hook.plugtune_train_step(spec=spec, model=loaded.model, batch=batch,
-                                               num_items_in_batch=None)
-            tot += float(loss) * ntok
-            n += ntok
-    res = {"eval_loss": round(tot / max(n, 1), 4), "perplexity": round(math.exp(min(tot / max(n, 1), 50)), 3)}
     metrics = [m for m in recipe.eval_metrics if m in ("exact_match", "rouge")] or ["exact_match"]
-    res.update(evaluate_generation(pm, spec, loaded.model, loaded.tokenizer, data.eval_examples,
-                                   metrics, recipe.generation.max_new_tokens,
-                                   processor=loaded.processor))
+    if spec.task == "seq2seq" and "rouge" not in metrics:  # summarization: ROUGE is the metric
+        metrics.append("rouge")
+
+    def evaluate(model) -> dict:
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for k in range(0, limit, 8):
+                batch = collate([rows[i] for i in range(k, min(k + 8, limit))])
+                ntok = int((batch["labels"] != -100).sum())
+                loss = pm.hook.plugtune_train_step(spec=spec, model=model, batch=batch,
+                                                   num_items_in_batch=None)
+                tot += float(loss) * ntok
+                n += ntok
+        res = {"eval_loss": round(tot / max(n, 1), 4),
+               "perplexity": round(math.exp(min(tot / max(n, 1), 50)), 3)}
+        res.update(evaluate_generation(pm, spec, model, loaded.tokenizer, data.eval_examples,
+                                       metrics, recipe.generation.max_new_tokens,
+                                       processor=loaded.processor))
+        return res
+
+    res = evaluate(loaded.model)
+    if hasattr(loaded.model, "disable_adapter") and not args.no_base:
+        with loaded.model.disable_adapter():  # the base the adapter was trained on
+            res["base"] = {k: v for k, v in evaluate(loaded.model).items() if k != "samples"}
+        tab = Table(title=f"plugtune eval: base vs fine-tuned ({res.get('n', limit)} samples)")
+        for col in ("metric", "base", "fine-tuned"):
+            tab.add_column(col)
+        for k, v in res.items():
+            if k in ("base", "samples", "n") or isinstance(v, dict | list):
+                continue
+            tab.add_row(k, str(res["base"].get(k, "-")), str(v))
+        Console(stderr=True).print(tab)  # stdout stays one JSON document
     console.print_json(json.dumps(res, default=str))
     return 0
 
@@ -371,11 +449,17 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     try:
         return COMMANDS[args.command](args, console)
-    except _known_errors() as exc:
+    except Exception as exc:
+        from plugtune.config import RecipeError
+        from plugtune.runstate import RunStateError
+
+        # the light errors first: `train --resume` with nothing to resume never imports torch
+        if not isinstance(exc, RecipeError | RunStateError) and not isinstance(exc, _known_errors()):
+            raise
         Console(stderr=True).print(f"error: {exc}", style="bold red", markup=False, highlight=False)
         return 2
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; the last complete checkpoint is intact")
+        Console(stderr=True).print("interrupted")
         return 130
 
 

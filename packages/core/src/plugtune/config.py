@@ -98,6 +98,9 @@ class DatasetConfig(_Strict):
         None, description="legacy: message_property_mappings.content")
     roles: dict[str, list[str]] | None = Field(
         None, description="{target_role: [source roles]}, e.g. {assistant: [gpt, model]}")
+    message_field_training: str | None = Field(
+        None, description="message key whose true/false says whether an assistant turn is "
+        "trained (others are context)")
     roles_to_train: list[str] | None = Field(
         None, description="roles whose turns are trained; plugtune trains assistant turns")
     train_on_eos: Literal["turn", "all", "last", "none"] | None = Field(
@@ -182,6 +185,9 @@ class Recipe(_Strict):
     train_token_rows: bool = Field(
         True, description="with an adapter, train the embedding/output rows of added tokens and "
         "of stop tokens the base model never learned (plugtune.token_rows); false: never")
+    token_rows_lr_scale: float = Field(
+        10.0, gt=0, description="learning rate of those token rows, as a multiple of "
+        "learning_rate (a row must move by O(1); Adam moves it ~lr per step)")
     train_on_inputs: bool = False
     sequence_len: int = Field(512, ge=8)
     truncation: Literal["prompt_then_drop", "drop"] = "prompt_then_drop"

@@ -430,13 +430,14 @@ def measure_in_process(recipe: Recipe) -> dict[str, Any]:
     import gc
 
     import plugtune.train as T
+    import plugtune.trainer as TR  # the methods build their callbacks from plugtune.trainer
 
     result: dict[str, Any] = {}
     cuda = torch.cuda.is_available()
     if not cuda:
         _limit_malloc_caching()
 
-    class Probe(T.CompleteCheckpointCallback):
+    class Probe(TR.CompleteCheckpointCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
             gc.collect()  # garbage of earlier runs must not be freed (and shrink RSS) mid-run
             result["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()) \
@@ -457,12 +458,15 @@ def measure_in_process(recipe: Recipe) -> dict[str, Any]:
                 result["measured_peak"] = (result["weights_bytes"] + result["rss_peak"]
                                            - result["rss_start"])
 
-    original = T.CompleteCheckpointCallback
-    T.CompleteCheckpointCallback = Probe
+    original = TR.CompleteCheckpointCallback
+    TR.CompleteCheckpointCallback = Probe
     try:
         T.train(recipe)
     finally:
-        T.CompleteCheckpointCallback = original
+        TR.CompleteCheckpointCallback = original
+    if "measured_peak" not in result:
+        raise EstimateError("the memory probe never ran: the training method did not use "
+                            "plugtune.trainer.CompleteCheckpointCallback")
     return result
 
 

@@ -6,8 +6,12 @@ quantization, target discovery or generation.
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import logging
 import re
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -364,7 +368,53 @@ def _label_only_parts(model, kwargs: dict):
     backbone = base.base_model
     if type(head) is not nn.Linear or backbone is base:
         return None
+    attr = next((n for n, m in base.named_children() if m is head), None)
+    if attr is None or not plain_head_forward(type(base), attr):
+        return None
     return base, backbone, head
+
+
+@functools.cache
+def plain_head_forward(cls: type, head_attr: str) -> bool:
+    """True when ``cls.forward``'s logits are exactly ``self.<head_attr>(hidden)``: the head is
+    called once, its result is assigned once (optionally ``.contiguous()``) and never changed
+    after (no reassignment, augmented or in-place op). Soft-capping (Gemma 2, RecurrentGemma's
+    ``logits_soft_cap``), logit scales (Cohere) and anything unreadable give ``False``: such
+    models keep their own loss. Read from the source with :mod:`ast`, once per class."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
+    except (OSError, TypeError, SyntaxError):
+        return False
+
+    def is_head_call(node) -> bool:
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == head_attr and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "self")
+
+    calls = [n for n in ast.walk(tree) if is_head_call(n)]
+    if len(calls) != 1:
+        return False
+    var = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            value = node.value
+            if (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute)
+                    and value.func.attr == "contiguous" and not value.args):
+                value = value.func.value
+            if is_head_call(value):
+                var = node.targets[0].id
+    if var is None:
+        return False
+    writes = 0
+    for node in ast.walk(tree):
+        targets = (node.targets if isinstance(node, ast.Assign) else [node.target]
+                   if isinstance(node, ast.AugAssign | ast.AnnAssign) else [])
+        writes += sum(isinstance(t, ast.Name) and t.id == var for t in targets)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == var
+                and node.func.attr.endswith("_") and not node.func.attr.startswith("_")):
+            return False  # in-place op on the logits (mul_, clamp_ ...)
+    return writes == 1
 
 
 def label_only_loss(model, kwargs: dict, num_items_in_batch=None) -> torch.Tensor | None:

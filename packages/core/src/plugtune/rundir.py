@@ -41,13 +41,31 @@ def save_run(output_dir: Path, model, tokenizer, recipe: Recipe, spec: ModelSpec
         if processor is not None:
             processor.save_pretrained(staging)
         (staging / "recipe.yaml").write_text(dump_recipe(recipe))
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        (staging / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
-        (staging / "log_history.json").write_text(json.dumps(log_history, indent=2, default=str))
-        from plugtune.report import loss_curve_png, model_card
+        _write_reports(staging, recipe, spec, metrics, log_history, stats)
+        for f in staging.iterdir():
+            os.replace(f, output_dir / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
-        loss_curve_png(log_history, staging / "loss.png")
-        (staging / "README.md").write_text(model_card(recipe, spec, metrics, stats))
+
+def _write_reports(folder: Path, recipe: Recipe, spec: ModelSpec, metrics: dict,
+                   log_history: list[dict], stats: dict) -> None:
+    from plugtune.report import loss_curve_png, model_card
+
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    (folder / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
+    (folder / "log_history.json").write_text(json.dumps(log_history, indent=2, default=str))
+    loss_curve_png(log_history, folder / "loss.png")
+    (folder / "README.md").write_text(model_card(recipe, spec, metrics, stats))
+
+
+def update_reports(output_dir: Path, recipe: Recipe, spec: ModelSpec, metrics: dict,
+                   log_history: list[dict], stats: dict) -> None:
+    """Rewrite a saved run's metrics, log history, loss curve and model card (after its
+    evaluation), each file replaced atomically."""
+    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".staging-"))
+    try:
+        _write_reports(staging, recipe, spec, metrics, log_history, stats)
         for f in staging.iterdir():
             os.replace(f, output_dir / f.name)
     finally:

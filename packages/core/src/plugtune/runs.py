@@ -62,6 +62,10 @@ def load_run(run_dir: str | Path, pm=None) -> tuple[ModelSpec, Loaded, object]:
     run = Path(run_dir)
     spec, adapter, pm = load_run_spec(run, pm)
     loaded = pm.hook.plugtune_load(spec=spec)
+    if spec.quantization == "4bit":
+        from plugtune.kbit import cpu_4bit_fallback
+
+        cpu_4bit_fallback(loaded.model)
     if adapter:
         from peft import PeftModel
 

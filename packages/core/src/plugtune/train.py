@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ import transformers
 
 from plugtune.config import Recipe
 from plugtune.data import prepare
+from plugtune.kbit import cpu_4bit_fallback, kbit_dtype
 from plugtune.plugins import PluginError, get_plugin_manager, resolve_family, resolve_method
 from plugtune.rundir import _atomic_write, save_run
+from plugtune.runstate import RunStateError, TrainingInterrupted, prepare_output_dir
 from plugtune.spec import Method, ModelSpec, resolve_dtype
 from plugtune.trainer import (
     COMPLETE_MARKER,
@@ -52,7 +55,7 @@ __all__ = [  # re-exported: tests and plugins import these from plugtune.train
     "PlugtuneTrainer", "RunResult", "TrainingError", "_atomic_write", "_deepspeed_config",
     "apply_adapter", "build_spec", "count_parameters", "last_complete_checkpoint", "lora_config",
     "prepare_base", "prepare_run", "read_model_type", "resolve_run_method", "save_run", "train",
-    "training_arguments", "training_kwargs"]
+    "training_arguments", "training_kwargs", "TrainingInterrupted"]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,9 @@ def build_spec(recipe: Recipe, pm) -> ModelSpec:
         recipe = recipe.model_copy(update={"base_model": path})
     model_type, cfg = read_model_type(path, recipe.trust_remote_code, recipe.revision)
     route = resolve_family(pm, recipe.model_type or model_type)
-    dtype = resolve_dtype(recipe.dtype)
+    dtype, note = kbit_dtype(resolve_dtype(recipe.dtype), recipe.quantization)
+    if note:
+        log.warning(note)
     return ModelSpec(path=path, model_type=recipe.model_type or model_type, family=route.family,
                      plugin=route.plugin, recipe=recipe, hf_config=cfg, torch_dtype=dtype,
                      quantization=recipe.quantization)
@@ -130,40 +135,61 @@ def resolve_run_method(recipe: Recipe, pm, data_kind: str) -> Method:
     return method
 
 
-def train(recipe: Recipe, pm=None, resume: bool = False, console=None) -> RunResult:
+def train(recipe: Recipe, pm=None, resume: bool = False, console=None,
+          overwrite: bool = False) -> RunResult:
     """Run one training run and write the run directory.
 
+    ``recipe.output_dir`` follows :func:`plugtune.runstate.prepare_output_dir`: a folder holding
+    another run is refused unless ``resume`` (continue this run from its newest complete
+    checkpoint; a checkpoint of another run is never taken) or ``overwrite`` (remove the old
+    run's files, naming each). This check runs before any model loads.
+
     Raises:
-        TrainingError: non-finite loss (names the step), nothing to resume from, a method that
-            does not fit the data.
+        TrainingError: non-finite or stuck-at-0 loss (names the step), nothing to resume from,
+            the folder holds another run, a method that does not fit the data.
+        plugtune.runstate.TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved at that
+            step and the message holds the command that continues the run.
         plugtune.plugins.PluginError: no plugin / conflicting plugins for the model.
         plugtune.data.DataError: bad input data.
     """
-    ctx = prepare_run(recipe, pm, resume=resume, console=console)
-    return ctx.method.load_run()(ctx)
-
-
-def prepare_run(recipe: Recipe, pm=None, resume: bool = False, console=None) -> MethodContext:
-    """Everything up to the method: family route, ``plugtune_load``, the data pipeline and the
-    method resolved from ``rl``. Returns the :class:`MethodContext` its ``run`` gets (tests
-    build a method's trainer from it).
-
-    Raises:
-        TrainingError, PluginError, DataError: as :func:`train`.
-    """
-    pm = pm or get_plugin_manager()
-    transformers.set_seed(recipe.seed)
-    from plugtune.scale import ensure_cpu_process_group
-
-    ensure_cpu_process_group()  # N CPU processes from a launcher: one DDP run, not N copies
-    spec = build_spec(recipe, pm)
-    user_recipe, recipe = recipe, spec.recipe  # user_recipe keeps demo:// names (portable)
-
     def say(msg: str) -> None:
         if console is not None:
             console.print(msg, markup=False, highlight=False)
         else:
             log.info(msg)
+
+    from plugtune.scale import ensure_cpu_process_group
+
+    ensure_cpu_process_group()  # N CPU processes from a launcher: one DDP run, not N copies
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    try:
+        ckpt = prepare_output_dir(recipe, resume=resume, overwrite=overwrite, say=say,
+                                  write=first_rank)
+    except RunStateError as exc:
+        raise TrainingError(str(exc)) from None
+    ctx = prepare_run(recipe, pm, resume=ckpt or False, console=console)
+    return ctx.method.load_run()(ctx)
+
+
+def prepare_run(recipe: Recipe, pm=None, resume=False, console=None) -> MethodContext:
+    """Everything up to the method: family route, ``plugtune_load``, the data pipeline and the
+    method resolved from ``rl``. Returns the :class:`MethodContext` its ``run`` gets (tests
+    build a method's trainer from it). ``resume``: the checkpoint to continue from (or
+    ``False``), as :func:`plugtune.runstate.prepare_output_dir` answered.
+
+    Raises:
+        TrainingError, PluginError, DataError: as :func:`train`.
+    """
+    def say(msg: str) -> None:
+        if console is not None:
+            console.print(msg, markup=False, highlight=False)
+        else:
+            log.info(msg)
+
+    pm = pm or get_plugin_manager()
+    spec = build_spec(recipe, pm)
+    transformers.set_seed(recipe.seed)
+    user_recipe, recipe = recipe, spec.recipe  # user_recipe keeps demo:// names (portable)
 
     say(f"plugtune: {spec.path}: model_type={spec.model_type} family={spec.family.name} "
         f"(plugin {spec.plugin}) dtype={str(spec.torch_dtype).replace('torch.', '')} "
@@ -178,6 +204,8 @@ def prepare_run(recipe: Recipe, pm=None, resume: bool = False, console=None) -> 
     if loaded is None:
         raise TrainingError(f"no plugin loaded {spec.path!r} (family {spec.family.name})")
     model, tokenizer = loaded.model, loaded.tokenizer
+    if spec.quantization == "4bit":
+        cpu_4bit_fallback(model)  # shapes bitsandbytes' packed CPU kernel cannot take
     encode = None
     if spec.task == "vision":  # processor-based tokenization (image token expansion)
         from plugtune.data.pipeline import hook_encoder

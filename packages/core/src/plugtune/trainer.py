@@ -18,14 +18,19 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from plugtune.config import Recipe
+from plugtune.run_control import LossGuard, RunControlCallback, seeded_train_sampler
+from plugtune.runstate import (  # noqa: F401 (COMPLETE_MARKER re-exported)
+    COMPLETE_MARKER,
+    interrupted_message,
+    last_complete_checkpoint,
+)
 from plugtune.spec import Method, ModelSpec
 from plugtune.token_rows import trainable_token_indices
 
 log = logging.getLogger(__name__)
-COMPLETE_MARKER = "plugtune_checkpoint_complete"
 
 
 class TrainingError(RuntimeError):
@@ -47,6 +52,20 @@ class PlugtuneTrainer(Trainer):
         self.pm = plugin_manager
         self.spec = spec
 
+    def create_optimizer(self, *args, **kwargs):
+        """The Trainer's optimizer, with the trained token rows (:mod:`plugtune.token_rows`) in
+        their own parameter groups at ``token_rows_lr_scale`` x the learning rate."""
+        from plugtune.token_rows import scale_token_rows_lr
+
+        opt = super().create_optimizer(*args, **kwargs)
+        if self.spec is not None:
+            scale_token_rows_lr(opt, self.model, self.spec.recipe.token_rows_lr_scale)
+        return opt
+
+    def _get_train_sampler(self, train_dataset=None):
+        # group_by_length from a seeded generator: a resumed run replays the epoch's order
+        return seeded_train_sampler(self, train_dataset) or Trainer._get_train_sampler(self, train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         n = num_items_in_batch if self.model_accepts_loss_kwargs else None
         inputs = {k: v for k, v in inputs.items() if k != "length"}
@@ -57,11 +76,15 @@ class PlugtuneTrainer(Trainer):
         if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
                 and n is not None):
             loss = loss * self.accelerator.num_processes
-        if model.training and not torch.isfinite(loss.detach()).all():
-            raise TrainingError(
-                f"loss became {loss.item()} at step {self.state.global_step + 1}; stopping. "
-                "Lower learning_rate, use bf16/fp32 instead of fp16, or check the data. The last "
-                f"complete checkpoint in {self.args.output_dir} is intact.")
+        if model.training:
+            guard = self.__dict__.setdefault("_loss_guard", LossGuard())
+            labels = inputs.get("labels")
+            trained = int((labels != -100).sum()) if labels is not None else None
+            why = guard.check(loss, self.state.global_step + 1, trained)
+            if why:
+                raise TrainingError(
+                    f"{why}; stopping. Lower learning_rate, use bf16/fp32 instead of fp16, or "
+                    f"check the data. {interrupted_message(self.args.output_dir)}")
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
@@ -78,35 +101,15 @@ try:  # seq2seq variant for encoder-decoder families (T5)
             self.spec = spec
 
         compute_loss = PlugtuneTrainer.compute_loss
+        _get_train_sampler = PlugtuneTrainer._get_train_sampler
 except ImportError:  # pragma: no cover
     PlugtuneSeq2SeqTrainer = PlugtuneTrainer  # type: ignore[misc,assignment]
 
 
-class CompleteCheckpointCallback(TrainerCallback):
-    """Write a marker into each checkpoint after it is fully saved (atomic rename)."""
-
-    def on_save(self, args, state, control, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            tmp = ckpt / (COMPLETE_MARKER + ".tmp")
-            tmp.write_text(json.dumps({"global_step": state.global_step, "time": time.time()}))
-            os.replace(tmp, ckpt / COMPLETE_MARKER)
-        return control
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that carries the completion marker."""
-    best = None
-    for d in Path(output_dir).glob("checkpoint-*"):
-        if not (d / COMPLETE_MARKER).exists():
-            continue
-        try:
-            step = int(d.name.split("-")[-1])
-        except ValueError:
-            continue
-        if best is None or step > best[0]:
-            best = (step, d)
-    return best[1] if best else None
+class CompleteCheckpointCallback(RunControlCallback):
+    """Marks each checkpoint complete and stamps it with the run's identity; SIGINT/SIGTERM save a
+    checkpoint and stop; the loss is logged at every save (see
+    :class:`plugtune.run_control.RunControlCallback`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +307,8 @@ class MethodContext:
         model, tokenizer, processor: from ``plugtune_load`` (no adapter applied yet).
         data: :class:`plugtune.data.PreparedData` (its ``kind`` is one the method accepts).
         method: the :class:`Method` that runs.
-        resume: continue from the last complete checkpoint in ``recipe.output_dir``.
+        resume: the checkpoint to continue from (chosen by :func:`plugtune.train.train`, which
+            never picks another run's), or ``True``: the newest complete one in ``output_dir``.
         console: a ``rich`` console for progress lines, or ``None`` (logging).
         started: ``time.perf_counter()`` when the run started (for ``data_prep_seconds``).
     """
@@ -318,7 +322,7 @@ class MethodContext:
     data: Any
     method: Method
     processor: Any = None
-    resume: bool = False
+    resume: bool | Path = False
     console: Any = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -337,7 +341,8 @@ class MethodContext:
         """
         if not self.resume:
             return None
-        ckpt = last_complete_checkpoint(self.recipe.output_dir)
+        ckpt = (Path(self.resume) if isinstance(self.resume, str | Path)
+                else last_complete_checkpoint(self.recipe.output_dir))
         if ckpt is None:
             raise TrainingError(f"--resume: no complete checkpoint in {self.recipe.output_dir}")
         self.say(f"plugtune: resuming from {ckpt}")
@@ -446,11 +451,16 @@ def fit_and_save(ctx: MethodContext, trainer, metrics: dict, stats: dict,
                    trainable_share=round(trainable / max(total, 1), 6))
     ctx.say(f"plugtune: {ctx.method.name}: reference: {metrics.get('reference')}; "
             f"trainable parameters: {trainable:,} / {total:,}")
+    from plugtune.run_control import fix_train_loss_entry, whole_run_loss
+
     ckpt = ctx.resume_checkpoint()
     t1 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     hist = trainer.state.log_history
-    metrics.update(train_loss=out.training_loss, train_seconds=round(time.perf_counter() - t1, 2),
+    run_loss = whole_run_loss(hist)  # every step, also after a resume
+    fix_train_loss_entry(hist, run_loss)
+    metrics.update(train_loss=run_loss if run_loss is not None else out.training_loss,
+                   train_seconds=round(time.perf_counter() - t1, 2),
                    global_step=trainer.state.global_step)
     moved = []
     for key in watch:
@@ -466,16 +476,20 @@ def fit_and_save(ctx: MethodContext, trainer, metrics: dict, stats: dict,
         if ev.get("eval_loss") is not None and not math.isfinite(ev["eval_loss"]):
             log.warning("eval loss is not finite: %s", ev["eval_loss"])
     out_dir = Path(ctx.recipe.output_dir)
-    save_run(out_dir, trainer.model, ctx.tokenizer, ctx.user_recipe, ctx.spec, metrics, hist,
-             stats, state_dict=gathered_state_dict(trainer))
-    ctx.say(f"plugtune: {ctx.method.name}: {', '.join(moved)}; run saved to {out_dir}")
+    state_dict = gathered_state_dict(trainer)  # a collective under ZeRO-3 / FSDP: every rank
+    if trainer.is_world_process_zero():  # one writer, not one per rank
+        save_run(out_dir, trainer.model, ctx.tokenizer, ctx.user_recipe, ctx.spec, metrics, hist,
+                 stats, state_dict=state_dict)
+        ctx.say(f"plugtune: {ctx.method.name}: {', '.join(moved)}; run saved to {out_dir}")
+    trainer.accelerator.wait_for_everyone()  # no rank returns before the run folder exists
     return RunResult(output_dir=out_dir, metrics=metrics, log_history=hist)
 
 
 def stop_on_nonfinite(trainer, loss, what: str) -> None:
-    """Raise :class:`TrainingError` naming the step when a training ``loss`` is NaN/inf."""
+    """Raise :class:`TrainingError` naming the step when a training ``loss`` is NaN/inf (the
+    message says which checkpoint exists and how to resume)."""
     if trainer.model.training and not torch.isfinite(loss.detach()).all():
         raise TrainingError(
             f"{what} loss became {loss.item()} at step {trainer.state.global_step + 1}; stopping. "
-            "Lower learning_rate or beta, use bf16/fp32 instead of fp16. The last complete "
-            f"checkpoint in {trainer.args.output_dir} is intact.")
+            "Lower learning_rate or beta, use bf16/fp32 instead of fp16. "
+            f"{interrupted_message(trainer.args.output_dir)}")

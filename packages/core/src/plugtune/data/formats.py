@@ -105,7 +105,9 @@ class Shape:
             otherwise an image part is an error.
         image_cache: folder where images embedded as bytes (parquet ``Image`` columns) are
             written once, named by content hash, so canonical examples hold paths.
-        roles_to_train: canonical roles whose turns are trained; only ``assistant`` is supported.
+        training_key: the message key whose boolean says whether an assistant turn is trained
+            (axolotl ``message_field_training``); LLaMA-Factory v1's ``loss_weight`` (0 or 1)
+            is read too.
     """
 
     role_key: str | None = None
@@ -114,6 +116,7 @@ class Shape:
     base_dir: str | Path | None = None
     allow_images: bool = False
     image_cache: str | Path | None = None
+    training_key: str | None = None
 
     def role(self, raw: Any) -> str | None:
         return {**DEFAULT_ROLES, **self.roles}.get(raw)
@@ -260,9 +263,28 @@ def _turns(value: Any, key: str, role_key: str | None = None, content_key: str |
         if not content.strip() and IMAGE_PLACEHOLDER not in content:
             raise BadRecord(where, "expected a non-empty string")
         msgs.append({"role": role, "content": content})
+        if role == "assistant" and not _trained(turn, f"{key}[{i}]", shape):
+            msgs[-1]["train"] = False
     if need_assistant and not any(m["role"] == "assistant" for m in msgs):
         raise BadRecord(key, "has no assistant turn to train on")
     return msgs
+
+
+def _trained(turn: Mapping, where: str, shape: Shape) -> bool:
+    """Whether an assistant turn is trained: ``shape.training_key`` (a bool) or LLaMA-Factory
+    v1's ``loss_weight`` (0 or 1; other weights are refused: plugtune's loss has none)."""
+    if shape.training_key and turn.get(shape.training_key) is not None:
+        flag = turn[shape.training_key]
+        if not isinstance(flag, bool):
+            raise BadRecord(f"{where}.{shape.training_key}", f"expected true/false, got {flag!r}")
+        return flag
+    weight = turn.get("loss_weight")
+    if weight is None:
+        return True
+    if weight not in (0, 1):
+        raise BadRecord(f"{where}.loss_weight", f"{weight!r}: only 0 (not trained) or 1 "
+                        "(trained) is supported; plugtune does not weight turns")
+    return bool(weight)
 
 
 def _row_system(rec: Mapping, cols: Mapping[str, str], system: str | None) -> str | None:

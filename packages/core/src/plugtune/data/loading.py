@@ -18,7 +18,7 @@ import datasets
 
 from plugtune.config import DatasetConfig
 from plugtune.data.errors import DataError
-from plugtune.data.formats import ADAPTERS, BadRecord, Shape, vision_features
+from plugtune.data.formats import ADAPTERS, BadRecord, Shape, kind_of, vision_features
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,7 @@ def dataset_shape(cfg: DatasetConfig, local_file: Path | None = None) -> tuple[d
     base = cfg.image_dir or (local_file.parent if local_file else where if where.is_dir() else None)
     shape = Shape(role_key=role_key, content_key=content_key, roles=roles, base_dir=base,
                   allow_images=cfg.type in ("vision", "chat_template"),
+                  training_key=cfg.message_field_training,
                   image_cache=Path(datasets.config.HF_DATASETS_CACHE) / "plugtune_images")
     return cols, shape
 
@@ -376,10 +377,18 @@ def load_datasets(cfgs: list[DatasetConfig], num_proc: int | None = None,
         parts.append(ds)
     if len(parts) == 1:
         return parts[0], stats
-    try:
-        mixed = datasets.concatenate_datasets(parts)
-    except Exception as exc:
+    kinds = {cfg.path: kind_of(ds[0]) for cfg, ds in zip(cfgs, parts) if len(ds)}
+    if len(set(kinds.values())) > 1:
         raise DataError(
             "datasets in one recipe must share a kind (chat formats mix with each other; text, "
-            f"seq2seq and preference only with their own kind): {exc}") from exc
+            "seq2seq, preference and kto only with their own kind): "
+            + ", ".join(f"{p}: {k}" for p, k in kinds.items()))
+    try:
+        mixed = datasets.concatenate_datasets(parts)
+    except (ValueError, TypeError):
+        # same kind, different optional keys (tools, tool_calls, images): one schema for all
+        as_json = [ds.map(lambda b: {"example": json.dumps(dict(b))}, remove_columns=ds.column_names)
+                   for ds in parts]
+        mixed = datasets.concatenate_datasets(as_json)
+        mixed = mixed.map(_decoder(mixed["example"]), remove_columns=["example"])
     return mixed.shuffle(seed=seed), stats

@@ -29,7 +29,7 @@ from plugtune.data.loading import DataError
 from plugtune.data.tokenize import (
     TemplateInfo,
     TemplateRenderError,
-    _cut_text_end,
+    cut_text_end,
     one_bos,
     render_segments,
 )
@@ -94,7 +94,7 @@ def _shorter_prompt(tokenizer, prompt: list[dict], n_tokens: int) -> list[dict] 
     user = next((i for i in range(n_sys, len(msgs)) if msgs[i]["role"] == "user"), None)
     if user is None or not msgs[user]["content"]:
         return None
-    msgs[user]["content"] = _cut_text_end(tokenizer, msgs[user]["content"], max(1, n_tokens))
+    msgs[user]["content"] = cut_text_end(tokenizer, msgs[user]["content"], max(1, n_tokens))
     return msgs
 
 

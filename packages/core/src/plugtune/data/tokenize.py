@@ -135,7 +135,9 @@ def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
                     ) -> list[tuple[str, bool]]:
     """Render a conversation into ``[(text, trainable), ...]`` whose concatenation is the prompt.
 
-    Every assistant turn is trainable (multi-turn; tool calls included); turns after the last
+    Every assistant turn is trainable (multi-turn; tool calls included) unless the message has
+    ``"train": False`` (LLaMA-Factory v1 ``loss_weight: 0``, axolotl
+    ``message_field_training``); turns after the last
     assistant turn are dropped. A response the template does not end with a stop token gets the
     EOS appended. ``tools`` (function schemas) is passed to the template on every render.
 
@@ -161,7 +163,7 @@ def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
             # the template emits no stop token after this turn: append EOS so generation stops
             body += info.eos_token
         segments.append((prompt[len(prev):], train_on_inputs))
-        segments.append((body, True))
+        segments.append((body, m.get("train") is not False))  # train: False = context only
         if trailing:
             segments.append((trailing, train_on_inputs))
         prev = full
@@ -233,7 +235,7 @@ def _encode_chat(tokenizer, messages: list[dict], info: TemplateInfo, train_on_i
         tokenizer, render_segments(tokenizer, messages, info, train_on_inputs, tools), info)
 
 
-def _cut_text_end(tokenizer, text: str, n_tokens: int) -> str:
+def cut_text_end(tokenizer, text: str, n_tokens: int) -> str:
     """``text`` without its last ``n_tokens`` tokens (cut at a token's first character)."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
@@ -283,7 +285,7 @@ def shorten_messages(tokenizer, messages: list[dict], info: TemplateInfo, max_le
             return ids, labels
         if user is None or not msgs[user]["content"]:
             return None
-        msgs[user] = {**msgs[user], "content": _cut_text_end(
+        msgs[user] = {**msgs[user], "content": cut_text_end(
             tokenizer, msgs[user]["content"], len(ids) - max_len)}
         ids, labels = _encode_chat(tokenizer, msgs, info, train_on_inputs, tools)
     return (ids, labels) if len(ids) <= max_len else None

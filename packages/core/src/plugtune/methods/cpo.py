@@ -70,7 +70,7 @@ def build_trainer(ctx):
     trainer = legacy_pair_trainer("cpo")(
         model=model, args=args, train_dataset=legacy_rows(train_rows),
         eval_dataset=legacy_rows(eval_rows), processing_class=ctx.tokenizer,
-        peft_config=peft_config, callbacks=[CompleteCheckpointCallback()])
+        peft_config=peft_config, callbacks=[CompleteCheckpointCallback(ctx.say)])
     metrics = {"rl": recipe.rl or "cpo", **settings, "reference": reference}
     return trainer, metrics, stats
 

@@ -63,6 +63,7 @@ def dpo_trainer_class():
     loss turns NaN/inf. Built on first use (keeps trl out of recipe validation)."""
     from trl import DPOTrainer
 
+    from plugtune.run_control import seeded_train_sampler
     from plugtune.trainer import stop_on_nonfinite
 
     class PlugtuneDPOTrainer(DPOTrainer):
@@ -71,6 +72,11 @@ def dpo_trainer_class():
             if "prompt_ids" in cols and "chosen_ids" in cols:
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def _get_train_sampler(self, train_dataset=None):
+            # group_by_length from a seeded generator: a resumed run replays the epoch's order
+            return (seeded_train_sampler(self, train_dataset)
+                    or super()._get_train_sampler(train_dataset))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = {k: v for k, v in inputs.items() if k != "length"}
@@ -134,7 +140,7 @@ def build_trainer(ctx):
     trainer = dpo_trainer_class()(
         model=model, ref_model=ref_model, args=args, train_dataset=train_rows,
         eval_dataset=eval_rows, processing_class=ctx.tokenizer, peft_config=peft_config,
-        callbacks=[CompleteCheckpointCallback()])
+        callbacks=[CompleteCheckpointCallback(ctx.say)])
     metrics = {"rl": recipe.rl or "dpo", "dpo_beta": recipe.dpo_beta,
                "dpo_loss_type": ",".join(args.loss_type), "reference": reference}
     return trainer, metrics, stats

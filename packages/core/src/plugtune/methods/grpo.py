@@ -291,7 +291,7 @@ def build_online_trainer(ctx, trainer_cls, config_cls, default_beta: float):
     trainer = trainer_cls(model=model, reward_funcs=funcs, args=config_cls(**kw),
                           train_dataset=train_rows, processing_class=ctx.tokenizer,
                           reward_processing_classes=tokenizers, peft_config=peft_config,
-                          callbacks=[CompleteCheckpointCallback()])
+                          callbacks=[CompleteCheckpointCallback(ctx.say)])
     metrics = {"rl": ctx.method.name, "reward_funcs": list(recipe.reward_funcs),
                "num_generations": recipe.num_generations, "beta": kw["beta"],
                "reference": reference, "before": before}

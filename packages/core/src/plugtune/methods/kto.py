@@ -131,7 +131,7 @@ def build_trainer(ctx):
     trainer = kto_trainer_class()(
         model=model, ref_model=ref_model, args=args, train_dataset=train_rows,
         eval_dataset=eval_rows, processing_class=ctx.tokenizer, peft_config=peft_config,
-        callbacks=[CompleteCheckpointCallback()])
+        callbacks=[CompleteCheckpointCallback(ctx.say)])
     metrics = {"rl": "kto", "kto_beta": recipe.kto_beta, "reference": reference}
     return trainer, metrics, stats
 

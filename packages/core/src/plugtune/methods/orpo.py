@@ -53,6 +53,7 @@ def legacy_pair_trainer(which: str):
     else:
         from trl.experimental.cpo import CPOTrainer as Base
 
+    from plugtune.run_control import seeded_train_sampler
     from plugtune.trainer import stop_on_nonfinite
 
     class PlugtunePairTrainer(Base):
@@ -60,6 +61,11 @@ def legacy_pair_trainer(which: str):
             if "chosen_input_ids" in feature:
                 return feature
             return super().tokenize_row(feature, model)
+
+        def _get_train_sampler(self, train_dataset=None):
+            # group_by_length from a seeded generator: a resumed run replays the epoch's order
+            return (seeded_train_sampler(self, train_dataset)
+                    or super()._get_train_sampler(train_dataset))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -108,7 +114,7 @@ def build_trainer(ctx):
     trainer = legacy_pair_trainer("orpo")(
         model=model, args=args, train_dataset=legacy_rows(train_rows),
         eval_dataset=legacy_rows(eval_rows), processing_class=ctx.tokenizer,
-        peft_config=peft_config, callbacks=[CompleteCheckpointCallback()])
+        peft_config=peft_config, callbacks=[CompleteCheckpointCallback(ctx.say)])
     metrics = {"rl": "orpo", "orpo_alpha": recipe.orpo_alpha, "reference": reference}
     return trainer, metrics, stats
 

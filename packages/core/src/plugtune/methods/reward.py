@@ -140,7 +140,7 @@ def build_trainer(ctx):
     kw["bf16"], kw["fp16"] = bool(kw.get("bf16")), bool(kw.get("fp16"))
     trainer = RewardTrainer(model=model, args=RewardConfig(**kw), train_dataset=train_rows,
                             eval_dataset=eval_rows, processing_class=tokenizer,
-                            peft_config=peft_config, callbacks=[CompleteCheckpointCallback()])
+                            peft_config=peft_config, callbacks=[CompleteCheckpointCallback(ctx.say)])
     trainer._plugtune_held_out = held_out
     metrics = {"rl": "reward", "reference": "none (reward model)", "before": before}
     ctx.say(f"plugtune: reward: before training: {before}")

@@ -42,7 +42,8 @@ def run(ctx):
     from typing import Any
 
     from plugtune.evaluate import evaluate_generation
-    from plugtune.rundir import save_run
+    from plugtune.run_control import fix_train_loss_entry, whole_run_loss
+    from plugtune.rundir import save_run, update_reports
     from plugtune.scale import gathered_state_dict
     from plugtune.trainer import (
         CompleteCheckpointCallback,
@@ -97,7 +98,7 @@ def run(ctx):
     trainer = trainer_cls(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=collate, processing_class=tokenizer,
-        callbacks=[CompleteCheckpointCallback()], plugin_manager=pm, spec=spec)
+        callbacks=[CompleteCheckpointCallback(ctx.say)], plugin_manager=pm, spec=spec)
     if (recipe.fsdp and not getattr(trainer, "is_fsdp_enabled", False)
             and trainer.accelerator.num_processes > 1):
         ctx.say(f"plugtune: fsdp: {recipe.fsdp} is not applied: accelerate shards with FSDP only on "
@@ -107,29 +108,38 @@ def run(ctx):
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_s = time.perf_counter() - t1
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    run_loss = whole_run_loss(trainer.state.log_history)  # every step, also after a resume
+    fix_train_loss_entry(trainer.state.log_history, run_loss)
     metrics.update(
-        train_loss=out.training_loss, train_seconds=round(train_s, 2),
+        train_loss=run_loss if run_loss is not None else out.training_loss,
+        train_seconds=round(train_s, 2),
         global_step=trainer.state.global_step,
         first_logged_loss=losses[0] if losses else None,
         last_logged_loss=losses[-1] if losses else None,
         real_tokens_per_second=round(data.stats["real_tokens"] * recipe.num_epochs / train_s, 1)
         if recipe.max_steps <= 0 else None,
     )
+    out_dir = Path(recipe.output_dir)
+    writer = trainer.is_world_process_zero()  # one writer, not one per rank
+    state_dict = gathered_state_dict(trainer)  # a collective under ZeRO-3 / FSDP: every rank
+    if writer:  # saved before any evaluation: an evaluation that fails loses no training
+        save_run(out_dir, model, tokenizer, ctx.user_recipe, spec, metrics, trainer.state.log_history,
+                 data.stats, state_dict=state_dict, processor=ctx.processor)
+        ctx.say(f"plugtune: run saved to {out_dir}")
+    trainer.accelerator.wait_for_everyone()  # no rank returns before the run folder exists
+    evaluated = False
     if data.eval is not None:
         ev = trainer.evaluate()
         metrics["eval_loss"] = ev.get("eval_loss")
         if "perplexity" in recipe.eval_metrics and ev.get("eval_loss") is not None:
             metrics["perplexity"] = math.exp(min(ev["eval_loss"], 50))
+        evaluated = True
     if wants_gen and data.eval_examples:
         metrics["after"] = evaluate_generation(pm, spec, model, tokenizer, data.eval_examples,
                                                recipe.eval_metrics, gen_cfg.max_new_tokens,
                                                processor=ctx.processor)
         ctx.say(f"plugtune: after training: {metrics['after']}")
-    out_dir = Path(recipe.output_dir)
-    state_dict = gathered_state_dict(trainer)  # a collective under ZeRO-3 / FSDP: every rank
-    if trainer.is_world_process_zero():  # one writer, not one per rank
-        save_run(out_dir, model, tokenizer, ctx.user_recipe, spec, metrics, trainer.state.log_history,
-                 data.stats, state_dict=state_dict, processor=ctx.processor)
-        ctx.say(f"plugtune: run saved to {out_dir}")
-    trainer.accelerator.wait_for_everyone()  # no rank returns before the run folder exists
+        evaluated = True
+    if evaluated and writer:
+        update_reports(out_dir, ctx.user_recipe, spec, metrics, trainer.state.log_history, data.stats)
     return RunResult(output_dir=out_dir, metrics=metrics, log_history=trainer.state.log_history)
