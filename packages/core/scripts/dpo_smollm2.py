@@ -17,6 +17,7 @@ Held-out metrics on the last ``--held-out`` pairs of the file (never trained on)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ def plain_folder(dest: Path) -> Path:
 def pair_logps(model, rows, disable_adapter: bool) -> torch.Tensor:
     """Summed answer log-probabilities, shape ``(pairs, 2)`` (chosen, rejected)."""
     out = []
-    ctx = model.disable_adapter if disable_adapter else torch.enable_grad
+    ctx = model.disable_adapter if disable_adapter else contextlib.nullcontext
     model.eval()
     with torch.no_grad(), ctx():
         for r in rows:
