@@ -3,6 +3,7 @@
     nox -t tests            core, every plugin alone, integration, lint (what CI runs)
     nox -s demo             the embedded default run (plugtune train demo)
     nox -s bench            throughput / padding / memory benchmark
+    nox -s experiments      SAMSum / packing / causal LM / forgetting / DPO on SmolLM2 (~40 min)
     nox -s "plugin(name='llama')"   one plugin in a venv with only core + that plugin
 
 torch is installed first from the local CPU wheel and pinned by constraints.txt, so no
@@ -54,14 +55,14 @@ def integration(session: nox.Session) -> None:
     """End-to-end tests with every plugin installed (real inputs from ../shared/data), plus the
     benchmark's bookkeeping tests (no timing)."""
     _install(session, _core("test,eval,quant,vision"),
-             *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS])
+             *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS], "gguf")  # gguf: SmolLM2 smoke
     session.run(*PYTEST, "tests", "bench/test_bench.py", "bench/test_gpu.py", *session.posargs)
 
 
 @nox.session(tags=["tests"])
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "packages", "tests", "bench", "noxfile.py")
+    session.run("ruff", "check", "packages", "tests", "bench", "experiments", "noxfile.py")
 
 
 @nox.session
@@ -78,5 +79,15 @@ def bench(session: nox.Session) -> None:
     """Throughput / padding / memory: plugtune vs TRL SFTTrainer (default, packing) vs a bare
     torch loop, plus data-preparation scaling; writes bench/results/<timestamp>.{json,md,png}.
     Extra arguments go to bench/run.py (e.g. ``nox -s bench -- --quick``)."""
-    _install(session, _core("test"), f"{ROOT}/packages/plugin-llama", "trl")
+    # gguf: transformers reads the SmolLM2-135M-Instruct GGUF of the third workload with it
+    _install(session, _core("test"), f"{ROOT}/packages/plugin-llama", "trl", "gguf")
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session
+def experiments(session: nox.Session) -> None:
+    """The classic instruction-tuning experiments on SmolLM2-135M-Instruct and stories260K with
+    real data from ../shared/data (ROUGE, packing, perplexity, forgetting, DPO); writes
+    experiments/results/<UTC time>.{json,md,png}. ``nox -s experiments -- --quick`` is the smoke."""
+    _install(session, _core("eval,quant"), f"{ROOT}/packages/plugin-llama", "gguf")
+    session.run("python", "experiments/run.py", *session.posargs)

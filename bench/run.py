@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -197,8 +198,16 @@ def run_worker(cfg: dict, tmp: Path, env: dict, timeout: float) -> dict:
     wenv = {**env, "HF_DATASETS_CACHE": str(tmp / f"hf-cache-{tag}")}
     t = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.run([sys.executable, str(HERE / "run.py"), "--worker", str(cfg_path)],
-                              env=wenv, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
+        # its own session: on a timeout the whole group goes (datasets' map workers too)
+        proc = subprocess.Popen([sys.executable, str(HERE / "run.py"), "--worker", str(cfg_path)],
+                                env=wenv, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"{tag} ran past --timeout {timeout:.0f} s (log: {log})") from None
     if proc.returncode != 0 or not Path(cfg["out"]).exists():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         raise RuntimeError(f"{tag} failed (rc {proc.returncode}); last lines of its log:\n{tail}")
@@ -258,7 +267,11 @@ def chart(results: dict, path: Path) -> None:
 
     models = results["models"]
     prep = results.get("prep_scaling")
+    if prep and not prep.get("points"):
+        prep = None  # every size failed (see "failed" in the JSON)
     n = len(models) + (1 if prep else 0)
+    if n == 0:
+        return  # nothing measured, nothing to draw
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
     colors = {"plugtune": "#2a7ab9", "trl_default": "#c8553d", "trl_packing": "#f28f3b",
               "bare_loop": "#7a7a7a"}
@@ -458,7 +471,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = {"method": "prep_scaling", "model_name": f"prep{n}", "model_dir": model_dir,
                    "dolly_file": data_files(shared)[0]["path"], "samples": [n],
                    "sequence_len": args.sequence_len, "threads": args.threads, "repeats": 1}
-            prep["points"] += run_worker(cfg, tmp, env, args.timeout)["points"]
+            try:
+                prep["points"] += run_worker(cfg, tmp, env, args.timeout)["points"]
+            except RuntimeError as exc:  # e.g. past --timeout on a loaded machine: keep the rest
+                prep.setdefault("failed", []).append({"samples": n, "error": str(exc)[:300]})
+                print(f"bench: data prep {n} samples failed: {str(exc)[:200]}", flush=True)
+                continue
             print(f"bench: data prep {n} samples: {prep['points'][-1]['samples_per_s']:.0f}/s, "
                   f"peak RSS {prep['points'][-1]['peak_rss_mib']:.0f} MiB", flush=True)
         prep["linearity"] = linearity([(p["samples"], p["seconds"]) for p in prep["points"]])

@@ -135,3 +135,12 @@ def test_packing_floor_reads_sample_lengths_from_packed_rows():
     assert packing_floor(rows, 6) == {"packed_rows": 2, "sample_lengths_sum": 10,
                                       "rows_lower_bound": 2, "pad_floor": round(1 - 10 / 12, 4)}
     assert packing_floor(datasets.Dataset.from_dict({"input_ids": [[1]]}), 6) == {}
+
+
+def test_a_worker_past_its_timeout_is_stopped_with_its_children(tmp_path):
+    import os
+
+    from run import run_worker
+
+    with pytest.raises(RuntimeError, match="ran past --timeout"):
+        run_worker({"method": "prep_scaling", "model_name": "t"}, tmp_path, dict(os.environ), 0.2)

@@ -173,3 +173,19 @@ def test_eval_max_samples_cuts_before_tokenizing(tmp_path, capsys):
     assert main(["eval", str(result.output_dir), "--data", str(data)]) != 0
     err = capsys.readouterr()
     assert "test.jsonl:4" in err.out + err.err and "completion" in err.out + err.err
+
+
+def test_eval_metrics_loss_skips_generation(tmp_path, capsys):
+    """``plugtune eval --metrics loss`` scores the loss (token-weighted, with the token count)
+    and generates nothing; an unknown metric name is refused before anything loads."""
+    result = train(_small_demo(tmp_path, "max_steps=2", "test_datasets.0.max_samples=4"))
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"reverse {w} =", "completion": f" {w[::-1]}"})
+                              for w in ("abc", "bcd", "cde")) + "\n")
+    capsys.readouterr()
+    assert main(["eval", str(result.output_dir), "--data", str(data), "--metrics", "loss"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_tokens"] > 0 and math.isfinite(res["eval_loss"])
+    assert "exact_match" not in res and "samples" not in res
+    assert main(["eval", str(result.output_dir), "--data", str(data), "--metrics", "loss,bleu"]) == 2
+    assert "bleu" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
     plugtune train RECIPE [--set key=value ...] [--overwrite]
     plugtune train --resume RUN_DIR [--set key=value ...]   (or: train RECIPE --resume)
+    plugtune recipe convert FILE [--set ...]      an axolotl / LLaMA-Factory / TRL config as a recipe
     plugtune prepare RECIPE [--set ...]           data statistics without training
     plugtune generate RUN_DIR --prompt TEXT [--image PATH ...] [--max-new-tokens N]
     plugtune eval RUN_DIR [--data FILE --type T]  loss + generation metrics
@@ -11,7 +12,9 @@
     plugtune quantize RUN_OR_MODEL --method bnb4|bnb8|gptq --out DIR [--eval-data F --type T]
     plugtune estimate RECIPE [--device-memory 24GiB] [--num-gpus N] [--set ...]
 
-``RECIPE`` is a path or the name of a bundled recipe (``plugtune recipes``). Known errors
+``RECIPE`` is a path or the name of a bundled recipe (``plugtune recipes``), or an axolotl,
+LLaMA-Factory or TRL config (detected from its keys, see :mod:`plugtune.config.dialects`); it
+is validated before torch is imported, so a bad key is reported at once. Known errors
 (bad recipe, bad data, missing plugin, non-finite loss) print one clear message and exit 2.
 """
 
@@ -83,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset file (default: the recipe's test_datasets)")
     e.add_argument("--type", default=None, help="dataset type of --data (default: the recipe's)")
     e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--metrics", default=None, metavar="M[,M...]",
+                   help="loss, perplexity, exact_match, rouge (default: the recipe's eval_metrics; "
+                        "loss and perplexity alone skip generation)")
     e.add_argument("--columns", action="append", default=[], metavar="FIELD=COLUMN[,...]",
                    help="map --data's columns to the format's fields, e.g. "
                         "instruction=question,output=answer (default: the recipe's columns "
@@ -94,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
 
     sub.add_parser("recipes", help="list bundled example recipes")
+
+    rc = sub.add_parser("recipe", help="work with recipes and other tools' configs")
+    rc_sub = rc.add_subparsers(dest="recipe_command", required=True)
+    cv = rc_sub.add_parser("convert", help="print the plugtune recipe an axolotl, LLaMA-Factory "
+                           "or TRL config becomes")
+    cv.add_argument("file")
+    cv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     m = sub.add_parser("merge", help="merge a run's adapter into its base: a standalone model")
     m.add_argument("run_dir")
@@ -127,7 +140,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_recipe(args):
+def _load_announced(name: str, overrides: list[str], console: Console | None):
+    """Load a recipe or another tool's config; print what was detected and its notices."""
+    from plugtune.config import load_config
+
+    recipe, tr = load_config(name, overrides)
+    if tr.dialect != "plugtune" and console is not None:
+        console.print(tr.summary(name), markup=False, highlight=False)
+        for note in tr.notices:
+            console.print(f"  note: {note}", markup=False, highlight=False)
+    return recipe, tr
+
+
+def train_recipe(args, console: Console | None = None):
     """The recipe of ``plugtune train`` and whether it resumes; checks the folder for
     ``--resume`` without importing torch (nothing to resume fails before any model loads).
 
@@ -135,7 +160,7 @@ def train_recipe(args):
         RecipeError: no recipe and no ``--resume RUN_DIR``; an invalid recipe/override.
         RunStateError: nothing of this run to resume.
     """
-    from plugtune.config import RecipeError, load_recipe
+    from plugtune.config import RecipeError
     from plugtune.runstate import recipe_from_run, run_record, select_checkpoint
 
     resume = args.resume
@@ -144,7 +169,8 @@ def train_recipe(args):
             raise RecipeError("give either RECIPE --resume or --resume RUN_DIR, not both")
         recipe = recipe_from_run(resume, args.overrides)
     elif args.recipe:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe, tr = _load_announced(args.recipe, args.overrides, console)
+        resume = resume or bool(tr.resume)  # axolotl's resume_from_checkpoint, TRL's, ...
     else:
         raise RecipeError("plugtune train: give a RECIPE, or --resume RUN_DIR")
     if resume:
@@ -153,7 +179,7 @@ def train_recipe(args):
 
 
 def cmd_train(args, console: Console) -> int:
-    recipe, resume = train_recipe(args)  # fast: no torch import before this check
+    recipe, resume = train_recipe(args, console)  # fast: no torch import before this check
     from plugtune.runstate import interrupted_message
     from plugtune.train import TrainingInterrupted, train
 
@@ -178,6 +204,21 @@ def cmd_train(args, console: Console) -> int:
         console.print(tab)
     console.print(f"train_loss={m.get('train_loss'):.4f} steps={m.get('global_step')} "
                   f"eval_loss={m.get('eval_loss')} -> {result.output_dir}")
+    return 0
+
+
+def cmd_recipe(args, console: Console) -> int:
+    import yaml
+
+    from plugtune.config import load_config
+
+    _, tr = load_config(args.file, args.overrides)
+    lines = [f"# plugtune recipe from the {tr.dialect} config {args.file}"]
+    lines += [f"# note: {n}" for n in tr.notices]
+    if tr.resume:
+        lines.append("# resume: plugtune train resumes this run (--resume)")
+    print("\n".join(lines))
+    print(yaml.safe_dump(tr.data, sort_keys=False, allow_unicode=True), end="")
     return 0
 
 
@@ -273,12 +314,21 @@ def cmd_eval(args, console: Console) -> int:
             return 2
         console.print_json(json.dumps(res, default=str))
         return 0
+    wanted = None
+    if args.metrics:
+        wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        bad = [m for m in wanted if m not in ("loss", "perplexity", "exact_match", "rouge")]
+        if bad or not wanted:
+            console.print(f"error: --metrics {args.metrics!r}: expected a comma list of "
+                          "loss, perplexity, exact_match, rouge")
+            return 2
     spec, loaded, pm = load_run(args.run_dir)
     recipe = spec.recipe
     if args.data:
         first = recipe.datasets[0]
         dtype = args.type or first.type
-        columns = dict(first.columns) if dtype == first.type else {}
+        same = dtype == first.type  # another format: the run's columns / system turn do not apply
+        columns = dict(first.columns) if same else {}
         for item in ",".join(args.columns).split(","):
             if not item.strip():
                 continue
@@ -290,7 +340,7 @@ def cmd_eval(args, console: Console) -> int:
                                   "instruction=question")
             columns[field.strip()] = col.strip()
         test = [DatasetConfig(path=args.data, type=dtype, columns=columns,
-                              system_prompt=first.system_prompt)]
+                              system_prompt=first.system_prompt if same else None)]
     elif recipe.test_datasets:
         test = recipe.test_datasets
     else:
@@ -312,9 +362,12 @@ def cmd_eval(args, console: Console) -> int:
     collate = pm.hook.plugtune_collate(spec=spec, tokenizer=loaded.tokenizer, processor=loaded.processor)
     rows = data.eval if data.eval is not None else data.train
     limit = min(len(rows), args.max_samples or len(rows))
-    metrics = [m for m in recipe.eval_metrics if m in ("exact_match", "rouge")] or ["exact_match"]
-    if spec.task == "seq2seq" and "rouge" not in metrics:  # summarization: ROUGE is the metric
-        metrics.append("rouge")
+    if wanted is not None:  # --metrics: generation only for exact_match / rouge
+        metrics = [m for m in wanted if m in ("exact_match", "rouge")]
+    else:
+        metrics = [m for m in recipe.eval_metrics if m in ("exact_match", "rouge")] or ["exact_match"]
+        if spec.task == "seq2seq" and "rouge" not in metrics:  # summarization: ROUGE is the metric
+            metrics.append("rouge")
 
     def evaluate(model) -> dict:
         tot, n = 0.0, 0
@@ -327,7 +380,9 @@ def cmd_eval(args, console: Console) -> int:
                 tot += float(loss) * ntok
                 n += ntok
         res = {"eval_loss": round(tot / max(n, 1), 4),
-               "perplexity": round(math.exp(min(tot / max(n, 1), 50)), 3)}
+               "perplexity": round(math.exp(min(tot / max(n, 1), 50)), 3), "n_tokens": n}
+        if not metrics:  # loss / perplexity only: no generation
+            return res
         res.update(evaluate_generation(pm, spec, model, loaded.tokenizer, data.eval_examples,
                                        metrics, recipe.generation.max_new_tokens,
                                        processor=loaded.processor))
@@ -436,7 +491,7 @@ def cmd_estimate(args, console: Console) -> int:
 
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
-            "plugins": cmd_plugins, "recipes": cmd_recipes, "merge": cmd_merge,
+            "plugins": cmd_plugins, "recipes": cmd_recipes, "recipe": cmd_recipe, "merge": cmd_merge,
             "quantize": cmd_quantize, "estimate": cmd_estimate}
 
 

@@ -31,18 +31,21 @@ class ModelLoadError(RuntimeError):
 def attn_implementation(spec: ModelSpec) -> str | None:
     """``flash_attention_2`` when asked for and usable (CUDA + flash_attn installed), else sdpa.
 
-    Prints a one-line notice when ``flash_attention: true`` cannot be honoured.
+    Prints a one-line notice when ``flash_attention: true`` or ``attn_implementation:
+    flash_attention_2`` (axolotl's configs set it) cannot be honoured; any other
+    ``attn_implementation`` is passed to transformers as is.
     """
     rec = spec.recipe
-    if rec.attn_implementation:
+    if rec.attn_implementation and rec.attn_implementation != "flash_attention_2":
         return rec.attn_implementation
-    if rec.flash_attention:
+    if rec.flash_attention or rec.attn_implementation == "flash_attention_2":
         import importlib.util
 
         if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
         why = "no CUDA device" if not torch.cuda.is_available() else "flash-attn is not installed"
-        log.warning("flash_attention: true but %s; using sdpa (pip install 'plugtune[flash-attn]')", why)
+        log.warning("flash_attention_2 asked for but %s; using sdpa "
+                    "(pip install 'plugtune[flash-attn]')", why)
     return "sdpa"
 
 
@@ -86,9 +89,36 @@ def load_tokenizer(spec: ModelSpec, padding_side: str = "right", **kwargs: Any):
             src, trust_remote_code=spec.trust_remote_code, revision=spec.recipe.revision, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot load tokenizer from {src!r}: {exc}") from exc
+    apply_special_tokens(tok, spec.recipe.special_tokens)
     ensure_pad_token(tok)
     tok.padding_side = padding_side
     return tok
+
+
+def apply_special_tokens(tok, special: dict[str, Any]) -> list[str]:
+    """Set the recipe's ``special_tokens`` (axolotl's key: ``pad_token``, ``bos_token``,
+    ``eos_token``, ``unk_token``, ``additional_special_tokens``) on a tokenizer.
+
+    Tokens not yet in the vocabulary are added (``tokenizer.add_special_tokens``); the caller
+    resizes the model's embeddings when ``len(tokenizer)`` outgrows them (``train`` does).
+
+    Returns:
+        the tokens that were new to the vocabulary.
+    """
+    if not special:
+        return []
+    vocab = tok.get_vocab()
+    new = [t for v in special.values() for t in ([v] if isinstance(v, str) else v) if t not in vocab]
+    tok.add_special_tokens(dict(special))
+    return new
+
+
+def new_tokens(model, tok, added: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """``added`` plus every token whose id is beyond the model's input embeddings (tokens the
+    recipe's ``special_tokens`` added at load time): the rows to resize for and to train."""
+    n_rows = model.get_input_embeddings().weight.shape[0]
+    beyond = tok.convert_ids_to_tokens(list(range(n_rows, len(tok))))
+    return list(dict.fromkeys([*added, *beyond]))
 
 
 def ensure_pad_token(tok) -> None:

@@ -29,6 +29,7 @@ from plugtune.runstate import (  # noqa: F401 (COMPLETE_MARKER re-exported)
 )
 from plugtune.spec import Method, ModelSpec
 from plugtune.token_rows import trainable_token_indices
+from plugtune.trainer_options import adjust_training_kwargs, lora_variant_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def lora_config(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
                       target_modules=targets, modules_to_save=recipe.lora_modules_to_save,
                       trainable_token_indices=trainable_token_indices(
                           model, token_rows, recipe.lora_modules_to_save),
-                      bias="none", task_type=task)
+                      bias="none", task_type=task, **lora_variant_kwargs(recipe))
 
 
 def apply_adapter(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
@@ -246,7 +247,7 @@ def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bo
     if seq2seq:
         kwargs["predict_with_generate"] = False
         kwargs["generation_max_length"] = recipe.generation.max_new_tokens
-    return kwargs
+    return adjust_training_kwargs(recipe, kwargs)
 
 
 def liger_training_kwargs(spec: ModelSpec) -> dict:
@@ -379,8 +380,11 @@ def preference_rows(ctx: MethodContext) -> tuple[Any, Any, dict]:
     if spec.task != "causal":
         raise TrainingError(f"rl: {ctx.method.name} supports decoder-only (causal) families; "
                             f"{spec.family.name!r} is {spec.task}")
-    added = ensure_chat_template(tokenizer, recipe.chat_template)
-    data.added_tokens = [*data.added_tokens, *added]  # their rows train (policy_and_reference)
+    from plugtune.modeling import new_tokens
+
+    added = [*data.added_tokens, *ensure_chat_template(tokenizer, recipe.chat_template)]
+    # + the recipe's special_tokens added at load time; their rows train (policy_and_reference)
+    data.added_tokens = new_tokens(ctx.model, tokenizer, added)
     if data.added_tokens:
         ctx.model.resize_token_embeddings(len(tokenizer))
     info = probe_template(tokenizer)

@@ -275,8 +275,10 @@ def build_online_trainer(ctx, trainer_cls, config_cls, default_beta: float):
     recipe = ctx.recipe
     if ctx.spec.task != "causal":
         raise TrainingError(f"rl: {ctx.method.name} supports decoder-only (causal) families")
-    ctx.data.added_tokens = [*ctx.data.added_tokens,
-                             *ensure_chat_template(ctx.tokenizer, recipe.chat_template)]
+    from plugtune.modeling import new_tokens
+
+    ctx.data.added_tokens = new_tokens(ctx.model, ctx.tokenizer, [
+        *ctx.data.added_tokens, *ensure_chat_template(ctx.tokenizer, recipe.chat_template)])
     if ctx.data.added_tokens:
         ctx.model.resize_token_embeddings(len(ctx.tokenizer))
     funcs, tokenizers = reward_functions(recipe)

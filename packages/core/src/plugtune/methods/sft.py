@@ -42,6 +42,7 @@ def run(ctx):
     from typing import Any
 
     from plugtune.evaluate import evaluate_generation
+    from plugtune.modeling import new_tokens
     from plugtune.run_control import fix_train_loss_entry, whole_run_loss
     from plugtune.rundir import save_run, update_reports
     from plugtune.scale import gathered_state_dict
@@ -54,17 +55,19 @@ def run(ctx):
         count_parameters,
         training_arguments,
     )
+    from plugtune.trainer_options import loraplus_optimizers
 
     recipe, spec, pm, data, tokenizer = ctx.recipe, ctx.spec, ctx.pm, ctx.data, ctx.tokenizer
     model = ctx.model
-    if data.added_tokens:
+    added = new_tokens(model, tokenizer, data.added_tokens)  # + special_tokens the recipe added
+    if added:
         model.resize_token_embeddings(len(tokenizer))
     token_rows: list[int] = []
     if recipe.adapter != "none" and spec.task == "causal":
         from plugtune.token_rows import rows_to_train
 
         token_rows, notice = rows_to_train(
-            model, tokenizer, data.added_tokens, data.template.stop_token_ids if data.template else [],
+            model, tokenizer, added, data.template.stop_token_ids if data.template else [],
             data.train.select(range(min(4, len(data.train)))), recipe.train_token_rows)
         if notice:
             ctx.say(f"plugtune: {notice}")
@@ -98,7 +101,8 @@ def run(ctx):
     trainer = trainer_cls(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=collate, processing_class=tokenizer,
-        callbacks=[CompleteCheckpointCallback(ctx.say)], plugin_manager=pm, spec=spec)
+        callbacks=[CompleteCheckpointCallback(ctx.say)], plugin_manager=pm, spec=spec,
+        optimizers=loraplus_optimizers(recipe, model, args))
     if (recipe.fsdp and not getattr(trainer, "is_fsdp_enabled", False)
             and trainer.accelerator.num_processes > 1):
         ctx.say(f"plugtune: fsdp: {recipe.fsdp} is not applied: accelerate shards with FSDP only on "

@@ -147,6 +147,12 @@ class Recipe(_Strict):
     trust_remote_code: bool = False
     revision: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tf32: bool | None = Field(
+        None, description="TF32 matmuls on Ampere+ GPUs (ignored with a notice elsewhere)")
+    special_tokens: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="tokenizer special tokens to set, e.g. "
+        "{pad_token: '<|end_of_text|>'}; tokens new to the vocabulary are added and the "
+        "embeddings resized")
     flash_attention: bool = False
     attn_implementation: str | None = None
     liger_kernel: bool = Field(
@@ -167,6 +173,14 @@ class Recipe(_Strict):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target_modules: str | list[str] = "auto"
     lora_modules_to_save: list[str] | None = None
+    peft_use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (peft use_dora)")
+    peft_use_rslora: bool = Field(False, description="rank-stabilised LoRA scaling alpha/sqrt(r) "
+                                  "(peft use_rslora)")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: learning rate of the B matrices = ratio x learning_rate "
+        "(peft.optimizers.create_loraplus_optimizer)")
+    loraplus_lr_embedding: float | None = Field(
+        None, gt=0, description="LoRA+: learning rate of adapted embedding layers (default 1e-6)")
     lora_target_cross_attention: bool = Field(
         False, description="vision families with cross-attention layers (Llama 3.2 Vision): "
         "adapt those layers too (default: self-attention/MLP of the language model only)")
@@ -229,7 +243,16 @@ class Recipe(_Strict):
     save_steps: int | None = Field(None, ge=1)
     save_total_limit: int | None = Field(2, ge=1)
     eval_steps: int | None = Field(None, ge=1)
+    evals_per_epoch: int | None = Field(
+        None, ge=1, description="evaluate N times per epoch (instead of eval_steps)")
+    saves_per_epoch: int | None = Field(
+        None, ge=1, description="save N checkpoints per epoch (instead of save_steps)")
     report_to: str | list[str] = "none"
+    report_env: dict[str, str] = Field(
+        default_factory=dict, description="environment variables the report_to integrations of "
+        "transformers read (WANDB_PROJECT, MLFLOW_TRACKING_URI, ...), set for the run")
+    hub_model_id: str | None = Field(
+        None, description="push the run's checkpoints to this hub repository (Trainer push_to_hub)")
     # evaluation
     eval_metrics: list[Literal["loss", "exact_match", "rouge", "perplexity"]] = Field(
         default_factory=lambda: ["loss"]
@@ -368,15 +391,42 @@ def format_validation_error(err: ValidationError, source: str, root: type[BaseMo
         path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
         if e["type"] == "extra_forbidden":
             key = str(loc[-1])
-            valid = _all_keys(_model_at(loc, root))
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            lines.append(f"  {path}: unknown key{hint}")
+            lines.append(f"  {path}: unknown key{did_you_mean(key, _all_keys(_model_at(loc, root)))}")
         else:
             got = e.get("input")
             got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
             lines.append(f"  {path or '<root>'}: {e['msg']}{got_s}")
     return "\n".join(lines)
+
+
+def did_you_mean(key: str, valid: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for a plausible typo of ``key`` among ``valid``, else ``""``.
+
+    Plausible: difflib similarity >= 0.8 (``learing_rate`` -> ``learning_rate``,
+    ``sequence_length`` -> ``sequence_len``) or at most one edit per five letters (``tpye`` ->
+    ``type``), so unrelated names sharing a few letters (``wandb_entity`` / ``load_in_8bit``,
+    similarity 0.42) get no hint.
+    """
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.8)
+    if not close:  # short keys: one or two slips (tpye -> type, lora_rr -> lora_r)
+        limit = max(1, len(key) // 5)
+        best = min(valid, key=lambda v: _edit_distance(key, v), default=None)
+        close = [best] if best is not None and _edit_distance(key, best) <= limit else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, replace, swap of neighbours) that turn ``a`` into ``b``."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
 
 
 def _parse_scalar(text: str) -> Any:
@@ -430,7 +480,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def bundled_recipes_dir() -> Path:
-    return Path(__file__).parent / "recipes"
+    return Path(__file__).parent.parent / "recipes"
 
 
 def list_bundled_recipes() -> dict[str, Path]:
@@ -452,30 +502,6 @@ def resolve_recipe_path(name_or_path: str) -> Path:
         f"recipe {name_or_path!r} is neither a file nor a bundled recipe "
         f"(bundled: {', '.join(bundled)}).{hint}"
     )
-
-
-def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, pm=None) -> Recipe:
-    """Read, override and validate a recipe.
-
-    Relative dataset and model paths in a recipe file are resolved against the current
-    directory first, then against the recipe file's folder.
-
-    Raises:
-        RecipeError: unreadable YAML, unknown keys, wrong types (message names the key path).
-    """
-    path = resolve_recipe_path(str(name_or_path))
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
-    ddir = data.get("dataset_dir")
-    if isinstance(ddir, str) and not Path(ddir).expanduser().is_absolute() \
-            and not Path(ddir).is_dir() and (path.parent / ddir).is_dir():
-        data["dataset_dir"] = str(path.parent / ddir)  # LLaMA-Factory's folder next to the recipe
-    return validate_recipe(data, source=str(path), pm=pm)
 
 
 def _validate(data: dict, source: str, pm) -> Recipe:
@@ -515,9 +541,20 @@ def validate_recipe(data: dict, source: str = "<recipe>", pm=None) -> Recipe:
 
     try:
         return _validate(data, source, methods_plugin_manager())
-    except RecipeError:
-        pass  # maybe a key or method of an installed plugin: retry with all of them
+    except RecipeError as exc:
+        if not _plugin_could_fix(str(exc)):
+            raise  # typos and wrong values: reported before any plugin (or torch) is imported
+    # a key or method no core part knows: maybe an installed plugin's, retry with all of them
     return _validate(data, source, get_plugin_manager())
+
+
+def _plugin_could_fix(message: str) -> bool:
+    """Whether a fast-path validation error may be a plugin's key or method: an unknown key
+    without a plausible-typo hint, or an unknown ``rl`` method."""
+    for line in message.splitlines():
+        if line.endswith(": unknown key") or "unknown training method" in line:
+            return True
+    return False
 
 
 def dump_recipe(recipe: Recipe) -> str:
