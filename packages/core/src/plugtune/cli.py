@@ -286,12 +286,34 @@ def cmd_generate(args, console: Console) -> int:
     return 0
 
 
+def _is_reward_run(run_dir: str) -> bool:
+    from pathlib import Path
+
+    import yaml
+
+    rp = Path(run_dir) / "recipe.yaml"
+    if not rp.is_file():
+        return False
+    raw = yaml.safe_load(rp.read_text()) or {}
+    return raw.get("rl") == "reward" or bool(raw.get("reward_model"))
+
+
 def cmd_eval(args, console: Console) -> int:
     from plugtune.config import DatasetConfig
     from plugtune.data import prepare
     from plugtune.evaluate import evaluate_generation
     from plugtune.runs import load_run
 
+    if _is_reward_run(args.run_dir):  # a reward model: pairwise accuracy, base vs trained
+        from plugtune.methods.reward import evaluate_run
+
+        try:
+            res = evaluate_run(args.run_dir, args.data, args.type, args.max_samples)
+        except ValueError as exc:
+            console.print(f"error: {exc}")
+            return 2
+        console.print_json(json.dumps(res, default=str))
+        return 0
     wanted = None
     if args.metrics:
         wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]

@@ -15,15 +15,11 @@ class RunDirError(FileNotFoundError):
     """A run directory is missing or incomplete."""
 
 
-def load_run(run_dir: str | Path, pm=None) -> tuple[ModelSpec, Loaded, object]:
-    """Load ``run_dir`` written by ``plugtune train``.
+def load_run_spec(run_dir: str | Path, pm=None) -> tuple[ModelSpec, bool, object]:
+    """The spec of a run directory without loading weights: ``(spec, has_adapter, pm)``.
 
-    The base model is loaded through ``plugtune_load`` (so family quirks and quantization
-    apply), the tokenizer from the run directory (it carries the chat template), and the
-    adapter with ``peft.PeftModel.from_pretrained`` when ``adapter_config.json`` exists.
-
-    Returns:
-        ``(spec, loaded, pm)``.
+    ``spec.recipe`` is the run's recipe with the tokenizer (and, for full weights, the base
+    model) pointing at ``run_dir``.
 
     Raises:
         RunDirError: no ``recipe.yaml`` / weights in ``run_dir``.
@@ -35,8 +31,9 @@ def load_run(run_dir: str | Path, pm=None) -> tuple[ModelSpec, Loaded, object]:
     if not rp.is_file():
         raise RunDirError(f"{run} is not a plugtune run directory (no recipe.yaml)")
     data = yaml.safe_load(rp.read_text())
+    pm = pm or get_plugin_manager()
     try:
-        recipe = validate_recipe(data, source=str(rp))
+        recipe = validate_recipe(data, source=str(rp), pm=pm)
     except RecipeError as exc:
         raise RunDirError(str(exc)) from exc
     adapter = (run / "adapter_config.json").is_file()
@@ -53,8 +50,24 @@ def load_run(run_dir: str | Path, pm=None) -> tuple[ModelSpec, Loaded, object]:
         except BaseModelMissing as exc:
             raise RunDirError(str(exc)) from exc
     recipe = recipe.model_copy(update=updates)
-    pm = pm or get_plugin_manager()
-    spec = build_spec(recipe, pm)
+    return build_spec(recipe, pm), adapter, pm
+
+
+def load_run(run_dir: str | Path, pm=None) -> tuple[ModelSpec, Loaded, object]:
+    """Load ``run_dir`` written by ``plugtune train``.
+
+    The base model is loaded through ``plugtune_load`` (so family quirks and quantization
+    apply), the tokenizer from the run directory (it carries the chat template), and the
+    adapter with ``peft.PeftModel.from_pretrained`` when ``adapter_config.json`` exists.
+
+    Returns:
+        ``(spec, loaded, pm)``.
+
+    Raises:
+        RunDirError: no ``recipe.yaml`` / weights in ``run_dir``.
+    """
+    run = Path(run_dir)
+    spec, adapter, pm = load_run_spec(run, pm)
     loaded = pm.hook.plugtune_load(spec=spec)
     if spec.quantization == "4bit":
         from plugtune.kbit import cpu_4bit_fallback
