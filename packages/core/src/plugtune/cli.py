@@ -108,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("file")
     cv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    x = sub.add_parser("export", help="merged safetensors folder + GGUF (llama.cpp) + Ollama Modelfile")
+    x.add_argument("run_dir")
+    x.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
+    x.add_argument("--format", choices=["gguf", "safetensors"], default="gguf")
+    x.add_argument("--outtype", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0, auto")
+    x.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile")
+    x.add_argument("--system", default=None, help="default system prompt of the Modelfile")
+    x.add_argument("--verify", action="store_true",
+                   help="read the GGUF back and report the max logit difference to the merged model")
+    x.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
     m = sub.add_parser("merge", help="merge a run's adapter into its base: a standalone model")
     m.add_argument("run_dir")
     m.add_argument("out_dir")
@@ -440,6 +451,15 @@ def cmd_recipes(args, console: Console) -> int:
     return 0
 
 
+def cmd_export(args, console: Console) -> int:
+    from plugtune.export.run import export_run
+
+    rep = export_run(args.run_dir, args.out, fmt=args.format, outtype=args.outtype,
+                     ollama=args.ollama, system=args.system, force=args.force, verify=args.verify)
+    console.print_json(json.dumps(rep, default=str))
+    return 0
+
+
 def cmd_merge(args, console: Console) -> int:
     from plugtune.merge import merge_run
 
@@ -493,6 +513,7 @@ def cmd_estimate(args, console: Console) -> int:
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
             "plugins": cmd_plugins, "recipes": cmd_recipes, "recipe": cmd_recipe, "merge": cmd_merge,
+            "export": cmd_export,
             "quantize": cmd_quantize, "estimate": cmd_estimate}
 
 
