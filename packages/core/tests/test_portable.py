@@ -113,3 +113,24 @@ def test_hub_ids_are_kept_and_paths_resolved(tmp_path):
     assert base_reference("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert base_reference("demo://tiny-llama") == "demo://tiny-llama"
     assert base_reference("./models/x") == str((tmp_path.cwd() / "models" / "x").resolve())
+
+
+def test_chat_streams_multi_turn_from_stdin(tmp_path, monkeypatch, make_tiny_llama, capsys):
+    import io
+
+    from plugtune.chat import chat
+
+    run, _ = _train(tmp_path, monkeypatch, make_tiny_llama, chat_template="chatml")
+    out = io.StringIO()
+    hist = chat(str(run), system="Be brief.", max_new_tokens=3,
+                stdin=io.StringIO("reverse abc =\nreverse hello =\n/exit\nnever read\n"), stdout=out)
+    assert [m["role"] for m in hist] == ["system", "user", "assistant", "user", "assistant"]
+    assert hist[3]["content"] == "reverse hello ="
+    assert out.getvalue().count("\n") >= 2  # each streamed answer ends its line
+    from plugtune.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("reverse abc =\n"))  # piped stdin
+    capsys.readouterr()
+    assert main(["chat", str(run), "--max-new-tokens", "2", "--temperature", "0.7",
+                 "--top-p", "0.9"]) == 0
+    assert capsys.readouterr().out.endswith("\n")

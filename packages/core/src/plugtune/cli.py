@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--image", action="append", default=None, help="image path (vision families)")
 
+    c = sub.add_parser("chat", help="multi-turn chat with a run in the terminal (streams tokens)")
+    c.add_argument("run_dir")
+    c.add_argument("--system", default=None, help="system prompt (default: the recipe's)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--max-new-tokens", type=int, default=None)
+
     e = sub.add_parser("eval", help="evaluate a trained run on its eval set or --data")
     e.add_argument("run_dir")
     e.add_argument("--data", help="dataset file (default: the recipe's test_datasets)")
@@ -460,6 +467,17 @@ def cmd_export(args, console: Console) -> int:
     return 0
 
 
+def cmd_chat(args, console: Console) -> int:
+    from plugtune.chat import chat
+
+    if sys.stdin.isatty():
+        console.print("chat: type a message (/reset clears the history, /exit or Ctrl-D ends)",
+                      markup=False)
+    chat(args.run_dir, system=args.system, temperature=args.temperature, top_p=args.top_p,
+         max_new_tokens=args.max_new_tokens)
+    return 0
+
+
 def cmd_merge(args, console: Console) -> int:
     from plugtune.merge import merge_run
 
@@ -513,7 +531,7 @@ def cmd_estimate(args, console: Console) -> int:
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
             "plugins": cmd_plugins, "recipes": cmd_recipes, "recipe": cmd_recipe, "merge": cmd_merge,
-            "export": cmd_export,
+            "export": cmd_export, "chat": cmd_chat,
             "quantize": cmd_quantize, "estimate": cmd_estimate}
 
 
