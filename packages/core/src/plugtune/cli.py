@@ -5,6 +5,8 @@
     plugtune recipe convert FILE [--set ...]      an axolotl / LLaMA-Factory / TRL config as a recipe
     plugtune prepare RECIPE [--set ...]           data statistics without training
     plugtune generate RUN_DIR --prompt TEXT [--image PATH ...] [--max-new-tokens N]
+                      [--system S] [--temperature T] [--top-p P]
+    plugtune chat RUN_DIR [--system S] [--temperature T] [--top-p P]   multi-turn, streamed
     plugtune eval RUN_DIR [--data FILE --type T]  loss + generation metrics
     plugtune plugins [--json]
     plugtune recipes
@@ -80,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--image", action="append", default=None, help="image path (vision families)")
+    g.add_argument("--system", default=None, help="system prompt (default: the recipe's)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; 0 = greedy (default: the recipe's generation)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (0, 1]")
 
     c = sub.add_parser("chat", help="multi-turn chat with a run in the terminal (streams tokens)")
     c.add_argument("run_dir")
@@ -283,17 +289,45 @@ def cmd_prepare(args, console: Console) -> int:
     return 0
 
 
+def with_sampling(spec, temperature: float | None, top_p: float | None):
+    """``spec`` with its recipe's ``generation`` updated from ``--temperature`` / ``--top-p``
+    (``temperature`` 0 = greedy; any other value turns sampling on). Every plugin's
+    ``plugtune_generate`` reads ``spec.recipe.generation``.
+
+    Raises:
+        SystemExit: a temperature below 0 or a top-p outside (0, 1].
+    """
+    import dataclasses
+
+    if temperature is None and top_p is None:
+        return spec
+    if temperature is not None and temperature < 0:
+        raise SystemExit(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SystemExit(f"--top-p {top_p}: expected a value in (0, 1]")
+    gen = spec.recipe.generation
+    update: dict = {}
+    if temperature is not None:
+        update.update(do_sample=temperature > 0, temperature=temperature or gen.temperature)
+    if top_p is not None:
+        update["top_p"] = top_p
+    recipe = spec.recipe.model_copy(update={"generation": gen.model_copy(update=update)})
+    return dataclasses.replace(spec, recipe=recipe)
+
+
 def cmd_generate(args, console: Console) -> int:
     from plugtune.data.formats import KINDS, with_system_prompt
     from plugtune.runs import load_run
 
     spec, loaded, pm = load_run(args.run_dir)
+    spec = with_sampling(spec, args.temperature, args.top_p)
     n = args.max_new_tokens or spec.recipe.generation.max_new_tokens
     prompts = args.prompt
     first = spec.recipe.datasets[0] if spec.recipe.datasets else None
-    if first is not None and first.system_prompt and spec.task != "vision":
+    system = args.system if args.system is not None else (first.system_prompt if first else None)
+    if first is not None and system and spec.task != "vision":
         # the prompt as training saw it: the recipe's system turn / seq2seq task prefix
-        prompts = [with_system_prompt(p, first.system_prompt, KINDS[first.type]) for p in prompts]
+        prompts = [with_system_prompt(p, system, KINDS[first.type]) for p in prompts]
     outs = pm.hook.plugtune_generate(spec=spec, model=loaded.model, tokenizer=loaded.tokenizer,
                                      prompts=prompts, max_new_tokens=n, images=args.image,
                                      processor=loaded.processor)

@@ -66,4 +66,7 @@ def plugtune_train_step(spec, model, batch, num_items_in_batch):
 
 @hookimpl(trylast=True)
 def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens):
-    return generate_causal(model, tokenizer, prompts, max_new_tokens)
+    g = spec.recipe.generation
+    kwargs = dict(temperature=g.temperature, top_p=g.top_p) if g.do_sample else {}
+    return generate_causal(model, tokenizer, prompts, max_new_tokens, do_sample=g.do_sample,
+                           **kwargs)
