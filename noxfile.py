@@ -30,7 +30,7 @@ def _install(session: nox.Session, *pkgs: str) -> None:
     session.install(*CONSTRAINTS, *pkgs)
 
 
-def _core(extras: str = "test,eval,quant") -> str:
+def _core(extras: str = "test,eval,quant,gguf") -> str:
     return f"{ROOT}/packages/core[{extras}]"
 
 
@@ -54,8 +54,8 @@ def plugin(session: nox.Session, name: str) -> None:
 def integration(session: nox.Session) -> None:
     """End-to-end tests with every plugin installed (real inputs from ../shared/data), plus the
     benchmark's bookkeeping tests (no timing)."""
-    _install(session, _core("test,eval,quant,vision"),
-             *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS], "gguf")  # gguf: SmolLM2 smoke
+    _install(session, _core("test,eval,quant,vision,gguf"),
+             *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS])  # gguf: SmolLM2 (in and out)
     session.run(*PYTEST, "tests", "bench/test_bench.py", "bench/test_gpu.py", *session.posargs)
 
 

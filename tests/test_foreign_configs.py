@@ -34,6 +34,11 @@ def tiny_models(tmp_path_factory):
             from plugtune_mistral.tiny import save_tiny as save_mistral
 
             save_mistral(dest, load_shared_tokenizer("mistral_v1"))
+        elif name == "qwen2_vl":
+            from plugtune_vision.tiny import TOKENIZER_OF
+            from plugtune_vision.tiny import save_tiny as save_vision
+
+            save_vision("qwen2_vl", dest, load_shared_tokenizer(TOKENIZER_OF["qwen2_vl"]))
         elif name == "falcon":
             from plugtune_falcon.tiny import save_tiny as save_falcon
 
@@ -92,6 +97,8 @@ CASES = [
     ("axolotl/qwen2__reward-model.yaml", "qwen2",
      ["datasets.0.path={fix}/argilla__distilabel-intel-orca-dpo-pairs.parquet"],
      ("bradley_terry.chat_template", "rl:reward")),
+    ("axolotl/qwen2-vl__lora-7b.yaml", "qwen2_vl",
+     ["datasets.0.path={fix}/HuggingFaceH4__llava-instruct-mix-vsft.parquet"], ("chat_template",)),
     ("llama_factory/llama3_lora_sft.yaml", "llama3", ["dataset_dir={lf}"], ("registry",)),
     ("llama_factory/llama3_lora_dpo.yaml", "llama3", ["dataset_dir={lf}"], ("registry",)),
     ("trl/trl__example_config.yaml", "qwen2", ["dataset_name={tmp}/imdb.jsonl"], ()),

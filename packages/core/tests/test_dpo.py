@@ -58,6 +58,31 @@ def test_pair_tokens_one_bos_and_same_boundary_as_sft(source, template):
     assert text.count(CHOSEN) == 1 and text.count(PROMPT[1]["content"]) == 1
 
 
+@pytest.mark.parametrize("source", ["llama3_2", "qwen2_5", "llama2"])
+def test_truncated_pair_keeps_bos_template_and_system_prompt(source):
+    """A too-long pair is shortened where the user wrote: the BOS (written by the Llama 3
+    template itself), the template's headers and the system prompt all survive; the answers
+    stay whole and end on the stop token."""
+    tok = load_shared_tokenizer(source)
+    ensure_chat_template(tok, "llama2" if source == "llama2" else None)
+    info = probe_template(tok)
+    system = {"role": "system", "content": "You are a careful assistant."}
+    long_prompt = [system, {"role": "user", "content": "Tell me about cats. " + "Cats purr. " * 80}]
+    full = tokenize_pair(tok, info, long_prompt, CHOSEN, REJECTED, max_len=10_000)
+    row = tokenize_pair(tok, info, long_prompt, CHOSEN, REJECTED, max_len=96)
+    assert row["status"] == "truncated" and row["length"] <= 96
+    assert row["chosen_ids"] == full["chosen_ids"] and row["rejected_ids"] == full["rejected_ids"]
+    assert row["chosen_ids"][-1] in info.stop_token_ids
+    p = row["prompt_ids"]
+    if info.uses_bos:
+        assert p[0] == info.bos_id and p.count(info.bos_id) == 1
+    text = tok.decode(p)
+    assert "You are a careful assistant." in text and "Tell me about cats." in text
+    # the prompt ends as the untruncated one (the generation prompt) and starts alike
+    assert text.rstrip().endswith(tok.decode(full["prompt_ids"][-3:]).strip())
+    assert p[:4] == full["prompt_ids"][:4]
+
+
 def test_length_policy_cuts_prompt_from_left_and_keeps_bos():
     tok = _stories_tokenizer()
     ensure_chat_template(tok, "alpaca")
@@ -141,9 +166,18 @@ def test_dpo_lora_rewards_rise_reference_is_adapter_disabled(tmp_path):
     n_base = sum(p.numel() for p in base.parameters())
     # the trainer's model is base + adapter, no second copy of the base
     assert res.metrics["total_params"] == n_base + res.metrics["trainable_params"]
+    probe = torch.tensor([[1, 45, 67, 89, 120, 33]])
+    with torch.no_grad():
+        base_logits = base(input_ids=probe).logits.clone()
     model = PeftModel.from_pretrained(base, str(res.output_dir))
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "saved adapter is untrained"
+    with torch.no_grad():
+        tuned = model(input_ids=probe).logits
+        with model.disable_adapter():  # the reference DPO compared against
+            ref = model(input_ids=probe).logits
+    assert torch.equal(ref, base_logits), "the reference is not the untouched base"
+    assert not torch.allclose(tuned, base_logits), "the policy did not move"
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ def test_added_template_tokens_are_trained_saved_and_reloaded(tmp_path, caplog):
     with torch.no_grad():
         b = PeftModel.from_pretrained(base2, str(out)).eval()(ids).logits
     assert torch.equal(a, b)
-    assert "base.resize_token_embeddings(len(AutoTokenizer" in (out / "README.md").read_text()
+    assert "model.resize_token_embeddings(len(tokenizer))" in (out / "README.md").read_text()
     assert "training the embedding and output rows of <|im_start|> (added), <|im_end|> (added)" \
         in caplog.text
 
@@ -67,8 +67,11 @@ def _p_eos_after_response(run_dir, tok):
     from plugtune.runs import load_run
 
     _, loaded, _ = load_run(run_dir)
-    prompt = tok("### Instruction:\nTell me about cat 3.\n\n### Response:\nThe cat 3 was happy.",
-                 return_tensors="pt").input_ids
+    chat = [{"role": "user", "content": "Tell me about cat 3."},
+            {"role": "assistant", "content": "The cat 3 was happy."}]
+    text = loaded.tokenizer.apply_chat_template(chat, tokenize=False)  # as trained (BOS, preamble)
+    text = text[:text.rindex(tok.eos_token)]
+    prompt = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
         return float(loaded.model(prompt).logits[0, -1].softmax(-1)[tok.eos_token_id])
 
@@ -88,7 +91,8 @@ def test_untrained_eos_row_is_detected_and_learned(tmp_path, caplog):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="plugtune"):
             result = train(_recipe(tmp_path / str(rows_on), model_dir, chat_template="alpaca",
-                                   max_steps=8, learning_rate=3e-3, train_token_rows=rows_on))
+                                   max_steps=8, learning_rate=3e-3, train_token_rows=rows_on,
+                                   sequence_len=256))  # Stanford's alpaca preamble fits
         assert caplog.text.count("untrained: P=") == (1 if rows_on else 0)
         p[rows_on] = _p_eos_after_response(result.output_dir, tok)
     print("P(EOS) rows trained / frozen", p)

@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--image", action="append", default=None, help="image path (vision families)")
 
+    c = sub.add_parser("chat", help="multi-turn chat with a run in the terminal (streams tokens)")
+    c.add_argument("run_dir")
+    c.add_argument("--system", default=None, help="system prompt (default: the recipe's)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--max-new-tokens", type=int, default=None)
+
     e = sub.add_parser("eval", help="evaluate a trained run on its eval set or --data")
     e.add_argument("run_dir")
     e.add_argument("--data", help="dataset file (default: the recipe's test_datasets)")
@@ -107,6 +114,17 @@ def _parser() -> argparse.ArgumentParser:
                            "or TRL config becomes")
     cv.add_argument("file")
     cv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    x = sub.add_parser("export", help="merged safetensors folder + GGUF (llama.cpp) + Ollama Modelfile")
+    x.add_argument("run_dir")
+    x.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
+    x.add_argument("--format", choices=["gguf", "safetensors"], default="gguf")
+    x.add_argument("--outtype", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0, auto")
+    x.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile")
+    x.add_argument("--system", default=None, help="default system prompt of the Modelfile")
+    x.add_argument("--verify", action="store_true",
+                   help="read the GGUF back and report the max logit difference to the merged model")
+    x.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
     m = sub.add_parser("merge", help="merge a run's adapter into its base: a standalone model")
     m.add_argument("run_dir")
@@ -286,12 +304,34 @@ def cmd_generate(args, console: Console) -> int:
     return 0
 
 
+def _is_reward_run(run_dir: str) -> bool:
+    from pathlib import Path
+
+    import yaml
+
+    rp = Path(run_dir) / "recipe.yaml"
+    if not rp.is_file():
+        return False
+    raw = yaml.safe_load(rp.read_text()) or {}
+    return raw.get("rl") == "reward" or bool(raw.get("reward_model"))
+
+
 def cmd_eval(args, console: Console) -> int:
     from plugtune.config import DatasetConfig
     from plugtune.data import prepare
     from plugtune.evaluate import evaluate_generation
     from plugtune.runs import load_run
 
+    if _is_reward_run(args.run_dir):  # a reward model: pairwise accuracy, base vs trained
+        from plugtune.methods.reward import evaluate_run
+
+        try:
+            res = evaluate_run(args.run_dir, args.data, args.type, args.max_samples)
+        except ValueError as exc:
+            console.print(f"error: {exc}")
+            return 2
+        console.print_json(json.dumps(res, default=str))
+        return 0
     wanted = None
     if args.metrics:
         wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -418,12 +458,33 @@ def cmd_recipes(args, console: Console) -> int:
     return 0
 
 
+def cmd_export(args, console: Console) -> int:
+    from plugtune.export.run import export_run
+
+    rep = export_run(args.run_dir, args.out, fmt=args.format, outtype=args.outtype,
+                     ollama=args.ollama, system=args.system, force=args.force, verify=args.verify)
+    console.print_json(json.dumps(rep, default=str))
+    return 0
+
+
+def cmd_chat(args, console: Console) -> int:
+    from plugtune.chat import chat
+
+    if sys.stdin.isatty():
+        console.print("chat: type a message (/reset clears the history, /exit or Ctrl-D ends)",
+                      markup=False)
+    chat(args.run_dir, system=args.system, temperature=args.temperature, top_p=args.top_p,
+         max_new_tokens=args.max_new_tokens)
+    return 0
+
+
 def cmd_merge(args, console: Console) -> int:
     from plugtune.merge import merge_run
 
     out = merge_run(args.run_dir, args.out_dir, force=args.force, base=args.base, dtype=args.dtype)
-    console.print(f"merged model written to {out} (load it with AutoModelForCausalLM / "
-                  "AutoModelForSeq2SeqLM.from_pretrained)", markup=False)
+    auto = json.loads((out / "plugtune_merge.json").read_text())["auto_class"]
+    console.print(f"merged model written to {out} (load it with {auto}.from_pretrained)",
+                  markup=False)
     return 0
 
 
@@ -470,6 +531,7 @@ def cmd_estimate(args, console: Console) -> int:
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
             "plugins": cmd_plugins, "recipes": cmd_recipes, "recipe": cmd_recipe, "merge": cmd_merge,
+            "export": cmd_export, "chat": cmd_chat,
             "quantize": cmd_quantize, "estimate": cmd_estimate}
 
 

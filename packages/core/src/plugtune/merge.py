@@ -113,6 +113,13 @@ def load_for_merge(run_dir: str | Path, base: str = "dequantized", dtype: str | 
     updates: dict = {"tokenizer": str(run)}
     if not adapter:
         updates["base_model"] = str(run)
+    else:
+        from plugtune.export.portable import BaseModelMissing, resolve_base
+
+        try:
+            updates["base_model"] = resolve_base(run, recipe.base_model)
+        except BaseModelMissing as exc:
+            raise MergeError(str(exc)) from exc
     quantized = recipe.quantization
     if not adapter or base == "original" or quantized is None:
         # load in full precision: never quantize what is merged into
@@ -125,6 +132,7 @@ def load_for_merge(run_dir: str | Path, base: str = "dequantized", dtype: str | 
     if loaded is None:
         raise MergeError(f"no plugin loaded {spec.path!r} (family {spec.family.name})")
     model, tok = loaded.model, loaded.tokenizer
+    spec.extra["processor"] = loaded.processor  # vision: written beside the merged weights
     info = {"run_dir": str(run.resolve()), "base_model": recipe.base_model,
             "adapter": adapter, "trained_on": quantized or "full precision",
             "dtype": str(target).replace("torch.", "")}
@@ -147,6 +155,79 @@ def load_for_merge(run_dir: str | Path, base: str = "dequantized", dtype: str | 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def auto_class_name(model, spec) -> str:
+    """The ``transformers`` Auto class that loads ``model``'s merged folder."""
+    if spec.task == "seq2seq":
+        return "AutoModelForSeq2SeqLM"
+    if spec.task == "vision":
+        from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+        try:
+            if type(model) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING.values():
+                return "AutoModelForImageTextToText"
+        except Exception:  # noqa: BLE001 - a lazy mapping entry that cannot import
+            pass
+    return "AutoModelForCausalLM"
+
+
+def write_merged(folder: Path, model, tok, spec, info: dict, run_dir: str | Path) -> None:
+    """Write a merged model into ``folder``: safetensors weights, tokenizer (chat template),
+    processor (vision), ``generation_config.json`` stopping on the end-of-turn token, a model
+    card and ``plugtune_merge.json`` (provenance, the Auto class that loads it)."""
+    from plugtune.export.portable import write_generation_config
+
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    processor = spec.extra.get("processor") if spec.extra else None
+    if processor is not None:
+        processor.save_pretrained(folder)
+    write_generation_config(folder, tok, model)
+    info["family"] = spec.family.name
+    info["auto_class"] = auto_class_name(model, spec)
+    (folder / "plugtune_merge.json").write_text(json.dumps(info, indent=2))
+    (folder / "README.md").write_text(merged_card(folder, spec, info, run_dir))
+
+
+def merged_card(folder: Path, spec, info: dict, run_dir: str | Path) -> str:
+    """The model card of a merged folder: the run's Hub metadata (``library_name:
+    transformers``), where it came from, and a snippet that loads it with plain transformers."""
+    import yaml
+
+    from plugtune.report import card_metadata
+
+    recipe = spec.recipe
+    user = _read_recipe(Path(run_dir))  # base_model as the user wrote it (hub id or path)
+    meta = card_metadata(user, spec)
+    meta["library_name"] = "transformers"
+    meta["tags"] = [*meta.get("tags", []), "merged"]
+    auto = info["auto_class"]
+    run_card = Path(run_dir) / "README.md"
+    fmt = ""
+    if run_card.is_file() and "## Prompt format" in run_card.read_text():
+        fmt = "## Prompt format" + run_card.read_text().split("## Prompt format", 1)[1].split("\n## ", 1)[0]
+    load = f"{auto}.from_pretrained({str(folder)!r})" if auto != "AutoModelForImageTextToText" else \
+        f"{auto}.from_pretrained({str(folder)!r})  # with AutoProcessor.from_pretrained(same folder)"
+    return f"""---
+{yaml.safe_dump(meta, sort_keys=False).strip()}
+---
+# {Path(str(folder)).name}
+
+The plugtune run `{info["run_dir"]}` with its adapter merged into `{recipe.base_model if user is None else user.base_model}`
+({info.get("merged_into", "full weights")}, {info["dtype"]}): a standalone model that transformers,
+vLLM and TGI load without peft or plugtune.
+
+{fmt}
+## Use
+
+```python
+from transformers import {auto}, AutoTokenizer
+
+model = {load}
+tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})
+```
+"""
+
+
 def merge_run(run_dir: str | Path, out_dir: str | Path, force: bool = False,
               base: str = "dequantized", dtype: str | None = None, pm=None) -> Path:
     """Write the merged, standalone model of ``run_dir`` to ``out_dir`` (atomically).
@@ -163,12 +244,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, force: bool = False,
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tok.save_pretrained(staging)
-        info["family"] = spec.family.name
-        info["auto_class"] = ("AutoModelForSeq2SeqLM" if spec.task == "seq2seq"
-                              else "AutoModelForCausalLM")
-        (staging / "plugtune_merge.json").write_text(json.dumps(info, indent=2))
+        write_merged(staging, model, tok, spec, info, run_dir)
+        (staging / "README.md").write_text(  # the card names the final folder, not the staging one
+            (staging / "README.md").read_text().replace(str(staging), str(out.resolve())))
         publish_dir(staging, out)
     finally:
         if staging.exists():

@@ -28,7 +28,9 @@ from plugtune.spec import Family, Method
 ENTRY_POINT_GROUP = "plugtune"
 #: core's training methods, registered as built-in plugins (``plugtune_methods``); importing
 #: them is cheap (no torch), so recipe validation can collect their keys
-BUILTIN_METHODS = ("plugtune.methods.sft", "plugtune.methods.dpo")
+BUILTIN_METHODS = ("plugtune.methods.sft", "plugtune.methods.dpo", "plugtune.methods.kto",
+                   "plugtune.methods.orpo", "plugtune.methods.cpo", "plugtune.methods.reward",
+                   "plugtune.methods.grpo", "plugtune.methods.rloo")
 DEFAULT_PLUGINS = ("plugtune.default_plugins.causal_lm", *BUILTIN_METHODS)
 
 

@@ -32,22 +32,137 @@ def loss_curve_png(log_history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def model_card(recipe: Recipe, spec: ModelSpec, metrics: dict, stats: dict) -> str:
-    """A short model card (README.md) saying what was trained on what, and how it went."""
+PIPELINE_TAGS = {"causal": "text-generation", "seq2seq": "text2text-generation",
+                 "vision": "image-text-to-text"}
+
+
+def _front_matter(folder: Path) -> dict:
+    """The YAML front matter of ``folder/README.md`` (a local base's model card), or ``{}``."""
+    import yaml
+
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return {}
+    try:
+        data = yaml.safe_load(text.split("---", 2)[1])
+    except (yaml.YAMLError, IndexError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def card_metadata(recipe: Recipe, spec: ModelSpec) -> dict:
+    """Hub model-card metadata: ``base_model`` (a hub id; for a local base the ``base_model`` its
+    own card names, else omitted: the Hub rejects paths), ``library_name``, ``pipeline_tag``,
+    ``tags``, ``datasets`` (hub ids only) and ``license`` (from a local base's card or GGUF)."""
+    from plugtune.export.portable import is_local
+
+    base = recipe.base_model
+    meta: dict = {}
+    local = base.startswith("demo://") or is_local(base)
+    if not local:
+        meta["base_model"] = base
+    else:
+        fm = _front_matter(Path(spec.path))
+        if isinstance(fm.get("base_model"), str) and not is_local(fm["base_model"]):
+            meta["base_model"] = fm["base_model"]
+        if fm.get("license"):
+            meta["license"] = fm["license"]
+    meta["library_name"] = "peft" if recipe.adapter != "none" else "transformers"
+    meta["pipeline_tag"] = PIPELINE_TAGS.get(spec.task, "text-generation")
+    method = "dpo" if recipe.rl == "dpo" else "sft"
+    meta["tags"] = list(dict.fromkeys(["plugtune", spec.family.name, recipe.adapter, method]))
+    hub = [d.path for d in recipe.datasets if not d.path.startswith("demo://") and not is_local(d.path)]
+    if hub:
+        meta["datasets"] = hub
+    return meta
+
+
+def _example_messages(recipe: Recipe) -> list[dict]:
+    first = recipe.datasets[0] if recipe.datasets else None
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    if first is not None and first.system_prompt:
+        msgs.insert(0, {"role": "system", "content": first.system_prompt})
+    return msgs
+
+
+def usage_snippet(recipe: Recipe, spec: ModelSpec, run_dir: str, base: str,
+                  added_tokens: bool) -> str:
+    """Python that loads the run with plain transformers (+ peft) and answers one chat turn."""
+    msgs = _example_messages(recipe)
+    auto = "AutoModelForSeq2SeqLM" if spec.task == "seq2seq" else "AutoModelForCausalLM"
+    lines = ["from transformers import " + auto + ", AutoTokenizer, GenerationConfig"]
+    if recipe.adapter != "none":
+        lines[0:0] = ["from peft import PeftModel"]
+        lines += ["", f"run = {run_dir!r}  # this folder (or its Hub id once pushed)",
+                  "tokenizer = AutoTokenizer.from_pretrained(run)",
+                  f"model = {auto}.from_pretrained({base!r})"]
+        if added_tokens:
+            lines += ["model.resize_token_embeddings(len(tokenizer))  # tokens added in training"]
+        lines += ["model = PeftModel.from_pretrained(model, run)"]
+    else:
+        lines += ["", f"run = {run_dir!r}  # this folder (or its Hub id once pushed)",
+                  "tokenizer = AutoTokenizer.from_pretrained(run)",
+                  f"model = {auto}.from_pretrained(run)"]
+    if spec.task == "seq2seq":
+        lines += ['inputs = tokenizer(' + repr(msgs[-1]["content"]) + ', return_tensors="pt")']
+    else:
+        lines += [f"messages = {msgs!r}",
+                  "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,",
+                  '                                       return_tensors="pt", return_dict=True)']
+    lines += ["out = model.generate(**inputs, max_new_tokens=32,",
+              "                     generation_config=GenerationConfig.from_pretrained(run))",
+              'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))'
+              if spec.task != "seq2seq" else
+              "print(tokenizer.decode(out[0], skip_special_tokens=True))"]
+    return "\n".join(lines)
+
+
+def prompt_format(tokenizer, recipe: Recipe) -> str:
+    """One example turn rendered with the run's chat template (what the model was trained on)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return ""
+    from plugtune.data.templates import template_name
+
+    msgs = [*_example_messages(recipe), {"role": "assistant", "content": "Paris."}]
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that needs other inputs: show nothing
+        return ""
+    name = template_name(tokenizer.chat_template)
+    how = f"the named `{name}` template" if name else "the tokenizer's chat template"
+    return (f"## Prompt format\n\nRendered with {how} (saved with the tokenizer: "
+            "`apply_chat_template` gives the trained token ids):\n\n```text\n" + text + "\n```\n")
+
+
+def model_card(recipe: Recipe, spec: ModelSpec, metrics: dict, stats: dict, tokenizer=None,
+               run_dir: str | None = None, base: str | None = None,
+               added_tokens: bool = False) -> str:
+    """The run's model card (README.md): Hub metadata (:func:`card_metadata`), what was trained
+    on what, the prompt format, recipe and results, and a usage snippet that runs as written.
+
+    Args:
+        run_dir: absolute path of the run folder (default: ``recipe.output_dir`` resolved).
+        base: the base as ``adapter_config.json`` names it (default: ``recipe.base_model``).
+        added_tokens: tokens were added to the vocabulary (the snippet resizes embeddings).
+    """
+    import yaml
+
+    run_dir = run_dir or str(Path(recipe.output_dir).resolve())
+    base = base or recipe.base_model
+    added_tokens = added_tokens or bool(stats.get("added_tokens"))
     ds = "\n".join(f"- `{d.path}` (type `{d.type}`)" for d in recipe.datasets)
     if recipe.adapter == "none":
-        what, load = "full weights", f"AutoModelForCausalLM.from_pretrained('{recipe.output_dir}')"
+        what = "full weights"
     else:
         what = f"a LoRA adapter (r={recipe.lora_r}, alpha={recipe.lora_alpha})"
-        load = f"PeftModel.from_pretrained(base, '{recipe.output_dir}')"
-        if stats.get("added_tokens"):  # the base needs the run's vocabulary size first
-            load = (f"base.resize_token_embeddings(len(AutoTokenizer.from_pretrained("
-                    f"'{recipe.output_dir}'))); {load}")
     keep = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    meta = yaml.safe_dump(card_metadata(recipe, spec), sort_keys=False).strip()
+    snippet = usage_snippet(recipe, spec, run_dir, base, added_tokens)
     return f"""---
-base_model: {recipe.base_model}
-library_name: {"peft" if recipe.adapter != "none" else "transformers"}
-tags: [plugtune, {spec.family.name}, {recipe.adapter}]
+{meta}
 ---
 # {Path(recipe.output_dir).name}
 
@@ -55,6 +170,7 @@ Fine-tuned with [plugtune](https://github.com/plugtune/plugtune): {what} on top 
 `{recipe.base_model}` (model_type `{spec.model_type}`, family `{spec.family.name}`, plugin
 `{spec.plugin}`){", base quantized " + spec.quantization if spec.quantization else ""}.
 
+{prompt_format(tokenizer, recipe)}
 ## Data
 {ds}
 
@@ -65,15 +181,20 @@ sequence_len {recipe.sequence_len}, sample_packing {recipe.sample_packing}, trai
 ## Training
 micro_batch_size {recipe.micro_batch_size} x gradient_accumulation_steps
 {recipe.gradient_accumulation_steps}, learning_rate {recipe.learning_rate}, epochs
-{recipe.num_epochs}, max_steps {recipe.max_steps}.
+{recipe.num_epochs}, max_steps {recipe.max_steps}. Full recipe: `recipe.yaml`; loss curve: `loss.png`.
 
-## Metrics
+## Results
 ```json
 {json.dumps(keep, indent=2, default=str)}
 ```
 {"Before / after: `" + json.dumps(metrics.get("before")) + "` -> `" + json.dumps(metrics.get("after")) + "`" if metrics.get("before") else ""}
 
 ## Use
-`plugtune generate {recipe.output_dir} --prompt "..."`, or in Python `{load}`.
-Loss curve: `loss.png`. Full recipe: `recipe.yaml`.
+
+```python
+{snippet}
+```
+
+With plugtune: `plugtune chat {run_dir}` or `plugtune generate {run_dir} --prompt "..."`;
+`plugtune export {run_dir} --format gguf --ollama` for llama.cpp / Ollama.
 """

@@ -40,8 +40,11 @@ def save_run(output_dir: Path, model, tokenizer, recipe: Recipe, spec: ModelSpec
         tokenizer.save_pretrained(staging)
         if processor is not None:
             processor.save_pretrained(staging)
+        from plugtune.export.portable import finish_run_folder
+
+        finish_run_folder(staging, spec, tokenizer, model, recipe)  # absolute base, stops, provenance
         (staging / "recipe.yaml").write_text(dump_recipe(recipe))
-        _write_reports(staging, recipe, spec, metrics, log_history, stats)
+        _write_reports(staging, recipe, spec, metrics, log_history, stats, tokenizer)
         for f in staging.iterdir():
             os.replace(f, output_dir / f.name)
     finally:
@@ -49,14 +52,30 @@ def save_run(output_dir: Path, model, tokenizer, recipe: Recipe, spec: ModelSpec
 
 
 def _write_reports(folder: Path, recipe: Recipe, spec: ModelSpec, metrics: dict,
-                   log_history: list[dict], stats: dict) -> None:
+                   log_history: list[dict], stats: dict, tokenizer=None) -> None:
     from plugtune.report import loss_curve_png, model_card
 
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     (folder / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
     (folder / "log_history.json").write_text(json.dumps(log_history, indent=2, default=str))
     loss_curve_png(log_history, folder / "loss.png")
-    (folder / "README.md").write_text(model_card(recipe, spec, metrics, stats))
+    ac = folder / "adapter_config.json"
+    if not ac.is_file():
+        ac = Path(recipe.output_dir) / "adapter_config.json"
+    base = json.loads(ac.read_text())["base_model_name_or_path"] if ac.is_file() else None
+    if tokenizer is None:  # update_reports: the saved tokenizer (the card shows its prompt format)
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(recipe.output_dir)
+        except Exception:  # noqa: BLE001 - the card is written without the prompt format
+            tokenizer = None
+    vocab = getattr(getattr(spec.hf_config, "get_text_config", lambda: spec.hf_config)(),
+                    "vocab_size", None)
+    added = bool(vocab and tokenizer is not None and len(tokenizer) > vocab)
+    (folder / "README.md").write_text(model_card(
+        recipe, spec, metrics, stats, tokenizer=tokenizer,
+        run_dir=str(Path(recipe.output_dir).resolve()), base=base, added_tokens=added))
 
 
 def update_reports(output_dir: Path, recipe: Recipe, spec: ModelSpec, metrics: dict,

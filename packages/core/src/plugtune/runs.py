@@ -15,6 +15,44 @@ class RunDirError(FileNotFoundError):
     """A run directory is missing or incomplete."""
 
 
+def load_run_spec(run_dir: str | Path, pm=None) -> tuple[ModelSpec, bool, object]:
+    """The spec of a run directory without loading weights: ``(spec, has_adapter, pm)``.
+
+    ``spec.recipe`` is the run's recipe with the tokenizer (and, for full weights, the base
+    model) pointing at ``run_dir``.
+
+    Raises:
+        RunDirError: no ``recipe.yaml`` / weights in ``run_dir``.
+    """
+    from plugtune.train import build_spec
+
+    run = Path(run_dir)
+    rp = run / "recipe.yaml"
+    if not rp.is_file():
+        raise RunDirError(f"{run} is not a plugtune run directory (no recipe.yaml)")
+    data = yaml.safe_load(rp.read_text())
+    pm = pm or get_plugin_manager()
+    try:
+        recipe = validate_recipe(data, source=str(rp), pm=pm)
+    except RecipeError as exc:
+        raise RunDirError(str(exc)) from exc
+    adapter = (run / "adapter_config.json").is_file()
+    if not adapter and not (run / "config.json").is_file():
+        raise RunDirError(f"{run} holds neither an adapter nor full weights")
+    updates = {"tokenizer": str(run)}
+    if not adapter:
+        updates["base_model"] = str(run)
+    else:  # the base as recorded at training time: loads from any working directory
+        from plugtune.export.portable import BaseModelMissing, resolve_base
+
+        try:
+            updates["base_model"] = resolve_base(run, recipe.base_model)
+        except BaseModelMissing as exc:
+            raise RunDirError(str(exc)) from exc
+    recipe = recipe.model_copy(update=updates)
+    return build_spec(recipe, pm), adapter, pm
+
+
 def load_run(run_dir: str | Path, pm=None) -> tuple[ModelSpec, Loaded, object]:
     """Load ``run_dir`` written by ``plugtune train``.
 
@@ -28,26 +66,8 @@ def load_run(run_dir: str | Path, pm=None) -> tuple[ModelSpec, Loaded, object]:
     Raises:
         RunDirError: no ``recipe.yaml`` / weights in ``run_dir``.
     """
-    from plugtune.train import build_spec
-
     run = Path(run_dir)
-    rp = run / "recipe.yaml"
-    if not rp.is_file():
-        raise RunDirError(f"{run} is not a plugtune run directory (no recipe.yaml)")
-    data = yaml.safe_load(rp.read_text())
-    try:
-        recipe = validate_recipe(data, source=str(rp))
-    except RecipeError as exc:
-        raise RunDirError(str(exc)) from exc
-    adapter = (run / "adapter_config.json").is_file()
-    if not adapter and not (run / "config.json").is_file():
-        raise RunDirError(f"{run} holds neither an adapter nor full weights")
-    updates = {"tokenizer": str(run)}
-    if not adapter:
-        updates["base_model"] = str(run)
-    recipe = recipe.model_copy(update=updates)
-    pm = pm or get_plugin_manager()
-    spec = build_spec(recipe, pm)
+    spec, adapter, pm = load_run_spec(run, pm)
     loaded = pm.hook.plugtune_load(spec=spec)
     if spec.quantization == "4bit":
         from plugtune.kbit import cpu_4bit_fallback

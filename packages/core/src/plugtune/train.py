@@ -54,7 +54,7 @@ __all__ = [  # re-exported: tests and plugins import these from plugtune.train
     "COMPLETE_MARKER", "CompleteCheckpointCallback", "MethodContext", "PlugtuneSeq2SeqTrainer",
     "PlugtuneTrainer", "RunResult", "TrainingError", "_atomic_write", "_deepspeed_config",
     "apply_adapter", "build_spec", "count_parameters", "last_complete_checkpoint", "lora_config",
-    "prepare_base", "read_model_type", "resolve_run_method", "save_run", "train",
+    "prepare_base", "prepare_run", "read_model_type", "resolve_run_method", "save_run", "train",
     "training_arguments", "training_kwargs", "TrainingInterrupted"]
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,13 @@ def read_model_type(path: str, trust_remote_code: bool = False, revision: str | 
 def build_spec(recipe: Recipe, pm) -> ModelSpec:
     """Resolve the family for ``recipe.base_model`` and the dtype/quantization policy."""
     from plugtune import demo
+    from plugtune.export import gguf
 
     path = demo.materialize(recipe.base_model)
+    try:  # a .gguf base: its de-quantized, cached safetensors folder
+        src, path = gguf.find_gguf(path), gguf.materialize(path)
+    except gguf.GGUFError as exc:
+        raise TrainingError(str(exc)) from exc
     if path != recipe.base_model:
         recipe = recipe.model_copy(update={"base_model": path})
     model_type, cfg = read_model_type(path, recipe.trust_remote_code, recipe.revision)
@@ -107,7 +112,8 @@ def build_spec(recipe: Recipe, pm) -> ModelSpec:
         log.warning(note)
     return ModelSpec(path=path, model_type=recipe.model_type or model_type, family=route.family,
                      plugin=route.plugin, recipe=recipe, hf_config=cfg, torch_dtype=dtype,
-                     quantization=recipe.quantization)
+                     quantization=recipe.quantization,
+                     extra={"gguf_source": str(src)} if src else {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +173,25 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None,
                                   write=first_rank)
     except RunStateError as exc:
         raise TrainingError(str(exc)) from None
+    ctx = prepare_run(recipe, pm, resume=ckpt or False, console=console)
+    return ctx.method.load_run()(ctx)
+
+
+def prepare_run(recipe: Recipe, pm=None, resume=False, console=None) -> MethodContext:
+    """Everything up to the method: family route, ``plugtune_load``, the data pipeline and the
+    method resolved from ``rl``. Returns the :class:`MethodContext` its ``run`` gets (tests
+    build a method's trainer from it). ``resume``: the checkpoint to continue from (or
+    ``False``), as :func:`plugtune.runstate.prepare_output_dir` answered.
+
+    Raises:
+        TrainingError, PluginError, DataError: as :func:`train`.
+    """
+    def say(msg: str) -> None:
+        if console is not None:
+            console.print(msg, markup=False, highlight=False)
+        else:
+            log.info(msg)
+
     pm = pm or get_plugin_manager()
     spec = build_spec(recipe, pm)
     transformers.set_seed(recipe.seed)
@@ -194,7 +219,6 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None,
         encode = hook_encoder(pm, spec, loaded.processor, tokenizer)
     data = prepare(recipe, tokenizer, spec.task, encode=encode)
     method = resolve_run_method(recipe, pm, data.kind)
-    ctx = MethodContext(recipe=recipe, user_recipe=user_recipe, spec=spec, pm=pm, model=model,
-                        tokenizer=tokenizer, data=data, method=method, processor=loaded.processor,
-                        resume=ckpt or False, console=console, started=t0)
-    return method.load_run()(ctx)
+    return MethodContext(recipe=recipe, user_recipe=user_recipe, spec=spec, pm=pm, model=model,
+                         tokenizer=tokenizer, data=data, method=method, processor=loaded.processor,
+                         resume=resume, console=console, started=t0)

@@ -7,6 +7,7 @@ imports neither (see ``tests/test_import_cycles.py``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -347,3 +348,152 @@ class MethodContext:
             raise TrainingError(f"--resume: no complete checkpoint in {self.recipe.output_dir}")
         self.say(f"plugtune: resuming from {ckpt}")
         return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# what the alignment methods share
+
+
+def first_last(history: list[dict], key: str) -> tuple[float | None, float | None]:
+    """The first and last logged values of ``key`` in a Trainer ``log_history``."""
+    vals = [h[key] for h in history if key in h]
+    return (vals[0], vals[-1]) if vals else (None, None)
+
+
+def preference_rows(ctx: MethodContext) -> tuple[Any, Any, dict]:
+    """Tokenize the run's preference pairs (kind ``"preference"``) or unpaired rows (kind
+    ``"kto"``) with :mod:`plugtune.data.preference`: the chat template applied once, one BOS,
+    the prompt boundary exact, each answer ending on the stop token.
+
+    Sets the recipe's ``chat_template`` on the tokenizer first (resizing the embeddings when it
+    adds tokens). Returns ``(train_rows, eval_rows or None, stats)``.
+
+    Raises:
+        TrainingError: a non-causal family.
+        plugtune.data.DataError: bad rows (identical answers, unsplittable template).
+    """
+    from plugtune.data.preference import tokenize_preferences, tokenize_unpaired
+    from plugtune.data.templates import ensure_chat_template
+    from plugtune.data.tokenize import probe_template
+
+    recipe, spec, data, tokenizer = ctx.recipe, ctx.spec, ctx.data, ctx.tokenizer
+    if spec.task != "causal":
+        raise TrainingError(f"rl: {ctx.method.name} supports decoder-only (causal) families; "
+                            f"{spec.family.name!r} is {spec.task}")
+    from plugtune.modeling import new_tokens
+
+    added = [*data.added_tokens, *ensure_chat_template(tokenizer, recipe.chat_template)]
+    # + the recipe's special_tokens added at load time; their rows train (policy_and_reference)
+    data.added_tokens = new_tokens(ctx.model, tokenizer, added)
+    if data.added_tokens:
+        ctx.model.resize_token_embeddings(len(tokenizer))
+    info = probe_template(tokenizer)
+    fn = tokenize_unpaired if data.kind == "kto" else tokenize_preferences
+    train_rows, stats = fn(data.raw_train, tokenizer, info, recipe.sequence_len)
+    eval_rows = None
+    if data.raw_eval is not None and len(data.raw_eval):
+        eval_rows, stats["eval"] = fn(data.raw_eval, tokenizer, info, recipe.sequence_len)
+    ctx.say(f"plugtune: {ctx.method.name} data: "
+            f"{json.dumps({k: v for k, v in stats.items() if k != 'eval'})}")
+    return train_rows, eval_rows, {**data.stats, **stats, "kind": data.kind}
+
+
+def policy_and_reference(ctx: MethodContext, needs_reference: bool = True
+                         ) -> tuple[Any, Any, Any, str]:
+    """The policy model, the reference model, the ``peft_config`` for TRL and a description.
+
+    LoRA / QLoRA: TRL wraps the model with ``peft_config``; the reference is the same model with
+    the adapter disabled (no second copy of the weights); a k-bit base is prepared first.
+    Full fine-tuning: an explicit frozen deep copy of the initial model when
+    ``needs_reference`` (ORPO, CPO/SimPO and reward models need none).
+
+    Returns:
+        ``(model, ref_model or None, peft_config or None, reference description)``.
+    """
+    import copy
+
+    spec, model = ctx.spec, ctx.model
+    if ctx.recipe.adapter == "none":
+        if not needs_reference:
+            return model, None, None, "none (reference-free method)"
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        return model, ref, None, "frozen copy of the initial model"
+    if spec.quantization is not None:
+        model = prepare_base(spec, model)
+    token_rows: list[int] = []
+    if spec.task == "causal":  # added tokens' embedding/output rows train with the adapter
+        from plugtune.token_rows import rows_to_train
+
+        token_rows, notice = rows_to_train(model, ctx.tokenizer, ctx.data.added_tokens, [], [],
+                                           ctx.recipe.train_token_rows)
+        if notice:
+            ctx.say(f"plugtune: {notice}")
+    desc = ("base model with the adapter disabled" if needs_reference
+            else "none (reference-free method)")
+    return model, None, lora_config(spec, model, ctx.pm, token_rows), desc
+
+
+def fit_and_save(ctx: MethodContext, trainer, metrics: dict, stats: dict,
+                 watch: tuple[str, ...] = (), after=None) -> RunResult:
+    """Train (resuming when asked), evaluate on the eval rows, write the run directory.
+
+    ``watch``: logged keys (``rewards/accuracies`` ...) whose first and last values go into
+    the metrics as ``first_<key>`` / ``last_<key>`` (``/`` -> ``_``). ``after(trainer)``: a
+    method's own measurement after training (it updates ``metrics``), before the save.
+
+    Returns:
+        :class:`RunResult`.
+    """
+    import math
+
+    from plugtune.rundir import save_run
+    from plugtune.scale import gathered_state_dict
+
+    trainable, total = count_parameters(trainer.model)
+    metrics.setdefault("data_prep_seconds", round(time.perf_counter() - ctx.started, 2))
+    metrics.update(trainable_params=trainable, total_params=total,
+                   trainable_share=round(trainable / max(total, 1), 6))
+    ctx.say(f"plugtune: {ctx.method.name}: reference: {metrics.get('reference')}; "
+            f"trainable parameters: {trainable:,} / {total:,}")
+    from plugtune.run_control import fix_train_loss_entry, whole_run_loss
+
+    ckpt = ctx.resume_checkpoint()
+    t1 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    hist = trainer.state.log_history
+    run_loss = whole_run_loss(hist)  # every step, also after a resume
+    fix_train_loss_entry(hist, run_loss)
+    metrics.update(train_loss=run_loss if run_loss is not None else out.training_loss,
+                   train_seconds=round(time.perf_counter() - t1, 2),
+                   global_step=trainer.state.global_step)
+    moved = []
+    for key in watch:
+        a, b = first_last(hist, key)
+        name = key.replace("/", "_")
+        metrics[f"first_{name}"], metrics[f"last_{name}"] = a, b
+        moved.append(f"{key} {a} -> {b}")
+    if after is not None:
+        after(trainer)
+    if trainer.eval_dataset is not None:
+        ev = trainer.evaluate()
+        metrics.update({k: v for k, v in ev.items() if k.startswith("eval_")})
+        if ev.get("eval_loss") is not None and not math.isfinite(ev["eval_loss"]):
+            log.warning("eval loss is not finite: %s", ev["eval_loss"])
+    out_dir = Path(ctx.recipe.output_dir)
+    state_dict = gathered_state_dict(trainer)  # a collective under ZeRO-3 / FSDP: every rank
+    if trainer.is_world_process_zero():  # one writer, not one per rank
+        save_run(out_dir, trainer.model, ctx.tokenizer, ctx.user_recipe, ctx.spec, metrics, hist,
+                 stats, state_dict=state_dict)
+        ctx.say(f"plugtune: {ctx.method.name}: {', '.join(moved)}; run saved to {out_dir}")
+    trainer.accelerator.wait_for_everyone()  # no rank returns before the run folder exists
+    return RunResult(output_dir=out_dir, metrics=metrics, log_history=hist)
+
+
+def stop_on_nonfinite(trainer, loss, what: str) -> None:
+    """Raise :class:`TrainingError` naming the step when a training ``loss`` is NaN/inf (the
+    message says which checkpoint exists and how to resume)."""
+    if trainer.model.training and not torch.isfinite(loss.detach()).all():
+        raise TrainingError(
+            f"{what} loss became {loss.item()} at step {trainer.state.global_step + 1}; stopping. "
+            "Lower learning_rate or beta, use bf16/fp32 instead of fp16. "
+            f"{interrupted_message(trainer.args.output_dir)}")

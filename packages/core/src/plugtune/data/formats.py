@@ -318,8 +318,12 @@ def alpaca(rec: Mapping, cols: Mapping[str, str], system: str | None = None,
     for i, pair in enumerate(rec.get(hkey) or []):
         if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
             raise BadRecord(f"{hkey}[{i}]", "expected a [instruction, response] pair of strings")
-        msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
+        msgs += [{"role": "user", "content": pair[0], "input": ""},
+                 {"role": "assistant", "content": pair[1], "input": ""}]
+    # ``input`` kept beside the joined content: the named ``alpaca`` template renders Stanford's
+    # with-input prompt (``### Input:``) from it; other templates read ``content`` only
+    msgs += [{"role": "user", "content": user, "input": inp if inp.strip() else ""},
+             {"role": "assistant", "content": out, "input": ""}]
     return {"messages": _with_system(msgs, _row_system(rec, cols, system))}
 
 

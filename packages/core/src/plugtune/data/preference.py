@@ -12,10 +12,13 @@ SFT (:func:`plugtune.data.tokenize.render_segments`), as pre-tokenized ``prompt_
 * ``prompt + answer`` is tokenized as one text (so the tokens are those the model sees at
   inference) and split where it stops agreeing with the tokenized prompt; the split is the same
   for chosen and rejected (the shorter common prefix of both), so ``prompt_ids`` is shared;
-* exactly one BOS starts each sequence (only when the tokenizer adds one and the template does
-  not already); chosen and rejected never start with a BOS of their own;
-* the length policy cuts the prompt from the left (keeping the BOS) down to at least half of
-  ``sequence_len``, then cuts the answers from the right.
+* exactly one BOS starts each sequence (added by the tokenizer or written by the template,
+  never doubled); chosen and rejected never start with a BOS of their own;
+* the length policy shortens the prompt where the user wrote (oldest turns, then the end of
+  the first user message), re-rendering it, so the BOS, the template's structure and the
+  system prompt stay; then it cuts the answers from the right.
+
+KTO's unpaired rows (``{"prompt", "completion", "label"}``) go through the same rendering.
 """
 
 from __future__ import annotations
@@ -59,68 +62,143 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def tokenize_pair(tokenizer, info: TemplateInfo, prompt: list[dict], chosen: str, rejected: str,
-                  max_len: int) -> dict:
-    """One preference pair -> ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of ints).
-
-    ``prompt_ids + chosen_ids`` is the tokenization of the rendered ``prompt + chosen`` text
-    (likewise for rejected), with exactly one BOS in front when the model uses one
-    (:func:`plugtune.data.tokenize.one_bos`).
-
-    Returns:
-        The three id lists, ``length`` (prompt + longer answer, in tokens), ``status``
-        (``"kept"`` / ``"truncated"``) and ``boundary_shift`` (prompt tokens that merged into the
-        answers at the boundary; usually 0).
-    """
-    prompt_ids, chosen_ids, rejected_ids, shift = _split_pair(tokenizer, info, prompt, chosen, rejected)
-    keep = 1 if info.uses_bos else 0
-    status = "kept"
-    longest = max(len(chosen_ids), len(rejected_ids))
-    if len(prompt_ids) + longest > max_len:
-        status = "truncated"
-        room = max(max_len - longest, min(len(prompt_ids), max_len // 2))
-        msgs = [dict(m) for m in prompt]
-        n_sys = next((i for i, m in enumerate(msgs) if m["role"] != "system"), len(msgs))
-        # shorten the messages, never the template's structure or the system prompt (as
-        # plugtune.data.tokenize.shorten_messages): oldest turns first, then the end of the
-        # first user message's text
-        for _ in range(len(msgs) + 8):
-            if len(prompt_ids) <= room:
-                break
-            rest = msgs[n_sys:]
-            answer = next((i for i, m in enumerate(rest) if m["role"] == "assistant"), None)
-            if answer is not None and any(m["role"] == "user" for m in rest[answer + 1:]):
-                msgs = msgs[:n_sys] + rest[answer + 1:]
-            else:
-                user = next((i for i in range(n_sys, len(msgs)) if msgs[i]["role"] == "user"), None)
-                if user is None or not msgs[user]["content"]:
-                    break
-                msgs[user] = {**msgs[user], "content": cut_text_end(
-                    tokenizer, msgs[user]["content"], len(prompt_ids) - room)}
-            prompt_ids, chosen_ids, rejected_ids, shift = _split_pair(tokenizer, info, msgs, chosen,
-                                                                      rejected)
-        if len(prompt_ids) > room:  # last resort: cut the prompt from the left, keep the BOS
-            prompt_ids = prompt_ids[:keep] + prompt_ids[len(prompt_ids) - (room - keep):]
-        budget = max(1, max_len - len(prompt_ids))
-        chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-            "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)),
-            "status": status, "boundary_shift": shift}
-
-
-def _split_pair(tokenizer, info: TemplateInfo, prompt: list[dict], chosen: str, rejected: str
-                ) -> tuple[list[int], list[int], list[int], int]:
-    """``(prompt_ids, chosen_ids, rejected_ids, boundary_shift)`` of one rendered pair."""
-    p_text, c_text = render_pair(tokenizer, info, prompt, chosen)
-    p_text2, r_text = render_pair(tokenizer, info, prompt, rejected)
-    if p_text != p_text2:  # cannot happen with a deterministic template; guard the invariant
+def _encode_answers(tokenizer, info: TemplateInfo, prompt: list[dict], answers: list[str]
+                    ) -> tuple[list[int], list[list[int]], int]:
+    """Render and tokenize ``prompt + [answer]`` for every answer, split at the shared prompt
+    boundary; one BOS in front of the prompt (:func:`plugtune.data.tokenize.one_bos`)."""
+    texts = [render_pair(tokenizer, info, prompt, a) for a in answers]
+    p_text = texts[0][0]
+    if any(t[0] != p_text for t in texts):  # cannot happen with a deterministic template
         raise TemplateRenderError("the chat template renders the same prompt differently")
     enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    p_ids, pc_ids, pr_ids = enc(p_text), enc(p_text + c_text), enc(p_text + r_text)
-    n = min(_common_prefix(p_ids, pc_ids), _common_prefix(p_ids, pr_ids))
-    prompt_ids, chosen_ids, rejected_ids = pc_ids[:n], pc_ids[n:], pr_ids[n:]
-    prompt_ids, _ = one_bos(prompt_ids, list(prompt_ids), info)  # a BOS the text holds is not doubled
-    return prompt_ids, chosen_ids, rejected_ids, len(p_ids) - n
+    p_ids = enc(p_text)
+    fulls = [enc(p_text + a_text) for _, a_text in texts]
+    n = min(_common_prefix(p_ids, f) for f in fulls)
+    prompt_ids, _ = one_bos(list(fulls[0][:n]), list(fulls[0][:n]), info)
+    return prompt_ids, [f[n:] for f in fulls], len(p_ids) - n
+
+
+def _shorter_prompt(tokenizer, prompt: list[dict], n_tokens: int) -> list[dict] | None:
+    """``prompt`` about ``n_tokens`` shorter, cut where the user wrote, never in the template's
+    structure or the system prompt: the oldest turns go first (while a user turn remains after
+    them), then the end of the first user message's text. ``None`` when nothing is left to
+    cut."""
+    msgs = [dict(m) for m in prompt]
+    n_sys = 0
+    while n_sys < len(msgs) and msgs[n_sys]["role"] == "system":
+        n_sys += 1
+    rest = msgs[n_sys:]
+    answer = next((i for i, m in enumerate(rest) if m["role"] == "assistant"), None)
+    if answer is not None and any(m["role"] == "user" for m in rest[answer + 1:]):
+        return msgs[:n_sys] + rest[answer + 1:]
+    user = next((i for i in range(n_sys, len(msgs)) if msgs[i]["role"] == "user"), None)
+    if user is None or not msgs[user]["content"]:
+        return None
+    msgs[user]["content"] = cut_text_end(tokenizer, msgs[user]["content"], max(1, n_tokens))
+    return msgs
+
+
+def tokenize_answers(tokenizer, info: TemplateInfo, prompt: list[dict], answers: list[str],
+                     max_len: int) -> dict:
+    """A prompt and one or more answers -> ``prompt_ids`` and one id list per answer.
+
+    ``prompt_ids + answer_ids[i]`` is the tokenization of the rendered ``prompt + answer``
+    text, with exactly one BOS in front when the model uses one (added by the tokenizer or
+    written by the template, never doubled); the split is the same for every answer, so
+    ``prompt_ids`` is shared, and each answer ends with the template's stop token.
+
+    Length policy (``max_len`` tokens for the prompt plus the longest answer): the prompt is
+    shortened where the user wrote (:func:`_shorter_prompt`: oldest turns, then the end of the
+    first user message), re-rendered each time, so the BOS, the template's structure and the
+    system prompt stay; it is not cut below half of ``max_len`` (or its own length). Answers
+    still too long are then cut from the right.
+
+    Returns:
+        ``prompt_ids``, ``answer_ids`` (list of lists), ``length`` (prompt + longest answer),
+        ``status`` (``"kept"`` / ``"truncated"``), ``boundary_shift`` (prompt tokens that merged
+        into the answers at the boundary; usually 0) and ``cut_tokens``.
+
+    Raises:
+        TemplateRenderError: the template cannot be split, or the prompt ends with an assistant
+            turn.
+    """
+    prompt_ids, outs, shift = _encode_answers(tokenizer, info, prompt, answers)
+    total = len(prompt_ids) + max(map(len, outs))
+    if total <= max_len:
+        return {"prompt_ids": prompt_ids, "answer_ids": outs, "length": total, "status": "kept",
+                "boundary_shift": shift, "cut_tokens": 0}
+    longest = max(map(len, outs))
+    room = max(max_len - longest, min(len(prompt_ids), max_len // 2))
+    msgs = prompt
+    for _ in range(16):  # token merges at a cut can leave a token or two over: retry
+        if len(prompt_ids) <= room:
+            break
+        shorter = _shorter_prompt(tokenizer, msgs, len(prompt_ids) - room)
+        if shorter is None:
+            break
+        msgs = shorter
+        prompt_ids, outs, shift = _encode_answers(tokenizer, info, msgs, answers)
+    if len(prompt_ids) > room:  # a system prompt alone over budget: cut after the BOS
+        keep = 1 if info.uses_bos and prompt_ids[:1] == [info.bos_id] else 0
+        prompt_ids = prompt_ids[:keep] + prompt_ids[len(prompt_ids) - (room - keep):]
+    budget = max(1, max_len - len(prompt_ids))
+    outs = [o[:budget] for o in outs]
+    length = len(prompt_ids) + max(map(len, outs))
+    return {"prompt_ids": prompt_ids, "answer_ids": outs, "length": length, "status": "truncated",
+            "boundary_shift": shift, "cut_tokens": max(0, total - length)}
+
+
+def tokenize_pair(tokenizer, info: TemplateInfo, prompt: list[dict], chosen: str, rejected: str,
+                  max_len: int) -> dict:
+    """One preference pair -> ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of ints),
+    ``length``, ``status``, ``boundary_shift`` (see :func:`tokenize_answers`)."""
+    row = tokenize_answers(tokenizer, info, prompt, [chosen, rejected], max_len)
+    chosen_ids, rejected_ids = row.pop("answer_ids")
+    row.pop("cut_tokens")
+    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, **row}
+
+
+def tokenize_unpaired(ds: datasets.Dataset, tokenizer, info: TemplateInfo, max_len: int
+                      ) -> tuple[datasets.Dataset, dict]:
+    """Tokenize unpaired examples (KTO: ``{"prompt": [messages], "completion": str, "label":
+    bool}``) with the same rendering as pairs (:func:`tokenize_answers`).
+
+    Returns:
+        ``(rows, stats)``; rows carry ``prompt_ids``, ``completion_ids``, ``label``, ``length``;
+        stats count ``examples``, ``desirable``, ``undesirable``, ``truncated``.
+
+    Raises:
+        DataError: a row that cannot be split (record index named), or only one label value.
+    """
+    def fn(ex: dict, idx: int) -> dict:
+        try:
+            row = tokenize_answers(tokenizer, info, ex["prompt"], [ex["completion"]], max_len)
+        except TemplateRenderError as exc:
+            raise DataError(f"unpaired record {idx}: {exc}") from exc
+        return {"prompt_ids": row["prompt_ids"], "completion_ids": row["answer_ids"][0],
+                "label": bool(ex["label"]), "length": row["length"], "status": row["status"]}
+
+    rows = ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc="tokenize unpaired")
+    labels = rows["label"]
+    stats = {"examples": len(rows), "desirable": sum(labels),
+             "undesirable": len(labels) - sum(labels),
+             "truncated": rows["status"].count("truncated")}
+    return rows.remove_columns(["status"]), stats
+
+
+def legacy_pair_row(row: dict) -> dict:
+    """A tokenized pair (:func:`tokenize_pair`) in the layout the older TRL pair trainers
+    (``trl.experimental`` ORPO and CPO/SimPO) build in their ``tokenize_row``:
+    ``prompt_input_ids``, ``{chosen,rejected}_{input_ids,attention_mask,labels}`` (labels
+    ``-100`` on the prompt)."""
+    p = list(row["prompt_ids"])
+    out = {"prompt_input_ids": p, "prompt_attention_mask": [1] * len(p)}
+    for name in ("chosen", "rejected"):
+        ids = p + list(row[f"{name}_ids"])
+        out[f"{name}_input_ids"] = ids
+        out[f"{name}_attention_mask"] = [1] * len(ids)
+        out[f"{name}_labels"] = [-100] * len(p) + list(row[f"{name}_ids"])
+    return out
 
 
 def tokenize_preferences(ds: datasets.Dataset, tokenizer, info: TemplateInfo, max_len: int

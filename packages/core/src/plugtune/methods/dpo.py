@@ -14,7 +14,6 @@ lr 1e-6) are overridden by the recipe: on CPUs bf16 is ~22x slower than fp32 (FI
 from __future__ import annotations
 
 import functools
-import logging
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,12 +61,10 @@ def dpo_trainer_class():
     """``PlugtuneDPOTrainer``: ``trl.DPOTrainer`` that takes plugtune's pre-tokenized pairs as
     they are and stops with :class:`plugtune.trainer.TrainingError` (naming the step) when the
     loss turns NaN/inf. Built on first use (keeps trl out of recipe validation)."""
-    import torch
     from trl import DPOTrainer
 
     from plugtune.run_control import seeded_train_sampler
-    from plugtune.runstate import interrupted_message
-    from plugtune.trainer import TrainingError
+    from plugtune.trainer import stop_on_nonfinite
 
     class PlugtuneDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -78,17 +75,13 @@ def dpo_trainer_class():
 
         def _get_train_sampler(self, train_dataset=None):
             # group_by_length from a seeded generator: a resumed run replays the epoch's order
-            return seeded_train_sampler(self, train_dataset) or super()._get_train_sampler(train_dataset)
+            return (seeded_train_sampler(self, train_dataset)
+                    or super()._get_train_sampler(train_dataset))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = {k: v for k, v in inputs.items() if k != "length"}
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = out[0] if return_outputs else out
-            if model.training and not torch.isfinite(loss.detach()).all():
-                raise TrainingError(
-                    f"DPO loss became {loss.item()} at step {self.state.global_step + 1}; "
-                    "stopping. Lower learning_rate or dpo_beta, use bf16/fp32 instead of fp16. "
-                    f"{interrupted_message(self.args.output_dir)}")
+            stop_on_nonfinite(self, out[0] if return_outputs else out, "DPO")
             return out
 
     return PlugtuneDPOTrainer
@@ -130,121 +123,38 @@ def dpo_config(recipe: Recipe, spec: ModelSpec, has_eval: bool):
     return DPOConfig(**kw)
 
 
-def _first_last(history: list[dict], key: str) -> tuple[float | None, float | None]:
-    vals = [h[key] for h in history if key in h]
-    return (vals[0], vals[-1]) if vals else (None, None)
+def build_trainer(ctx):
+    """The DPO trainer for ``ctx`` (:class:`plugtune.trainer.MethodContext`), its start metrics
+    and data stats: ``(trainer, metrics, stats)``.
+
+    Raises:
+        TrainingError: a non-causal family.
+        DataError: bad pairs (identical answers, unsplittable template).
+    """
+    from plugtune.trainer import CompleteCheckpointCallback, policy_and_reference, preference_rows
+
+    recipe = ctx.recipe
+    train_rows, eval_rows, stats = preference_rows(ctx)
+    model, ref_model, peft_config, reference = policy_and_reference(ctx)
+    args = dpo_config(recipe, ctx.spec, eval_rows is not None)
+    trainer = dpo_trainer_class()(
+        model=model, ref_model=ref_model, args=args, train_dataset=train_rows,
+        eval_dataset=eval_rows, processing_class=ctx.tokenizer, peft_config=peft_config,
+        callbacks=[CompleteCheckpointCallback(ctx.say)])
+    metrics = {"rl": recipe.rl or "dpo", "dpo_beta": recipe.dpo_beta,
+               "dpo_loss_type": ",".join(args.loss_type), "reference": reference}
+    return trainer, metrics, stats
 
 
 def run(ctx):
     """Run DPO on preference data and write the run directory (same layout as SFT).
 
-    ``ctx`` (:class:`plugtune.trainer.MethodContext`): the recipe, spec, plugin manager, the
-    model and tokenizer from ``plugtune_load`` (not yet wrapped with an adapter) and the
-    prepared data of kind ``"preference"`` (canonical pairs, ``data.raw_train``).
-
     Returns:
         :class:`plugtune.trainer.RunResult`; ``metrics`` holds ``train_loss``, ``global_step``,
         first/last logged ``rewards/accuracies`` and ``rewards/margins``.
-
-    Raises:
-        TrainingError: a non-causal family, non-finite loss, nothing to resume.
-        DataError: bad pairs (identical answers, unsplittable template).
     """
-    import copy
-    import json
-    import math
-    import time
-    from pathlib import Path
-    from typing import Any
+    from plugtune.trainer import fit_and_save
 
-    from plugtune.data.preference import tokenize_preferences
-    from plugtune.data.templates import ensure_chat_template
-    from plugtune.data.tokenize import probe_template
-    from plugtune.modeling import new_tokens
-    from plugtune.run_control import fix_train_loss_entry, whole_run_loss
-    from plugtune.rundir import save_run
-    from plugtune.scale import gathered_state_dict
-    from plugtune.trainer import (
-        CompleteCheckpointCallback,
-        RunResult,
-        TrainingError,
-        count_parameters,
-        lora_config,
-        prepare_base,
-    )
-
-    recipe, spec, pm, model, tokenizer, data = (ctx.recipe, ctx.spec, ctx.pm, ctx.model,
-                                                ctx.tokenizer, ctx.data)
-    say = ctx.say
-    if spec.task != "causal":
-        raise TrainingError(f"DPO supports decoder-only (causal) families; {spec.family.name!r} "
-                            f"is {spec.task}")
-    added = [*data.added_tokens, *ensure_chat_template(tokenizer, recipe.chat_template)]
-    added = new_tokens(model, tokenizer, added)  # + special_tokens the recipe added
-    if added:
-        model.resize_token_embeddings(len(tokenizer))
-    from plugtune.token_rows import rows_to_train
-
-    token_rows, notice = rows_to_train(model, tokenizer, added, [], [], recipe.train_token_rows)
-    if notice and recipe.adapter != "none":
-        say(f"plugtune: {notice}")
-    info = probe_template(tokenizer)
-    t0 = time.perf_counter()
-    train_rows, tstats = tokenize_preferences(data.raw_train, tokenizer, info, recipe.sequence_len)
-    eval_rows = None
-    if data.raw_eval is not None and len(data.raw_eval):
-        eval_rows, estats = tokenize_preferences(data.raw_eval, tokenizer, info, recipe.sequence_len)
-        tstats["eval"] = estats
-    stats = {**data.stats, **tstats, "kind": "preference"}
-    say(f"plugtune: dpo data: {json.dumps({k: v for k, v in tstats.items() if k != 'eval'})}")
-    metrics: dict[str, Any] = {"data_prep_seconds": round(time.perf_counter() - t0, 2),
-                               "rl": "dpo", "dpo_beta": recipe.dpo_beta,
-                               "dpo_loss_type": recipe.dpo_loss_type}
-
-    ref_model = None
-    peft_config = None
-    if recipe.adapter == "none":
-        # full fine-tuning: an explicit frozen copy of the initial weights is the reference
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        reference = "frozen copy of the initial model"
-    else:
-        if spec.quantization is not None:
-            model = prepare_base(spec, model)
-        peft_config = lora_config(spec, model, pm, token_rows)
-        reference = "base model with the adapter disabled"
-    args = dpo_config(recipe, spec, eval_rows is not None)
-    trainer = dpo_trainer_class()(
-        model=model, ref_model=ref_model, args=args, train_dataset=train_rows,
-        eval_dataset=eval_rows, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[CompleteCheckpointCallback(say)])
-    trainable, total = count_parameters(trainer.model)
-    metrics.update(trainable_params=trainable, total_params=total,
-                   trainable_share=round(trainable / max(total, 1), 6), reference=reference)
-    say(f"plugtune: dpo: beta={recipe.dpo_beta} loss={recipe.dpo_loss_type} reference: {reference}; "
-        f"trainable parameters: {trainable:,} / {total:,}")
-    ckpt = ctx.resume_checkpoint()
-    t1 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    hist = trainer.state.log_history
-    acc0, acc1 = _first_last(hist, "rewards/accuracies")
-    mar0, mar1 = _first_last(hist, "rewards/margins")
-    run_loss = whole_run_loss(hist)  # every step, also after a resume
-    fix_train_loss_entry(hist, run_loss)
-    metrics.update(train_loss=run_loss if run_loss is not None else out.training_loss,
-                   train_seconds=round(time.perf_counter() - t1, 2),
-                   global_step=trainer.state.global_step,
-                   first_rewards_accuracies=acc0, last_rewards_accuracies=acc1,
-                   first_rewards_margins=mar0, last_rewards_margins=mar1)
-    if eval_rows is not None:
-        ev = trainer.evaluate()
-        metrics.update({k: v for k, v in ev.items() if k.startswith("eval_")})
-        if ev.get("eval_loss") is not None:
-            metrics["eval_loss"] = ev["eval_loss"]
-    out_dir = Path(recipe.output_dir)
-    save_run(out_dir, trainer.model, tokenizer, ctx.user_recipe, spec, metrics, hist, stats,
-             state_dict=gathered_state_dict(trainer))
-    say(f"plugtune: dpo: rewards/accuracies {acc0} -> {acc1}, margins {mar0} -> {mar1}; "
-        f"run saved to {out_dir}")
-    if metrics.get("eval_loss") is not None and not math.isfinite(metrics["eval_loss"]):
-        logging.getLogger(__name__).warning("eval loss is not finite: %s", metrics["eval_loss"])
-    return RunResult(output_dir=out_dir, metrics=metrics, log_history=hist)
+    trainer, metrics, stats = build_trainer(ctx)
+    return fit_and_save(ctx, trainer, metrics, stats,
+                        watch=("rewards/accuracies", "rewards/margins"))
