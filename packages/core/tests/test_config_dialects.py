@@ -141,19 +141,31 @@ def test_plugtune_recipe_is_not_translated():
     assert tr.dialect == "plugtune" and tr.data == data
 
 
-def test_config_error_comes_before_torch_is_imported(tmp_path):
+_AXOLOTL_BAD = ("base_model: x\nwandb_project:\nbf16: auto\n{key}: 3\n"
+                "datasets:\n  - path: a.jsonl\n    type: alpaca\n")
+_PLAIN_BAD = "base_model: x\n{key}: 3\ndatasets:\n  - path: a.jsonl\n"
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    (_AXOLOTL_BAD, "learing_rate", "learing_rate: unknown key; did you mean 'learning_rate'?"),
+    # no close match: validation retries with every installed plugin's keys, which must not
+    # import torch either (plugin modules keep heavy imports inside their hooks)
+    (_AXOLOTL_BAD, "frobnicate_level", "frobnicate_level: unknown key\n"),
+    (_PLAIN_BAD, "frobnicate_level", "frobnicate_level: unknown key\n"),
+], ids=["axolotl-typo", "axolotl-unknown", "plain-unknown"])
+def test_config_error_comes_before_torch_is_imported(tmp_path, text, key, expected):
     """`plugtune train bad.yml` in a fresh interpreter: the error, and torch never imported."""
     bad = tmp_path / "bad.yml"
-    bad.write_text("base_model: x\nwandb_project:\nbf16: auto\nlearing_rate: 0.1\n"
-                   "datasets:\n  - path: a.jsonl\n    type: alpaca\n")
+    bad.write_text(text.format(key=key))
     res = subprocess.run([sys.executable, "-X", "importtime", "-m", "plugtune", "train", str(bad)],
                          capture_output=True, text=True)
-    assert res.returncode == 2
-    assert "learing_rate: unknown key; did you mean 'learning_rate'?" in res.stderr
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert expected in res.stderr + "\n"
     imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "plugtune.config" in imported and "yaml" in imported
-    assert not {"torch", "transformers", "datasets"} & imported
+    heavy = {"torch", "transformers", "datasets", "plugtune.data.collate", "plugtune.modeling"}
+    assert not heavy & imported
 
 
 def test_recipe_convert_prints_a_recipe_that_validates(tmp_path):

@@ -19,8 +19,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from plugtune.modeling import ModelLoadError
-
 LEGACY_TYPES = ("RefinedWeb", "RefinedWebModel")
 
 _RENAMES = {
@@ -46,6 +44,8 @@ def legacy_to_kwargs(raw: dict[str, Any], source: str = "config.json") -> dict[s
         ModelLoadError: required keys are missing, or the config uses a feature the native
             Falcon classes lack (``apply_residual_connection_post_layernorm: true``).
     """
+    from plugtune.modeling import ModelLoadError
+
     mt = raw.get("model_type")
     if mt not in LEGACY_TYPES:
         raise ModelLoadError(f"{source}: model_type {mt!r} is not a legacy Falcon type "
@@ -81,6 +81,8 @@ def falcon_config_from_legacy(path: str | Path):
             (the message names the file and the field).
     """
     from transformers import FalconConfig
+
+    from plugtune.modeling import ModelLoadError
 
     cfg_file = Path(path) / "config.json"
     try:

@@ -18,15 +18,6 @@ Family quirks handled here, composed from :mod:`plugtune.modeling` (helpers besi
 from __future__ import annotations
 
 from plugtune import hookimpl
-from plugtune.data.collate import Collator
-from plugtune.modeling import (
-    check_target_modules,
-    generate_causal,
-    linear_module_names,
-    load_model,
-    load_tokenizer,
-    loss_from_batch,
-)
 from plugtune.spec import Family, Loaded
 from plugtune_falcon._legacy import LEGACY_TYPES, falcon_config_from_legacy
 
@@ -57,6 +48,8 @@ def plugtune_load(spec):
     Raises:
         plugtune.modeling.ModelLoadError: unreadable legacy config or weights.
     """
+    from plugtune.modeling import load_model, load_tokenizer
+
     if not _ours(spec):
         return None
     from transformers import FalconForCausalLM
@@ -82,6 +75,8 @@ def plugtune_target_modules(spec, model, method):
     Raises:
         ValueError: an explicit name the model lacks (the message lists its Linear names).
     """
+    from plugtune.modeling import check_target_modules, linear_module_names
+
     if not _ours(spec):
         return None
     if method == "all-linear":
@@ -96,6 +91,8 @@ def plugtune_target_modules(spec, model, method):
 def plugtune_collate(spec, tokenizer):
     """Right-padded batches; packed rows keep their position ids (Falcon's rotary and ALiBi
     variants both honour transformers' packed-sequence mask)."""
+    from plugtune.data.collate import Collator
+
     if not _ours(spec):
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -104,6 +101,8 @@ def plugtune_collate(spec, tokenizer):
 
 @hookimpl
 def plugtune_train_step(spec, model, batch, num_items_in_batch):
+    from plugtune.modeling import loss_from_batch
+
     if not _ours(spec):
         return None
     return loss_from_batch(model, batch, num_items_in_batch, use_cache=False)
@@ -112,6 +111,8 @@ def plugtune_train_step(spec, model, batch, num_items_in_batch):
 @hookimpl
 def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens):
     """Left-padded batched generation stopping on ``<|endoftext|>`` (and a template's end-of-turn)."""
+    from plugtune.modeling import generate_causal
+
     if not _ours(spec):
         return None
     g = spec.recipe.generation

@@ -19,19 +19,7 @@ from __future__ import annotations
 import logging
 
 from plugtune import hookimpl
-from plugtune.data.collate import Collator
-from plugtune.modeling import (
-    ModelLoadError,
-    check_target_modules,
-    generate_causal,
-    linear_module_names,
-    load_model,
-    load_tokenizer,
-    loss_from_batch,
-)
 from plugtune.spec import Family, Loaded
-from plugtune_llama import _bloom
-from plugtune_llama._tokens import STOP_TOKENS, set_family_pad
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +34,7 @@ FAMILIES = [
 AUTO_TARGETS = {
     "llama": ("q_proj", "v_proj"),
     "qwen2": ("q_proj", "v_proj"),
-    "bloom": _bloom.AUTO_TARGETS,
+    "bloom": ("query_key_value",),  # = plugtune_llama._bloom.AUTO_TARGETS (not imported: no torch)
 }
 
 
@@ -67,6 +55,9 @@ def plugtune_load(spec):
     Raises:
         ModelLoadError: a BLOOM recipe asks for ``attn_implementation`` other than ``eager``.
     """
+    from plugtune.modeling import ModelLoadError, load_model, load_tokenizer
+    from plugtune_llama._tokens import set_family_pad
+
     fam = family_of(spec)
     if fam is None:
         return None
@@ -95,6 +86,8 @@ def plugtune_target_modules(spec, model, method):
         ValueError: an explicit name is absent or not a LoRA-wrappable layer (e.g. BLOOM's
             ``mlp``); the message lists the model's Linear names.
     """
+    from plugtune.modeling import check_target_modules, linear_module_names
+
     fam = family_of(spec)
     if fam is None:
         return None
@@ -111,6 +104,9 @@ def plugtune_target_modules(spec, model, method):
 @hookimpl
 def plugtune_collate(spec, tokenizer):
     """Right-padded batches; BLOOM unpacks packed rows (ALiBi has no position ids)."""
+    from plugtune.data.collate import Collator
+    from plugtune_llama import _bloom
+
     fam = family_of(spec)
     if fam is None:
         return None
@@ -122,6 +118,8 @@ def plugtune_collate(spec, tokenizer):
 @hookimpl
 def plugtune_train_step(spec, model, batch, num_items_in_batch):
     """The model's token loss with ``use_cache=False`` (packed rows need it)."""
+    from plugtune.modeling import loss_from_batch
+
     if family_of(spec) is None:
         return None
     return loss_from_batch(model, batch, num_items_in_batch, use_cache=False)
@@ -131,6 +129,9 @@ def plugtune_train_step(spec, model, batch, num_items_in_batch):
 def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens):
     """Left-padded batched generation stopping on EOS, the template's end-of-turn token and the
     family's extra stop tokens (:data:`plugtune_llama._tokens.STOP_TOKENS`)."""
+    from plugtune.modeling import generate_causal
+    from plugtune_llama._tokens import STOP_TOKENS
+
     fam = family_of(spec)
     if fam is None:
         return None

@@ -20,15 +20,6 @@ Family quirks handled here, composed from :mod:`plugtune.modeling`:
 from __future__ import annotations
 
 from plugtune import hookimpl
-from plugtune.data.collate import Collator
-from plugtune.modeling import (
-    check_target_modules,
-    generate_causal,
-    linear_module_names,
-    load_model,
-    load_tokenizer,
-    loss_from_batch,
-)
 from plugtune.spec import Family, Loaded
 
 FAMILIES = [Family("mistral", ("mistral",), "causal", "Mistral 7B / Zephyr")]
@@ -53,6 +44,8 @@ def plugtune_families():
 @hookimpl
 def plugtune_load(spec):
     """Tokenizer (pad = ``<unk>``, left padding for generation) + ``MistralForCausalLM``."""
+    from plugtune.modeling import load_model, load_tokenizer
+
     if not _ours(spec):
         return None
     tok = load_tokenizer(spec, padding_side=GENERATION_PADDING_SIDE)
@@ -68,6 +61,8 @@ def plugtune_target_modules(spec, model, method):
     Raises:
         ValueError: an explicit name the model lacks (the message lists its Linear names).
     """
+    from plugtune.modeling import check_target_modules, linear_module_names
+
     if not _ours(spec):
         return None
     if method == "all-linear":
@@ -81,6 +76,8 @@ def plugtune_target_modules(spec, model, method):
 @hookimpl
 def plugtune_collate(spec, tokenizer):
     """Right-padded training batches whatever the tokenizer's own padding side."""
+    from plugtune.data.collate import Collator
+
     if not _ours(spec):
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -90,6 +87,8 @@ def plugtune_collate(spec, tokenizer):
 @hookimpl
 def plugtune_train_step(spec, model, batch, num_items_in_batch):
     """Token loss with ``use_cache=False``: the sliding-window mask of packed rows needs it."""
+    from plugtune.modeling import loss_from_batch
+
     if not _ours(spec):
         return None
     return loss_from_batch(model, batch, num_items_in_batch, use_cache=False)
@@ -99,6 +98,8 @@ def plugtune_train_step(spec, model, batch, num_items_in_batch):
 def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens):
     """Batched generation, always left-padded (right padding is refused: it would make
     flash-attn and sdpa continue after pad tokens), stopping on ``</s>``."""
+    from plugtune.modeling import generate_causal
+
     if not _ours(spec):
         return None
     g = spec.recipe.generation

@@ -12,15 +12,8 @@ Family quirks handled here (helpers beside this file):
 
 from __future__ import annotations
 
-import torch
-
 from plugtune import hookimpl
 from plugtune.spec import Family, Loaded
-from plugtune_t5 import _targets
-from plugtune_t5._collate import Seq2SeqCollator
-from plugtune_t5._generate import generate_seq2seq
-from plugtune_t5._loss import seq2seq_loss
-from plugtune_t5._policy import kbit_quantization_config, safe_dtype
 
 FAMILIES = [Family("t5", ("t5", "mt5", "umt5"), "seq2seq", "FLAN-T5 small..XXL, mT5, UMT5")]
 MODEL_TYPES = frozenset(FAMILIES[0].model_types)
@@ -42,6 +35,8 @@ def plugtune_load(spec):
     Applies :func:`plugtune_t5._policy.safe_dtype` and writes the result back into
     ``spec.torch_dtype``, so the Trainer's mixed-precision flags follow the safe dtype.
     """
+    from plugtune_t5._policy import kbit_quantization_config, safe_dtype
+
     if not _ours(spec):
         return None
     from transformers import AutoModelForSeq2SeqLM
@@ -67,6 +62,8 @@ def plugtune_load(spec):
 
 @hookimpl
 def plugtune_target_modules(spec, model, method):
+    from plugtune_t5 import _targets
+
     if not _ours(spec):
         return None
     if method == "auto":
@@ -78,6 +75,10 @@ def plugtune_target_modules(spec, model, method):
 
 @hookimpl
 def plugtune_collate(spec, tokenizer):
+    import torch
+
+    from plugtune_t5._collate import Seq2SeqCollator
+
     if not _ours(spec):
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -87,6 +88,8 @@ def plugtune_collate(spec, tokenizer):
 
 @hookimpl
 def plugtune_train_step(spec, model, batch, num_items_in_batch):
+    from plugtune_t5._loss import seq2seq_loss
+
     if not _ours(spec):
         return None
     return seq2seq_loss(model, batch, num_items_in_batch)
@@ -94,6 +97,8 @@ def plugtune_train_step(spec, model, batch, num_items_in_batch):
 
 @hookimpl
 def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens):
+    from plugtune_t5._generate import generate_seq2seq
+
     if not _ours(spec):
         return None
     gen = spec.recipe.generation

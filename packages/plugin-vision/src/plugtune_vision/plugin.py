@@ -15,10 +15,7 @@ from __future__ import annotations
 import re
 
 from plugtune import hookimpl
-from plugtune.modeling import ModelLoadError, load_model, loss_from_batch
 from plugtune.spec import Family, Loaded
-from plugtune_vision._processors import FAMILIES as _FACTS
-from plugtune_vision._processors import load_processor
 
 FAMILIES = [
     Family("mllama", ("mllama",), "vision", "Llama 3.2 Vision (cross-attention adapters)"),
@@ -37,7 +34,9 @@ def _ours(spec) -> bool:
     return spec.model_type in _OURS
 
 
-def _remote_molmo_error(what: str) -> ModelLoadError:
+def _remote_molmo_error(what: str) -> ModelLoadError:  # noqa: F821 (imported lazily)
+    from plugtune.modeling import ModelLoadError
+
     return ModelLoadError(
         f"{what} of original Molmo checkpoints (model_type 'molmo', remote code) is not "
         "supported: their processor (processor.process / model.generate_from_batch) has no "
@@ -62,6 +61,9 @@ def plugtune_load(spec):
     Raises:
         ModelLoadError: original Molmo without ``trust_remote_code: true``; unloadable files.
     """
+    from plugtune.modeling import ModelLoadError, load_model
+    from plugtune_vision._processors import load_processor
+
     if not _ours(spec):
         return None
     src = spec.recipe.tokenizer or spec.path
@@ -110,6 +112,8 @@ def plugtune_target_modules(spec, model, method):
 @hookimpl
 def plugtune_encode(spec, processor, tokenizer, example, max_len, template):
     """Expand images, mask prompt and image tokens, apply the image-safe length policy."""
+    from plugtune_vision._processors import FAMILIES as _FACTS
+
     if not _ours(spec):
         return None
     if spec.model_type == REMOTE_MOLMO:
@@ -124,6 +128,8 @@ def plugtune_encode(spec, processor, tokenizer, example, max_len, template):
 @hookimpl
 def plugtune_collate(spec, tokenizer, processor):
     """:class:`~plugtune_vision._collate.VisionCollator` for the family (picklable)."""
+    from plugtune_vision._processors import FAMILIES as _FACTS
+
     if not _ours(spec):
         return None
     if spec.model_type == REMOTE_MOLMO:
@@ -140,6 +146,8 @@ def plugtune_collate(spec, tokenizer, processor):
 def plugtune_train_step(spec, model, batch, num_items_in_batch):
     """The model's own loss; ``num_items_in_batch`` only for models that accept it (Molmo2's
     loss filters logits itself and sets ``accepts_loss_kwargs = False``)."""
+    from plugtune.modeling import loss_from_batch
+
     if not _ours(spec):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -150,6 +158,8 @@ def plugtune_train_step(spec, model, batch, num_items_in_batch):
 @hookimpl
 def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens, images, processor):
     """Greedy completions; ``images`` per prompt (see :func:`._generate.images_per_prompt`)."""
+    from plugtune_vision._processors import FAMILIES as _FACTS
+
     if not _ours(spec):
         return None
     if spec.model_type == REMOTE_MOLMO:

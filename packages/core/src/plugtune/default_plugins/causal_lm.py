@@ -7,17 +7,7 @@ decoder-only model to these defaults (the bundled demo does).
 
 from __future__ import annotations
 
-from plugtune.data.collate import Collator
 from plugtune.hookspecs import hookimpl
-from plugtune.modeling import (
-    check_target_modules,
-    generate_causal,
-    linear_module_names,
-    load_model,
-    load_tokenizer,
-    loss_from_batch,
-    peft_default_targets,
-)
 from plugtune.spec import Family, Loaded
 
 GENERIC = Family(
@@ -35,6 +25,8 @@ def plugtune_families():
 
 @hookimpl(trylast=True)
 def plugtune_load(spec):
+    from plugtune.modeling import load_model, load_tokenizer
+
     if spec.task != "causal":
         return None
     tok = load_tokenizer(spec)
@@ -44,6 +36,8 @@ def plugtune_load(spec):
 
 @hookimpl(trylast=True)
 def plugtune_target_modules(spec, model, method):
+    from plugtune.modeling import check_target_modules, linear_module_names, peft_default_targets
+
     if method == "all-linear":
         return linear_module_names(model)
     if method == "auto":
@@ -56,16 +50,22 @@ def plugtune_target_modules(spec, model, method):
 
 @hookimpl(trylast=True)
 def plugtune_collate(spec, tokenizer):
+    from plugtune.data.collate import Collator
+
     return Collator(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
 
 @hookimpl(trylast=True)
 def plugtune_train_step(spec, model, batch, num_items_in_batch):
+    from plugtune.modeling import loss_from_batch
+
     return loss_from_batch(model, batch, num_items_in_batch)
 
 
 @hookimpl(trylast=True)
 def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens):
+    from plugtune.modeling import generate_causal
+
     g = spec.recipe.generation
     kwargs = dict(temperature=g.temperature, top_p=g.top_p) if g.do_sample else {}
     return generate_causal(model, tokenizer, prompts, max_new_tokens, do_sample=g.do_sample,
