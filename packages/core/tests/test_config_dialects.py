@@ -118,7 +118,22 @@ def test_a_method_key_without_its_method_is_axolotls_not_unknown(tmp_path):
 def test_axolotl_noted_key_gives_one_notice():
     tr = translate({"base_model": "m", "datasets": [{"path": "a", "type": "alpaca"}],
                     "dataset_prepared_path": "last_run_prepared", "push_dataset_to_hub": None})
-    assert [n.split(":")[0] for n in tr.notices] == ["dataset_prepared_path"]
+    assert [n.split(":")[0] for n in tr.notices] == ["dataset_prepared_path", "datasets"]
+
+
+def test_axolotl_alpaca_datasets_get_the_alpaca_prompt_not_the_tokenizers_template():
+    """axolotl renders type: alpaca with Stanford's prompt whatever the tokenizer's template."""
+    from plugtune.data.templates import ALPACA_PREAMBLE
+
+    base = {"base_model": "m", "wandb_project": None, "datasets": [{"path": "a", "type": "alpaca"}]}
+    tr = translate(base)
+    assert tr.data["chat_template"] == "alpaca"
+    assert any(n.startswith("datasets: type alpaca: chat_template: alpaca") for n in tr.notices)
+    assert ALPACA_PREAMBLE.startswith("Below is an instruction that describes a task.")
+    # an explicit chat_template wins; other dataset types keep the tokenizer's template
+    assert translate(dict(base, chat_template="chatml")).data["chat_template"] == "chatml"
+    mixed = dict(base, datasets=[{"path": "a", "type": "alpaca"}, {"path": "b", "type": "chat_template"}])
+    assert "chat_template" not in translate(mixed).data
 
 
 def test_a_key_neither_plugtunes_nor_axolotls_is_still_unknown_with_a_plausible_hint_only():
@@ -198,6 +213,11 @@ def test_llamafactory_training_yaml_translates():
     assert d["micro_batch_size"] == 1 and d["gradient_accumulation_steps"] == 8
     assert d["num_epochs"] == 3.0 and d["lr_scheduler"] == "cosine" and d["dtype"] == "bf16"
     assert d["chat_template"] == "tokenizer"  # template: llama3 = the tokenizer's template
+    assert any(n.startswith("template: llama3:") and "date" in n for n in tr.notices)
+    # LLaMA-Factory truncates to cutoff_len; plugtune drops what does not fit: a note says so
+    cut = translate(dict(data, cutoff_len=1024))
+    assert cut.data["sequence_len"] == 1024
+    assert any(n.startswith("cutoff_len:") and "drops" in n for n in cut.notices)
     dpo = yaml.safe_load(shared_path("configs", "llama_factory", "llama3_lora_dpo.yaml").read_text())
     dpo.pop("dataset")
     assert translate(dpo).data["rl"] == "dpo" and translate(dpo).data["dpo_beta"] == 0.1

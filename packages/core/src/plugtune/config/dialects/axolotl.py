@@ -464,6 +464,13 @@ def translate(data: dict[str, Any], source: str = "<recipe>") -> Translation:
         out_dir = Path(str(d.get("output_dir", AXOLOTL_DEFAULTS["output_dir"])))
         if any(out_dir.glob("checkpoint-*")):
             resume = True
+    ds_types = [ds.get("type") for ds in out.get("datasets") or [] if isinstance(ds, dict)]
+    if ds_types and "chat_template" not in out and all(t == "alpaca" for t in ds_types):
+        # axolotl renders type: alpaca with its Stanford Alpaca prompt whatever the tokenizer's
+        # chat template (prompters.AlpacaPrompter); plugtune's named template is that prompt
+        out["chat_template"] = "alpaca"
+        notices.append("datasets: type alpaca: chat_template: alpaca (axolotl's Alpaca prompt, "
+                       "not the tokenizer's chat template; set chat_template to change it)")
     if report:
         have = out.get("report_to", "none")
         have_l = [have] if isinstance(have, str) else list(have)

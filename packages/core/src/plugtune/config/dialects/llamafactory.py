@@ -160,6 +160,9 @@ def translate(data: dict[str, Any], source: str = "<recipe>") -> Translation:
     for k, v in d.items():
         if k in RENAMED:
             out[RENAMED[k]] = v
+            if k == "cutoff_len":
+                notices.append(f"cutoff_len: sequence_len: {v}; LLaMA-Factory truncates prompt "
+                               "and response to fit, plugtune drops samples that do not fit")
         elif k in NOTED:
             notices.append(f"{k}: ignored ({NOTED[k]})")
         elif k in REFUSED:
@@ -194,8 +197,9 @@ def translate(data: dict[str, Any], source: str = "<recipe>") -> Translation:
 def _template(name: str, notices: list[str]) -> str:
     """LLaMA-Factory template name -> plugtune chat_template.
 
-    LLaMA-Factory's templates for instruct models reproduce the model's own chat template, so
-    they map to ``tokenizer`` (the template the tokenizer ships); plugtune's named templates
+    LLaMA-Factory's templates for instruct models follow the model's own chat template, so
+    they map to ``tokenizer`` (the template the tokenizer ships; it may add more, e.g. the date
+    block of Llama 3.x's template, which LLaMA-Factory's ``llama3`` omits); plugtune's named templates
     (alpaca, chatml, ...) keep their names.
     """
     if name in ("alpaca", "chatml", "mistral", "zephyr", "llama2", "vicuna"):
@@ -203,8 +207,9 @@ def _template(name: str, notices: list[str]) -> str:
     if name in ("empty", "default"):
         notices.append(f"template: {name}: using plugtune's plain template")
         return "plain"
-    notices.append(f"template: {name}: using the tokenizer's own chat template (what "
-                   f"LLaMA-Factory's {name!r} template reproduces)")
+    notices.append(f"template: {name}: using the tokenizer's own chat template (close to "
+                   f"LLaMA-Factory's {name!r} template; they differ where the tokenizer's "
+                   "template adds more, e.g. Llama 3.x's date/system block)")
     return "tokenizer"
 
 
