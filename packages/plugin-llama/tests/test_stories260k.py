@@ -26,7 +26,7 @@ def test_packed_lora_on_dolly_lowers_the_loss(tmp_path):
     from plugtune.train import train
 
     model, dolly = shared_path("models", "stories260K", "hf"), shared_path(*DOLLY)
-    res = train(_recipe(model, dolly, tmp_path / "run", adapter="lora", sequence_len=256,
+    res = train(_recipe(model, dolly, tmp_path / "run", adapter="lora", sequence_len=512,
                         micro_batch_size=2, max_steps=8, learning_rate=5e-3, warmup_steps=0))
     m = res.metrics
     losses = [h["loss"] for h in res.log_history if "loss" in h]
