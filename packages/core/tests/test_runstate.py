@@ -21,6 +21,7 @@ from plugtune.runstate import (
     COMPLETE_MARKER,
     RUN_FILE,
     RunStateError,
+    completed_message,
     prepare_output_dir,
     run_identity,
     run_record,
@@ -241,3 +242,42 @@ def test_eval_remaps_columns_and_compares_with_the_base(tmp_path, capsys):
     assert res["eval_loss"] != res["base"]["eval_loss"]
     assert "base vs fine-tuned" in out.err
     assert main(["eval", str(run), "--data", str(data)]) == 2  # prompt/completion columns absent
+
+
+def test_completed_message_reads_steps_or_epochs_from_trainer_state(tmp_path):
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4, "epoch": 2.0}))
+    assert "step 4 of 4" in completed_message(ckpt, _demo(tmp_path, "max_steps=4"))
+    assert completed_message(ckpt, _demo(tmp_path, "max_steps=5")) is None
+    assert "epoch 2 of 2" in completed_message(ckpt, _demo(tmp_path, "num_epochs=2"))
+    assert completed_message(ckpt, _demo(tmp_path, "num_epochs=3")) is None
+    assert completed_message(tmp_path, _demo(tmp_path, "max_steps=4")) is None  # no state
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_extension_trains_exactly_the_new_steps(
+        tmp_path):
+    run = tmp_path / "run"
+    sets = [f"output_dir={run}", "datasets.0.max_samples=48", "test_datasets=[]",
+            "eval_before_training=false", "logging_steps=1", "save_steps=100"]
+    assert main(["train", "demo", *[x for s in sets for x in ("--set", s)],
+                 "--set", "max_steps=2"]) == 0
+    assert main(["train", "--resume", str(run), "--set", "max_steps=4"]) == 0  # steps 3-4 only
+    state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    # resumed again (the saved recipe says max_steps 4): nothing to train, no torch, no write
+    code = ("import sys; from plugtune.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, "train", "--resume", str(run)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "run already complete (step 4 of 4)" in " ".join(p.stdout.split())
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert not (run / "checkpoint-5").exists()
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 4
+    # the library entry point refuses the same way, before loading a model
+    with pytest.raises(TrainingError, match="run already complete"):
+        train(load_recipe("demo", [*sets, "max_steps=4"]), resume=True)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before

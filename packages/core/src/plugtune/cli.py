@@ -183,9 +183,16 @@ def train_recipe(args, console: Console | None = None):
     Raises:
         RecipeError: no recipe and no ``--resume RUN_DIR``; an invalid recipe/override.
         RunStateError: nothing of this run to resume.
+        RunAlreadyComplete: the checkpoint to resume already reached the run's end.
     """
     from plugtune.config import RecipeError
-    from plugtune.runstate import recipe_from_run, run_record, select_checkpoint
+    from plugtune.runstate import (
+        RunAlreadyComplete,
+        completed_message,
+        recipe_from_run,
+        run_record,
+        select_checkpoint,
+    )
 
     resume = args.resume
     if isinstance(resume, str):
@@ -198,12 +205,20 @@ def train_recipe(args, console: Console | None = None):
     else:
         raise RecipeError("plugtune train: give a RECIPE, or --resume RUN_DIR")
     if resume:
-        select_checkpoint(recipe.output_dir, run_record(recipe))
+        ckpt = select_checkpoint(recipe.output_dir, run_record(recipe))
+        if (done := completed_message(ckpt, recipe)) is not None:
+            raise RunAlreadyComplete(done)
     return recipe, bool(resume)
 
 
 def cmd_train(args, console: Console) -> int:
-    recipe, resume = train_recipe(args, console)  # fast: no torch import before this check
+    from plugtune.runstate import RunAlreadyComplete
+
+    try:
+        recipe, resume = train_recipe(args, console)  # fast: no torch import before this check
+    except RunAlreadyComplete as exc:  # nothing left to train: not an error
+        console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        return 0
     from plugtune.runstate import interrupted_message
     from plugtune.train import TrainingInterrupted, train
 

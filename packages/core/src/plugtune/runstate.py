@@ -59,6 +59,11 @@ class RunStateError(RuntimeError):
     """The output folder holds another run, or there is nothing (of this run) to resume."""
 
 
+class RunAlreadyComplete(RunStateError):
+    """``--resume`` of a run whose checkpoint already reached the run's end; the message says
+    how far it got and how to extend it (``plugtune train`` prints it and exits 0)."""
+
+
 class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM stopped a run after it saved a checkpoint; the message names the checkpoint
     and the command that continues the run."""
@@ -170,6 +175,33 @@ def select_checkpoint(output_dir: str | Path, record: dict[str, Any]) -> Path:
                         f"was started with (plugtune train --resume {out}), or use --overwrite")
 
 
+def completed_message(ckpt: str | Path, recipe) -> str | None:
+    """Why resuming ``recipe`` from ``ckpt`` has nothing left to train, or ``None``.
+
+    Read from the checkpoint's ``trainer_state.json`` (no torch import): the run is complete
+    when ``global_step >= recipe.max_steps`` (``max_steps > 0``), or when all
+    ``recipe.num_epochs`` epochs are done (``max_steps <= 0``). The transformers Trainer has no
+    such check: resumed at ``global_step == max_steps`` it skips the trained batches, then trains
+    one more step before its ``global_step >= max_steps`` test (which runs after each step) stops
+    it, and saves over the final model.
+    """
+    try:
+        state = json.loads((Path(ckpt) / "trainer_state.json").read_text(encoding="utf-8"))
+        step = int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    hint = "extend it with --set max_steps=M (or num_epochs)"
+    if recipe.max_steps > 0:
+        if step >= recipe.max_steps:
+            return f"run already complete (step {step} of {recipe.max_steps}); {hint}"
+        return None
+    epoch = float(state.get("epoch") or 0.0)
+    if epoch >= float(recipe.num_epochs) - 1e-6:
+        return (f"run already complete (step {step} of {step}, epoch {epoch:g} of "
+                f"{float(recipe.num_epochs):g}); {hint}")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # the output folder
 
@@ -206,6 +238,8 @@ def prepare_output_dir(recipe, resume: bool = False, overwrite: bool = False,
 
     Raises:
         RunStateError: both flags; the folder holds another run; nothing of this run to resume.
+        RunAlreadyComplete: ``resume`` and the checkpoint already reached the run's end
+            (:func:`completed_message`); nothing in the folder is touched.
     """
     if resume and overwrite:
         raise RunStateError("--resume and --overwrite exclude each other")
@@ -213,6 +247,8 @@ def prepare_output_dir(recipe, resume: bool = False, overwrite: bool = False,
     record = run_record(recipe)
     if resume:
         ckpt = select_checkpoint(out, record)
+        if (done := completed_message(ckpt, recipe)) is not None:
+            raise RunAlreadyComplete(done)
         step = _step(ckpt)
         for s, d in checkpoints(out) if write else ():
             if s > step and not (d / COMPLETE_MARKER).exists():

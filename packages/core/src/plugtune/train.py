@@ -152,6 +152,7 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None,
 
     Raises:
         TrainingError: non-finite or stuck-at-0 loss (names the step), nothing to resume from,
+            the checkpoint to resume already reached the run's end ("run already complete"),
             the folder holds another run, a method that does not fit the data.
         plugtune.runstate.TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved at that
             step and the message holds the command that continues the run.

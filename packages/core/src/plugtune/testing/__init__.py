@@ -27,7 +27,6 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from plugtune.config import validate_recipe
@@ -54,6 +53,8 @@ def shared_path(*parts: str) -> Path:
     """A path under ``../shared/data``; ``pytest.skip`` when it is absent."""
     p = shared_dir().joinpath("data", *parts)
     if not p.exists():
+        import pytest  # lazily: pytest is only in the test extra (the tiny-model CLIs need none)
+
         pytest.skip(f"{p} not available (../shared/data is absent)")
     return p
 
@@ -124,6 +125,8 @@ def run_bundled_recipe(name: str, base_model, out_dir: Path, cwd: Path, *sets: s
     import sys
 
     if not (cwd.parent / "shared" / "data" / needs).is_dir():
+        import pytest
+
         pytest.skip("../shared/data beside the repository is absent")
     cmd = [sys.executable, "-m", "plugtune", "train", name, "--set", f"base_model={base_model}",
            "--set", "max_steps=2", "--set", f"output_dir={out_dir}"]
@@ -156,6 +159,16 @@ def packed_and_unpacked_loss(pm, spec, model, tokenizer, samples: list[list[int]
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "Paris is the capital of France."}]
+
+
+def _fixture(fn):
+    """``pytest.fixture(fn)``; ``fn`` unchanged where pytest is not installed (a plain install
+    imports this module for the tiny-model helpers, e.g. ``python -m plugtune_llama.tiny``)."""
+    try:
+        import pytest
+    except ImportError:
+        return fn
+    return pytest.fixture(fn)
 
 
 class PluginContract:
@@ -202,7 +215,7 @@ class PluginContract:
         return [tokenize_chat(tokenizer, m, info, 128) for m in (CHAT, short)]
 
     # -- fixtures -----------------------------------------------------------------------------
-    @pytest.fixture
+    @_fixture
     def setup(self):
         torch.manual_seed(0)
         spec, pm = make_spec(self.model_type, **self.recipe)
