@@ -287,7 +287,11 @@ def test_zephyr_recipes_sft_merge_dpo(tmp_path, monkeypatch):
     assert recipe["base_model"] == "./runs/zephyr-sft-merged" and recipe["dpo_beta"] == 0.01
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(run).chat_template == ZEPHYR
+    from plugtune.data.templates import BOS_PREFIX, template_name
+
+    saved = AutoTokenizer.from_pretrained(run).chat_template
+    # the named template, led by {{ bos_token }} since the Mistral tokenizer adds a BOS
+    assert saved == BOS_PREFIX + ZEPHYR and template_name(saved) == "zephyr"
 
 
 def yaml_load(path):

@@ -192,4 +192,8 @@ def test_bnb_quantize_report(tmp_path, method, max_ppl_change):
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization_config"]["load_in_4bit" if method == "bnb4" else "load_in_8bit"]
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")  # reloads quantized
+    if method == "bnb4" and not torch.cuda.is_available():
+        from plugtune.kbit import cpu_4bit_fallback
+
+        cpu_4bit_fallback(again)  # stories260K's 64x172 layers: bitsandbytes' CPU kernel refuses them
     assert torch.isfinite(_logits(again)).all()

@@ -26,7 +26,7 @@ def test_packed_lora_on_dolly_lowers_the_loss(tmp_path):
     from plugtune.train import train
 
     model, dolly = shared_path("models", "stories260K", "hf"), shared_path(*DOLLY)
-    res = train(_recipe(model, dolly, tmp_path / "run", adapter="lora", sequence_len=256,
+    res = train(_recipe(model, dolly, tmp_path / "run", adapter="lora", sequence_len=512,
                         micro_batch_size=2, max_steps=8, learning_rate=5e-3, warmup_steps=0))
     m = res.metrics
     losses = [h["loss"] for h in res.log_history if "loss" in h]
@@ -35,6 +35,16 @@ def test_packed_lora_on_dolly_lowers_the_loss(tmp_path):
     stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
     assert stats["packed"] and stats["rows"] < stats["kept"] + stats["truncated"]
     assert 0 < m["trainable_share"] < 0.5
+
+
+#: a short instruction/response prompt as a literal Jinja chat template: the 0.26M-parameter model
+#: cannot tell nine prompts apart behind the Stanford Alpaca preamble (~100 of its tokens shared
+#: by every prompt) within 60 steps; this test is about QLoRA, packing and stopping, not the prompt
+SHORT_PROMPT = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}### Response:\n{% endif %}")
 
 
 def test_packed_qlora_learns_to_stop_at_eos(tmp_path):
@@ -64,6 +74,7 @@ def test_packed_qlora_learns_to_stop_at_eos(tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in short) + "\n")
     out = tmp_path / "run"
     res = train(_recipe(model, data, out, adapter="qlora", lora_modules_to_save=["lm_head"],
+                        chat_template=SHORT_PROMPT,
                         lora_dropout=0.0, sequence_len=256, micro_batch_size=1, max_steps=60,
                         learning_rate=5e-3, lr_scheduler="constant", warmup_steps=0))
     assert res.metrics["last_logged_loss"] < 0.5 * res.metrics["first_logged_loss"]

@@ -105,7 +105,8 @@ def test_zephyr_template_masks_prompt_and_trains_eos(mistral_tokenizer):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
             {"role": "assistant", "content": "Paris."}]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    assert text == "<|system|>\nBe brief.</s>\n<|user|>\nCapital of France?</s>\n<|assistant|>\nParis.</s>\n"
+    # the saved template renders the BOS the tokenizer adds (template parity with training)
+    assert text == "<s><|system|>\nBe brief.</s>\n<|user|>\nCapital of France?</s>\n<|assistant|>\nParis.</s>\n"
     row = tokenize_chat(tok, msgs, info, 128)
     trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
     assert tok.decode(trained).strip() == "Paris.</s>"

@@ -78,3 +78,29 @@ def cpu_4bit_fallback(model) -> int:
                 "evaluate and generate through de-quantized weights instead", len(bad),
                 ", ".join(f"{n}x{k}" for n, k in shapes), CPU_BLOCK_N)
     return len(bad)
+
+
+def cpu_4bit_training_guard(model) -> int:
+    """Keep every ``Linear4bit`` layer of ``model`` off bitsandbytes' packed CPU inference format
+    for the whole training run; returns how many layers were set.
+
+    bitsandbytes converts a layer's weight to its packed AVX512-BF16 layout the first time it runs
+    in eval mode without gradients (plugtune's one-off label-only-loss check, an evaluation during
+    training) and keeps it there, so the *next training* forward takes the inference kernel, whose
+    in-place bias add fails on layers with a bias (BLOOM, Falcon): "a view of a leaf Variable that
+    requires grad is being used in an in-place operation". A no-op on CUDA and for models without
+    4-bit layers."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 0
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
+            n += 1
+    return n

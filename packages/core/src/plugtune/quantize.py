@@ -247,6 +247,10 @@ def quantize(source: str | Path, method: str, out_dir: str | Path, force: bool =
         qcfg = quantization_config(method, tok, calib)
         qmodel = auto.from_pretrained(ref_dir, dtype=_compute_dtype(), quantization_config=qcfg,
                                       device_map=device_map)
+        if method == "bnb4" and not torch.cuda.is_available():
+            from plugtune.kbit import cpu_4bit_fallback
+
+            cpu_4bit_fallback(qmodel)  # shapes the packed CPU kernel cannot take: de-quantized path
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
         try:

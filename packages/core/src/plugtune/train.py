@@ -26,7 +26,7 @@ import transformers
 
 from plugtune.config import Recipe
 from plugtune.data import prepare
-from plugtune.kbit import cpu_4bit_fallback, kbit_dtype
+from plugtune.kbit import cpu_4bit_fallback, cpu_4bit_training_guard, kbit_dtype
 from plugtune.plugins import PluginError, get_plugin_manager, resolve_family, resolve_method
 from plugtune.rundir import _atomic_write, save_run
 from plugtune.runstate import RunStateError, TrainingInterrupted, prepare_output_dir
@@ -213,6 +213,7 @@ def prepare_run(recipe: Recipe, pm=None, resume=False, console=None) -> MethodCo
     model, tokenizer = loaded.model, loaded.tokenizer
     if spec.quantization == "4bit":
         cpu_4bit_fallback(model)  # shapes bitsandbytes' packed CPU kernel cannot take
+        cpu_4bit_training_guard(model)  # no packed inference layout mid-training (BLOOM biases)
     encode = None
     if spec.task == "vision":  # processor-based tokenization (image token expansion)
         from plugtune.data.pipeline import hook_encoder
