@@ -93,3 +93,10 @@ def test_every_bundled_recipe_validates():
     assert "demo" in recipes and "stories260k-dolly-lora" in recipes
     for name in recipes:
         load_recipe(name)
+
+
+def test_top_level_per_dataset_key_points_at_datasets():
+    from plugtune.config import RecipeError, validate_recipe
+
+    with pytest.raises(RecipeError, match=r"on_bad_row: unknown key; did you mean datasets\[\]\.on_bad_row\?"):
+        validate_recipe({"base_model": "m", "datasets": [{"path": "a"}], "on_bad_row": "skip"})

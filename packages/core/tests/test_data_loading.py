@@ -184,3 +184,14 @@ def test_kinds_table_matches_what_each_adapter_produces(dtype, rec):
 
     assert set(KINDS) == set(ADAPTERS)
     assert kind_of(ADAPTERS[dtype](rec, {})) == KINDS[dtype]
+
+
+def test_bad_row_hint_names_the_dataset_key(tmp_path):
+    """The hint says where to set on_bad_row: datasets[N].on_bad_row (a top-level one is unknown)."""
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps({"instruction": "q", "output": "r"}) + "\n")
+    bad.write_text(json.dumps({"instruction": "q", "output": ""}) + "\n")
+    with pytest.raises(DataError, match=r"set datasets\[1\]\.on_bad_row: skip"):
+        load_datasets([_cfg(good, "alpaca"), _cfg(bad, "alpaca")])
+    with pytest.raises(DataError, match=r"set test_datasets\[0\]\.on_bad_row: skip"):
+        load_datasets([_cfg(bad, "alpaca")], key="test_datasets")

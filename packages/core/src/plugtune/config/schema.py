@@ -391,7 +391,10 @@ def format_validation_error(err: ValidationError, source: str, root: type[BaseMo
         path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
         if e["type"] == "extra_forbidden":
             key = str(loc[-1])
-            lines.append(f"  {path}: unknown key{did_you_mean(key, _all_keys(_model_at(loc, root)))}")
+            hint = did_you_mean(key, _all_keys(_model_at(loc, root)))
+            if len(loc) == 1 and not hint and key in DatasetConfig.model_fields:
+                hint = f"; did you mean datasets[].{key}? (a per-dataset key)"
+            lines.append(f"  {path}: unknown key{hint}")
         else:
             got = e.get("input")
             got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""

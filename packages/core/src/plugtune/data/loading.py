@@ -222,8 +222,12 @@ def load_raw(cfg: DatasetConfig) -> tuple[datasets.Dataset, Path | None]:
     return ds, local_file
 
 
-def to_canonical(cfg: DatasetConfig, num_proc: int | None = None) -> tuple[datasets.Dataset, int]:
+def to_canonical(cfg: DatasetConfig, num_proc: int | None = None,
+                 key: str = "datasets[]") -> tuple[datasets.Dataset, int]:
     """Load one dataset and apply its format adapter.
+
+    ``key``: where the dataset sits in the recipe (``datasets[0]``), named in the hint of a
+    bad-row error.
 
     Returns:
         ``(dataset_of_canonical_examples, skipped_rows)``.
@@ -266,8 +270,8 @@ def to_canonical(cfg: DatasetConfig, num_proc: int | None = None) -> tuple[datas
             f"that type {cfg.type!r} reads; map them to the file's columns ({names}) with "
             f"datasets[].columns, e.g. columns: {{{sorted(missing)[0]}: {ds.column_names[0]}}}")
     if errors and cfg.on_bad_row == "error":
-        more = f" (and {len(errors) - 1} more bad rows; set on_bad_row: skip to skip them)" \
-            if len(errors) > 1 else " (set on_bad_row: skip to skip bad rows)"
+        more = f" (and {len(errors) - 1} more bad rows; set {key}.on_bad_row: skip to skip " \
+            "them)" if len(errors) > 1 else f" (set {key}.on_bad_row: skip to skip bad rows)"
         raise DataError(f"{errors[0]}{more}")
     if errors:
         log.warning("%s: skipped %d bad rows, first: %s", cfg.path, len(errors), errors[0])
@@ -363,15 +367,17 @@ def dataset_shape(cfg: DatasetConfig, local_file: Path | None = None) -> tuple[d
 
 
 def load_datasets(cfgs: list[DatasetConfig], num_proc: int | None = None,
-                  seed: int = 42) -> tuple[datasets.Dataset, dict]:
+                  seed: int = 42, key: str = "datasets") -> tuple[datasets.Dataset, dict]:
     """Load, convert and mix several datasets (multi-task); returns ``(dataset, stats)``.
+
+    ``key``: the recipe key the list came from (``datasets``, ``test_datasets``), for errors.
 
     Mixed datasets must share one kind (all chat, or all text ...). The mix is shuffled with
     ``seed`` so one task does not fill whole optimizer steps.
     """
     parts, stats = [], {"skipped_bad_rows": 0, "per_dataset": {}}
-    for cfg in cfgs:
-        ds, skipped = to_canonical(cfg, num_proc=num_proc)
+    for i, cfg in enumerate(cfgs):
+        ds, skipped = to_canonical(cfg, num_proc=num_proc, key=f"{key}[{i}]")
         stats["skipped_bad_rows"] += skipped
         stats["per_dataset"][cfg.path] = len(ds)
         parts.append(ds)

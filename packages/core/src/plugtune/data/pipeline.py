@@ -417,7 +417,8 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
     train_raw, load_stats = load_datasets(recipe.datasets, recipe.dataset_num_proc, recipe.dataset_seed)
     eval_raw = None
     if recipe.test_datasets:
-        eval_raw, _ = load_datasets(recipe.test_datasets, recipe.dataset_num_proc, recipe.dataset_seed)
+        eval_raw, _ = load_datasets(recipe.test_datasets, recipe.dataset_num_proc, recipe.dataset_seed,
+                                    key="test_datasets")
     elif recipe.val_set_size > 0:
         n = recipe.val_set_size if recipe.val_set_size >= 1 else max(1, int(recipe.val_set_size * len(train_raw)))
         split = train_raw.train_test_split(test_size=int(n), seed=recipe.dataset_seed)
