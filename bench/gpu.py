@@ -178,20 +178,38 @@ def synthetic_samples(n: int, vocab: int, seq: int, seed: int = 0) -> list[dict]
     for _ in range(n):
         total = int(min(seq // 2, max(16, rng.lognormvariate(math.log(seq / 8), 0.7))))
         p = max(4, int(total * rng.uniform(0.2, 0.6)))
-        words = [f"w{rng.randrange(8, vocab - 16)}" for _ in range(total)]
+        words = [f"w{rng.randrange(8, vocab - TEMPLATE_IDS)}" for _ in range(total)]
         out.append({"prompt": " ".join(words[:p]), "completion": " ".join(words[p:])})
     return out
 
 
+#: the top ids of the synthetic vocabulary hold the alpaca template's words (never sampled)
+TEMPLATE_IDS = 128
+
+
+def template_words() -> list[str]:
+    """The words the ``alpaca`` template writes around a sample (Stanford's preambles and the
+    ``### Instruction/Input/Response:`` headers), split as the ``Whitespace`` pre-tokenizer does."""
+    import re
+
+    from plugtune.data.templates import ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT
+
+    text = f"{ALPACA_PREAMBLE} {ALPACA_PREAMBLE_INPUT} ### Instruction: ### Input: ### Response:"
+    return sorted(set(re.findall(r"\w+|[^\w\s]+", text)))
+
+
 def make_tokenizer(vocab: int, dest: Path):
-    """A word-level tokenizer whose word ``w{i}`` is token ``i`` (plus specials and the alpaca
-    template's words), saved to ``dest``; returns it."""
+    """A word-level tokenizer whose word ``w{i}`` is token ``i`` (after 4 specials), with the
+    alpaca template's words in the top :data:`TEMPLATE_IDS` ids, saved to ``dest``; returns it."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "###", "Instruction", "Response", ":"]
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = template_words()
+    assert len(words) <= TEMPLATE_IDS, len(words)
     table = {t: i for i, t in enumerate(specials)}
-    table.update({f"w{i}": i for i in range(len(specials), vocab)})
+    table.update({f"w{i}": i for i in range(len(specials), vocab - TEMPLATE_IDS)})
+    table.update({w: vocab - TEMPLATE_IDS + j for j, w in enumerate(words)})
     tk = Tokenizer(models.WordLevel(vocab=table, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
