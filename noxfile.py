@@ -30,6 +30,25 @@ def _install(session: nox.Session, *pkgs: str) -> None:
     session.install(*CONSTRAINTS, *pkgs)
 
 
+def _prune_when_ci(session: nox.Session) -> None:
+    """Remove this session's venv once its tests ran when ``PLUGTUNE_PRUNE_VENVS=1`` (set by
+    ``.ci/run``): each test venv holds torch and the HF stack (~1.8 GB), and eight of them at
+    once filled a CI disk. Locally the venvs stay, for ``reuse_existing_virtualenvs``."""
+    import shutil
+
+    loc = getattr(session.virtualenv, "location", None)
+    if os.environ.get("PLUGTUNE_PRUNE_VENVS") == "1" and loc and os.path.isdir(loc):
+        session.log(f"removing {loc} (PLUGTUNE_PRUNE_VENVS=1)")
+        shutil.rmtree(loc, ignore_errors=True)
+
+
+def _pytest(session: nox.Session, *args: str) -> None:
+    try:
+        session.run(*PYTEST, *args, *session.posargs)
+    finally:
+        _prune_when_ci(session)
+
+
 def _core(extras: str = "test,eval,quant,gguf") -> str:
     return f"{ROOT}/packages/core[{extras}]"
 
@@ -38,7 +57,7 @@ def _core(extras: str = "test,eval,quant,gguf") -> str:
 def core(session: nox.Session) -> None:
     """Core tests with no family plugin installed."""
     _install(session, _core())
-    session.run(*PYTEST, "packages/core/tests", *session.posargs)
+    _pytest(session, "packages/core/tests")
 
 
 @nox.session(tags=["tests"])
@@ -47,7 +66,7 @@ def plugin(session: nox.Session, name: str) -> None:
     """One plugin's tests in a venv holding only core + that plugin."""
     extra = ",vision" if name == "vision" else ""
     _install(session, _core("test,eval,quant" + extra), f"{ROOT}/packages/plugin-{name}")
-    session.run(*PYTEST, f"packages/plugin-{name}/tests", *session.posargs)
+    _pytest(session, f"packages/plugin-{name}/tests")
 
 
 @nox.session(tags=["tests"])
@@ -56,13 +75,16 @@ def integration(session: nox.Session) -> None:
     benchmark's bookkeeping tests (no timing)."""
     _install(session, _core("test,eval,quant,vision,gguf"),
              *[f"{ROOT}/packages/plugin-{n}" for n in PLUGINS])  # gguf: SmolLM2 (in and out)
-    session.run(*PYTEST, "tests", "bench/test_bench.py", "bench/test_gpu.py", *session.posargs)
+    _pytest(session, "tests", "bench/test_bench.py", "bench/test_gpu.py")
 
 
 @nox.session(tags=["tests"])
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "packages", "tests", "bench", "experiments", "noxfile.py")
+    try:
+        session.run("ruff", "check", "packages", "tests", "bench", "experiments", "noxfile.py")
+    finally:
+        _prune_when_ci(session)
 
 
 @nox.session

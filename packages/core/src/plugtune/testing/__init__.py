@@ -69,21 +69,25 @@ _SPECIALS = {
 }
 
 
-def load_shared_tokenizer(name: str):
-    """A real tokenizer from ``../shared/data/tokenizers/<name>`` (skips when absent).
+_TOKENIZER_DIRS: dict[str, Path] = {}
 
-    Handles the layouts found there: ``tokenizer.json`` + ``tokenizer_config.json`` (xz
-    compressed for qwen2_5 / llama3_2), a bare ``tokenizer.json`` (falcon) and sentencepiece
-    models with a ``tokenizer.converted.json`` (llama2, mistral_v1, t5).
+
+def _unpacked_tokenizer_dir(name: str) -> Path:
+    """``../shared/data/tokenizers/<name>`` unpacked once per process into a temporary folder.
+
+    The folder is removed when the interpreter exits (``atexit``), so a test session leaves
+    nothing behind in ``$TMPDIR`` (the Gemma 3 tokenizer alone is 33 MB unpacked).
     """
+    import atexit
     import lzma
     import shutil
     import tempfile
 
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+    if name in _TOKENIZER_DIRS and _TOKENIZER_DIRS[name].is_dir():
+        return _TOKENIZER_DIRS[name]
     src = shared_path("tokenizers", name)
     tmp = Path(tempfile.mkdtemp(prefix=f"plugtune-tok-{name}-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     for f in src.iterdir():
         if f.name.endswith(".xz"):
             (tmp / f.name[:-3]).write_bytes(lzma.decompress(f.read_bytes()))
@@ -91,13 +95,31 @@ def load_shared_tokenizer(name: str):
             shutil.copy(f, tmp / "tokenizer.json")
         elif f.is_file():
             shutil.copy(f, tmp / f.name)
+    _TOKENIZER_DIRS[name] = tmp
+    return tmp
+
+
+def load_shared_tokenizer(name: str):
+    """A real tokenizer from ``../shared/data/tokenizers/<name>`` (skips when absent).
+
+    Handles the layouts found there: ``tokenizer.json`` + ``tokenizer_config.json`` (xz
+    compressed for qwen2_5 / llama3_2), a bare ``tokenizer.json`` (falcon) and sentencepiece
+    models with a ``tokenizer.converted.json`` (llama2, mistral_v1, t5). Each call returns a
+    fresh tokenizer object (tests may add tokens); the unpacked files are shared per process.
+
+    Raises:
+        FileNotFoundError: the folder has no ``tokenizer.json``.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tmp = _unpacked_tokenizer_dir(name)
     if (tmp / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(tmp)
     if (tmp / "tokenizer.json").exists():
         tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp / "tokenizer.json"),
                                       **_SPECIALS.get(name, {}))
         return tok
-    raise FileNotFoundError(f"no tokenizer.json in {src}")
+    raise FileNotFoundError(f"no tokenizer.json in {shared_path('tokenizers', name)}")
 
 
 def make_spec(model_type: str, path: str = "tiny", pm=None, **recipe: Any) -> tuple[ModelSpec, Any]:
