@@ -19,7 +19,7 @@ the product too. Models and data come from ``../shared/data`` (``$PLUGTUNE_SHARE
 4. forgetting  after every SmolLM2 run of 1-3: loss on a fixed general instruction set none of
    them trains on (the last Dolly records), base vs tuned.
 5. ``dpo``     SFT (LoRA on the chosen answers) -> merge -> DPO (LoRA, reference = adapter off) on
-   SmolLM2 with dpo_en_demo: held-out implicit-reward preference accuracy and DPO loss.
+   SmolLM2 with dpo_en_demo: held-out preference accuracy (log-likelihood, before/after; implicit reward) and DPO loss.
    Before DPO the policy is the reference, so every implicit reward is 0: accuracy 0 (ties count
    as wrong, as in TRL), loss ln 2 = 0.6931.
 The cheapest row (stories260K causal LM) runs twice: the spread between reruns is in the JSON.
@@ -401,13 +401,16 @@ def exp_dpo(r: Runner, smol: Path, f: dict, p: dict) -> list[dict]:
     out = r.work / "runs" / "dpo"
     run = r.train(dpo_rec, out)
     m = run["metrics"]
+    ev = r.eval(out, f["dpo_test"], "preference", "loss", p["dpo_test"])  # plugtune eval on a DPO run
+    before, after = ev["reference"], ev["trained"]
     return [{"experiment": "dpo", "variant": "SFT (LoRA on chosen answers)", **row_common(sft, "SmolLM2-135M-Instruct")},
             {"experiment": "dpo", "variant": "DPO (LoRA, beta 0.1) on the merged SFT model",
              **row_common(run, "SmolLM2-135M-Instruct"), "train_pairs": len(json.loads(Path(f["dpo_train"]).read_text())),
-             "heldout_pairs": len(json.loads(Path(f["dpo_test"]).read_text())),
-             "pref_acc_before": 0.0, "pref_acc_after": m.get("eval_rewards/accuracies"),
+             "heldout_pairs": after["pairs"],
+             "logp_acc_before": before["logp_accuracy"], "logp_acc_after": after["logp_accuracy"],
+             "pref_acc_after": after["reward_accuracy"], "margin_after": after["reward_margin"],
+             "trl_pref_acc_after": m.get("eval_rewards/accuracies"),
              "dpo_loss_before": 0.6931, "dpo_loss_after": m.get("eval_loss"),
-             "margin_after": m.get("eval_rewards/margins"),
              "train_acc_first": m.get("first_rewards_accuracies"), "train_acc_last": m.get("last_rewards_accuracies")}]
 
 
@@ -510,10 +513,17 @@ def markdown(res: dict) -> str:
               f"{d.get('steps')} steps, {fmt(d.get('train_seconds'), 0)} s, peak RSS {d.get('peak_rss_mib')} MiB; "
               f"held-out {d.get('heldout_pairs')} pairs.", "",
               "| | before DPO | after DPO |", "|---|---|---|",
-              f"| held-out preference accuracy (implicit reward) | {fmt(d['pref_acc_before'])} (policy = reference) "
-              f"| {fmt(d.get('pref_acc_after'))} |",
+              f"| held-out pairs whose chosen answer is the more likely (summed log-prob) | "
+              f"{fmt(d.get('logp_acc_before'))} (the SFT model) | {fmt(d.get('logp_acc_after'))} |",
+              f"| held-out implicit-reward accuracy (TRL rewards/accuracies) | 0 by definition "
+              f"(policy = reference) | {fmt(d.get('pref_acc_after'))} |",
               f"| held-out DPO loss | {d['dpo_loss_before']} (ln 2) | {fmt(d.get('dpo_loss_after'), 4)} |",
-              f"| held-out reward margin | 0 | {fmt(d.get('margin_after'), 4)} |", ""]
+              f"| held-out reward margin | 0 | {fmt(d.get('margin_after'), 4)} |",
+              f"| training-batch implicit-reward accuracy, first -> last logged step | "
+              f"{fmt(d.get('train_acc_first'))} | {fmt(d.get('train_acc_last'))} |", "",
+              "Held-out numbers: `plugtune eval` on the DPO run (log-probs of the answer tokens "
+              "with the adapter on and off; they reproduce TRL's eval metrics, "
+              "`test_dpo_eval_matches_trl_eval_and_scores_the_reference`).", ""]
     for x in failed:
         L += [f"**{x['experiment']} failed:** `{x['error'].strip().splitlines()[-1][:300]}`", ""]
     L += ["Every number: `plugtune train` / `plugtune eval` child processes; seconds = the run's "

@@ -14,7 +14,7 @@ from plugtune.config import RecipeError, validate_recipe
 from plugtune.data.preference import tokenize_pair
 from plugtune.data.templates import ensure_chat_template
 from plugtune.data.tokenize import probe_template, tokenize_chat
-from plugtune.methods.dpo import dpo_config
+from plugtune.methods.dpo import dpo_config, preference_metrics
 from plugtune.testing import load_shared_tokenizer, make_spec, shared_path
 
 PROMPT = [{"role": "system", "content": "Be brief."},
@@ -298,3 +298,39 @@ def yaml_load(path):
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["lora", "none"])
+def test_dpo_eval_matches_trl_eval_and_scores_the_reference(tmp_path, adapter):
+    """``plugtune eval`` on a DPO run recomputes TRL's held-out ``rewards/accuracies`` and
+    ``rewards/margins`` from its own forward passes, and scores the reference (before)."""
+    from plugtune.methods.dpo import evaluate_run
+    from plugtune.train import train
+
+    torch.set_num_threads(1)
+    data = shared_path("llama_factory", "dpo_en_demo.json")
+    test = [dict(path=str(data), type="preference", max_samples=8)]
+    res = train(_recipe(tmp_path, adapter, data, learning_rate=5e-3 if adapter == "lora" else 1e-3,
+                        max_steps=4, test_datasets=test))
+    m = res.metrics
+    got = evaluate_run(res.output_dir)
+    assert got["trained"]["pairs"] == 8 and got["dpo_beta"] == 0.1
+    assert got["trained"]["reward_accuracy"] == pytest.approx(m["eval_rewards/accuracies"])
+    assert got["trained"]["reward_margin"] == pytest.approx(m["eval_rewards/margins"], abs=2e-3)
+    assert got["trained"]["reward_margin"] > 0  # trained on these very pairs
+    ref = got["reference"]  # the reference against itself: every implicit reward is 0
+    assert ref["reward_accuracy"] == 0 and ref["reward_margin"] == 0
+    assert 0 <= ref["logp_accuracy"] <= 1
+    assert got["trained"]["logp_accuracy"] >= ref["logp_accuracy"]
+
+
+def test_preference_metrics_table():
+    # (policy chosen, policy rejected), (reference chosen, reference rejected)
+    pol = ([-1.0, -5.0, -2.0], [-3.0, -1.0, -2.5])
+    ref = ([-2.0, -4.0, -2.0], [-2.0, -2.0, -2.0])
+    out = preference_metrics(pol, ref, beta=0.5)
+    # margins: 0.5*((1)-(-1))=1.0, 0.5*((-1)-(1))=-1.0, 0.5*(0-(-0.5))=0.25
+    assert out == {"pairs": 3, "logp_accuracy": round(2 / 3, 4),
+                   "reward_accuracy": round(2 / 3, 4), "reward_margin": round(0.25 / 3, 4)}
+    assert preference_metrics(([], []), ([], []), 0.1)["logp_accuracy"] is None

@@ -80,3 +80,43 @@ def test_use_cache_true_would_contaminate():
 
     loss_from_batch(Spy(), {"input_ids": torch.zeros(1, 2, dtype=torch.long)})
     assert seen["use_cache"] is False
+
+
+def test_multipack_real_batches_false_packs_one_row_per_micro_batch():
+    """axolotl's ``multipack_real_batches: false``: bins of micro_batch_size * sequence_len, fed
+    one row per micro-batch: the same samples and tokens in fewer rows, none over the bin, no
+    sample over sequence_len, and less padding than rows of sequence_len (real data: the
+    stories260K tokenizer makes Alpaca samples long, so rows of 512 cannot be filled)."""
+    from transformers import AutoTokenizer
+
+    from plugtune.config import validate_recipe
+    from plugtune.data import prepare
+    from plugtune.testing import make_spec, shared_path
+    from plugtune.trainer import training_kwargs
+
+    tok_dir = shared_path("models", "stories260K", "hf")
+    data = shared_path("llama_factory", "alpaca_en_demo.json")
+    out = {}
+    for real in (True, False):
+        recipe = validate_recipe(dict(
+            base_model=str(tok_dir), datasets=[dict(path=str(data), type="alpaca", max_samples=300)],
+            chat_template="alpaca", sequence_len=512, micro_batch_size=4, sample_packing=True,
+            multipack_real_batches=real, truncation="drop", output_dir="/tmp/unused"))
+        out[real] = prepare(recipe, AutoTokenizer.from_pretrained(tok_dir), "causal")
+        spec, _ = make_spec("causal_lm", sample_packing=True, multipack_real_batches=real,
+                            micro_batch_size=4, output_dir="/tmp/unused")
+        kw = training_kwargs(spec.recipe, spec, has_eval=True)
+        assert kw["per_device_train_batch_size"] == (4 if real else 1)
+        assert kw["per_device_eval_batch_size"] == (4 if real else 1)
+    rows, long = out[True], out[False]
+    for k in ("samples", "real_tokens", "trained_tokens"):
+        assert long.stats[k] == rows.stats[k], k
+    assert max(long.train["length"]) <= 4 * 512 and max(rows.train["length"]) <= 512
+    assert long.stats["rows"] * 4 >= rows.stats["rows"] * 0.9 and long.stats["rows"] < rows.stats["rows"]
+    for pos in long.train["position_ids"]:
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        assert max(b - a for a, b in zip(starts, starts[1:])) <= 512
+    # padding per step: rows of 512 leave bins part-empty; one row per micro-batch pads nothing
+    real_pad = 1 - rows.stats["real_tokens"] / (rows.stats["rows"] * 512)
+    long_pad = 1 - long.stats["real_tokens"] / (long.stats["rows"] * 4 * 512)
+    assert long_pad < real_pad and long.stats["pad_fraction"] == 0

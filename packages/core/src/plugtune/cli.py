@@ -353,16 +353,22 @@ def cmd_generate(args, console: Console) -> int:
     return 0
 
 
-def _is_reward_run(run_dir: str) -> bool:
+def _run_method(run_dir: str) -> str | None:
+    """``"reward"`` / ``"dpo"`` for runs ``plugtune eval`` scores on preference pairs, else
+    ``None`` (SFT-style evaluation)."""
     from pathlib import Path
 
     import yaml
 
     rp = Path(run_dir) / "recipe.yaml"
     if not rp.is_file():
-        return False
+        return None
     raw = yaml.safe_load(rp.read_text()) or {}
-    return raw.get("rl") == "reward" or bool(raw.get("reward_model"))
+    if raw.get("rl") == "reward" or raw.get("reward_model"):
+        return "reward"
+    if raw.get("rl") in ("dpo", "ipo"):
+        return "dpo"
+    return None
 
 
 def cmd_eval(args, console: Console) -> int:
@@ -371,8 +377,11 @@ def cmd_eval(args, console: Console) -> int:
     from plugtune.evaluate import evaluate_generation
     from plugtune.runs import load_run
 
-    if _is_reward_run(args.run_dir):  # a reward model: pairwise accuracy, base vs trained
-        from plugtune.methods.reward import evaluate_run
+    kind = _run_method(args.run_dir)
+    if kind in ("reward", "dpo"):  # reward: pairwise accuracy; dpo: preference accuracy
+        from importlib import import_module
+
+        evaluate_run = import_module(f"plugtune.methods.{kind}").evaluate_run
 
         try:
             res = evaluate_run(args.run_dir, args.data, args.type, args.max_samples)

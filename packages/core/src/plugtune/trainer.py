@@ -206,10 +206,15 @@ def training_kwargs(recipe: Recipe, spec: ModelSpec, has_eval: bool, seq2seq: bo
     """The keyword arguments of ``TrainingArguments`` from the recipe (also fed to TRL configs,
     which subclass ``TrainingArguments``)."""
     dtype = spec.torch_dtype
+    # multipack_real_batches: false -> the data holds one packed row per micro-batch
+    long_rows = (recipe.sample_packing and not recipe.multipack_real_batches
+                 and spec.task == "causal" and recipe.rl in (None, "sft"))
+    pack_eval = recipe.eval_sample_packing if recipe.eval_sample_packing is not None else recipe.sample_packing
     kwargs: dict[str, Any] = dict(
         output_dir=recipe.output_dir,
-        per_device_train_batch_size=recipe.micro_batch_size,
-        per_device_eval_batch_size=recipe.eval_batch_size or recipe.micro_batch_size,
+        per_device_train_batch_size=1 if long_rows else recipe.micro_batch_size,
+        per_device_eval_batch_size=(1 if long_rows and pack_eval
+                                    else recipe.eval_batch_size or recipe.micro_batch_size),
         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
         learning_rate=recipe.learning_rate,
         lr_scheduler_type=recipe.lr_scheduler,

@@ -291,9 +291,11 @@ def finalize(tok: datasets.Dataset, recipe: Recipe, packing: bool, tokenizer=Non
         tok = tok.select([i for i, k in enumerate(keep) if k])
         labels = [lab for lab, k in zip(labels, keep) if k]
     tok = tok.remove_columns([c for c in ("status", "cut_tokens") if c in tok.column_names])
+    long_rows = packing and not recipe.multipack_real_batches  # one row per micro-batch
     if packing and len(tok):
+        capacity = recipe.sequence_len * (recipe.micro_batch_size if long_rows else 1)
         rows = pack_rows(tok.select_columns(["input_ids"]).to_dict()["input_ids"], labels,
-                         recipe.sequence_len)
+                         capacity)
         labels = rows["labels"]
         tok = datasets.Dataset.from_dict(rows)
     lengths = list(tok["length"]) if len(tok) else []
@@ -303,7 +305,7 @@ def finalize(tok: datasets.Dataset, recipe: Recipe, packing: bool, tokenizer=Non
         real_tokens=real,
         trained_tokens=sum(sum(1 for x in lab if x != -100) for lab in labels),
         packed=packing,
-        pad_fraction=round(_pad_fraction(lengths, recipe.micro_batch_size,
+        pad_fraction=round(_pad_fraction(lengths, 1 if long_rows else recipe.micro_batch_size,
                                          recipe.group_by_length and not packing,
                                          recipe.seed), 4),
     )

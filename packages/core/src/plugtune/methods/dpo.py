@@ -14,6 +14,7 @@ lr 1e-6) are overridden by the recipe: on CPUs bf16 is ~22x slower than fp32 (FI
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -158,3 +159,134 @@ def run(ctx):
     trainer, metrics, stats = build_trainer(ctx)
     return fit_and_save(ctx, trainer, metrics, stats,
                         watch=("rewards/accuracies", "rewards/margins"))
+
+
+def answer_logps(model, rows, pad_id: int, batch_size: int = 8) -> tuple[list[float], list[float]]:
+    """Summed log-probability (nats) of each pair's chosen and rejected answer given its prompt.
+
+    ``rows`` carry ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (lists of ints, from
+    :func:`plugtune.data.preference.tokenize_preferences`); only answer tokens are scored, as in
+    TRL's ``DPOTrainer.concatenated_forward`` (sum over the completion, ``loss_type`` sigmoid).
+
+    Returns:
+        ``(chosen_logps, rejected_logps)``, one float per pair.
+    """
+    import torch
+
+    def logps(prompts, answers):
+        seqs = [p + a for p, a in zip(prompts, answers)]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, (p, s) in enumerate(zip(prompts, seqs)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            labels[i, len(p): len(s)] = torch.tensor(s[len(p):])
+        dev = next(model.parameters()).device
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, :-1].float()
+        tgt = labels[:, 1:].to(dev)
+        lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
+        return (lp * (tgt != -100)).sum(-1).cpu().tolist()
+
+    was_training = model.training
+    model.eval()
+    chosen: list[float] = []
+    rejected: list[float] = []
+    with torch.no_grad():
+        for k in range(0, len(rows), batch_size):
+            part = rows[k: k + batch_size]
+            chosen += logps(part["prompt_ids"], part["chosen_ids"])
+            rejected += logps(part["prompt_ids"], part["rejected_ids"])
+    model.train(was_training)
+    return chosen, rejected
+
+
+def preference_metrics(policy: tuple[list[float], list[float]],
+                       reference: tuple[list[float], list[float]], beta: float) -> dict:
+    """Held-out preference metrics of a DPO policy against its reference.
+
+    Args:
+        policy / reference: ``(chosen_logps, rejected_logps)`` from :func:`answer_logps`.
+        beta: the run's ``dpo_beta``.
+
+    Returns:
+        ``logp_accuracy`` (share of pairs whose chosen answer the policy finds more likely than
+        the rejected one, summed log-probs), ``reward_accuracy`` and ``reward_margin`` (TRL's
+        ``rewards/accuracies`` and ``rewards/margins``: implicit reward
+        ``beta * (logp_policy - logp_reference)``, Rafailov et al. 2023 eq. 5; 0 for every pair
+        when policy == reference, so a model's accuracy against itself is 0), ``pairs``.
+    """
+    pc, pr = policy
+    rc, rr = reference
+    n = len(pc)
+    if not n:
+        return {"pairs": 0, "logp_accuracy": None, "reward_accuracy": None, "reward_margin": None}
+    margins = [beta * ((a - b) - (c - d)) for a, b, c, d in zip(pc, rc, pr, rr)]
+    return {"pairs": n,
+            "logp_accuracy": round(sum(a > b for a, b in zip(pc, pr)) / n, 4),
+            "reward_accuracy": round(sum(m > 0 for m in margins) / n, 4),
+            "reward_margin": round(sum(margins) / n, 4)}
+
+
+def evaluate_run(run_dir, data: str | None = None, dataset_type: str | None = None,
+                 max_samples: int | None = None) -> dict:
+    """``plugtune eval`` for a DPO run: preference metrics of the reference (the base model, or
+    the base with the adapter disabled) and of the trained policy on the recipe's
+    ``test_datasets`` or ``data`` (:func:`preference_metrics`).
+
+    Returns:
+        ``{"reference": {...}, "trained": {...}, "dpo_beta": beta}``; the reference scored
+        against itself has ``reward_accuracy`` 0 by definition, its ``logp_accuracy`` is the
+        "before" number.
+
+    Raises:
+        plugtune.runs.RunDirError: not a run folder; ValueError: no held-out pairs.
+    """
+    from plugtune.config import DatasetConfig
+    from plugtune.data import prepare
+    from plugtune.data.preference import tokenize_preferences
+    from plugtune.data.tokenize import probe_template
+    from plugtune.runs import load_run, load_run_spec
+
+    spec, adapter, _ = load_run_spec(run_dir)
+    recipe = spec.recipe
+    if data:
+        test = [DatasetConfig(path=data, type=dataset_type or recipe.datasets[0].type,
+                              columns=recipe.datasets[0].columns)]
+    elif recipe.test_datasets:
+        test = recipe.test_datasets
+    else:
+        raise ValueError("no --data and the recipe has no test_datasets")
+    if max_samples:
+        test = [d.model_copy(update={"max_samples": max_samples}) for d in test]
+    spec, loaded, pm = load_run(run_dir)
+    tok = loaded.tokenizer
+    prepared = prepare(recipe.model_copy(update={"datasets": test, "test_datasets": []}), tok,
+                       spec.task)
+    rows, _ = tokenize_preferences(prepared.raw_train, tok, probe_template(tok), recipe.sequence_len)
+    if not len(rows):
+        raise ValueError("no held-out pairs")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    model = loaded.model
+    trained = answer_logps(model, rows, pad)
+    if adapter:
+        with model.disable_adapter():
+            ref = answer_logps(model, rows, pad)
+    else:  # full fine-tuning: the reference is the base model the run started from
+        import yaml
+
+        from plugtune.export.portable import BaseModelMissing, resolve_base
+        from plugtune.runs import RunDirError
+
+        raw = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text())
+        try:
+            base = resolve_base(Path(run_dir), raw["base_model"])
+        except BaseModelMissing as exc:
+            raise RunDirError(str(exc)) from exc
+        del model, loaded
+        ref_spec = spec.replace(path=base, recipe=recipe.model_copy(update={"base_model": base}))
+        ref = answer_logps(pm.hook.plugtune_load(spec=ref_spec).model, rows, pad)
+    beta = recipe.dpo_beta
+    return {"dpo_beta": beta, "reference": preference_metrics(ref, ref, beta),
+            "trained": preference_metrics(trained, ref, beta)}

@@ -32,7 +32,7 @@ _HONOURED = """
 base_model trust_remote_code load_in_8bit load_in_4bit lora_r lora_alpha lora_dropout
 lora_target_modules lora_modules_to_save peft_use_dora peft_use_rslora loraplus_lr_ratio
 loraplus_lr_embedding datasets test_datasets val_set_size train_on_inputs sequence_len
-sample_packing eval_sample_packing group_by_length dataset_num_proc micro_batch_size
+sample_packing eval_sample_packing multipack_real_batches group_by_length dataset_num_proc micro_batch_size
 eval_batch_size gradient_accumulation_steps learning_rate lr_scheduler warmup_steps warmup_ratio
 weight_decay optimizer max_grad_norm num_epochs max_steps gradient_checkpointing seed deepspeed
 output_dir logging_steps save_steps save_total_limit eval_steps evals_per_epoch saves_per_epoch
@@ -152,7 +152,6 @@ _NOTED = {
     "sample_packing_eff_est": "plugtune packs the whole dataset once",
     "sample_packing_mp_start_method": "plugtune packs in the main process",
     "sample_packing_sequentially": "plugtune packs best-fit",
-    "multipack_real_batches": "plugtune packs into rows of sequence_len",
     "pretrain_multipack_attn": "packed samples never attend to each other in plugtune",
     "batch_flattening": "plugtune packs with reset position ids",
     "max_packed_sequence_len": "sequence_len bounds packed rows",
