@@ -232,8 +232,11 @@ def summarize(models: dict) -> str:
             r = m["runs"].get(meth)
             if r is None:
                 continue
+            long_rows = meth in ("plugtune", "bare_loop") and m.get("multipack_real_batches") is False
+            batch = (f"1 row of {m['rows_per_batch']}x{m['sequence_len']} x 1" if long_rows
+                     else f"{r.get('micro_batch', m['rows_per_batch'])} x {r.get('grad_accum', 1)}")
             rows.append({**r, "run": f"({LETTER[meth]}) {meth}", "pad_pct": 100 * r["pad_fraction"],
-                         "batch": f"{r.get('micro_batch', m['rows_per_batch'])} x {r.get('grad_accum', 1)}"})
+                         "batch": batch})
             if r.get("same_process"):
                 sp = r["same_process"]
                 rows.append({"run": "(a) plugtune again, in (d)'s process", "batch": rows[-1]["batch"],
@@ -335,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prep-samples", default="1000,10000,100000",
                    help="data-preparation sizes (Dolly replicated), one process each")
     p.add_argument("--no-prep", action="store_true")
+    p.add_argument("--real-batches", action="store_true",
+                   help="(a)/(d) pack rows of sequence_len (multipack_real_batches: true, plugtune's "
+                        "default) instead of one row of rows_per_batch * sequence_len per micro-batch")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp folder (models, logs)")
@@ -405,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         base = {"model_name": model_name, "model_dir": info["path"], "datasets": files,
                 "sequence_len": args.sequence_len, "rows_per_batch": rows_per_batch,
                 "steps": steps, "warmup": warm, "threads": args.threads,
-                "logging_steps": args.logging_steps, "adapter": mcfg.get("adapter", "none")}
+                "logging_steps": args.logging_steps, "adapter": mcfg.get("adapter", "none"),
+                "long_rows": not args.real_batches}
         runs: dict = {}
         every: dict = {m: [] for m in methods}
         print(f"bench: {model_name}: {info['params'] / 1e6:.2f}M params, {warm}+{steps} steps, samples "
@@ -454,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][model_name] = {
             **{k: v for k, v in info.items() if k != "path"}, "path": info["path"] if model_name != "llama-20m" else "built from config",
             "sequence_len": args.sequence_len, "rows_per_batch": rows_per_batch,
-            "adapter": base["adapter"], "measured_steps": steps, "warmup_steps": warm, "runs": runs, "ratios": rat,
+            "multipack_real_batches": not base["long_rows"], "adapter": base["adapter"], "measured_steps": steps, "warmup_steps": warm, "runs": runs, "ratios": rat,
             "ratios_from_median_step": rat_med, "peak_rss_ratios": rss, "rounds": args.rounds,
             "all_rounds": {m: [{k: r[k] for k in ("round", "real_tokens_per_s", "real_tokens_per_s_median",
                                                    "time_to_first_step_s", "peak_rss_mib", "loadavg_end")}

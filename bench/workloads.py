@@ -164,6 +164,8 @@ def _recipe(cfg: dict, packing: bool, out_dir: str):
     return validate_recipe(dict(
         **lora, base_model=cfg["model_dir"], adapter=cfg.get("adapter", "none"), dtype="fp32",
         sample_packing=packing,
+        # --long-rows: one packed row of rows_per_batch * sequence_len per micro-batch
+        multipack_real_batches=not cfg.get("long_rows", False),
         sequence_len=cfg["sequence_len"], micro_batch_size=cfg["rows_per_batch"],
         chat_template="alpaca", datasets=cfg["datasets"], max_steps=cfg["warmup"] + cfg["steps"],
         **({"logging_steps": cfg["logging_steps"]} if cfg.get("logging_steps") else {}),
