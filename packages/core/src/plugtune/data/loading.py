@@ -8,6 +8,7 @@ to name the first bad line (non-UTF-8 bytes, malformed JSON) so the user gets
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import logging
@@ -60,10 +61,23 @@ def check_utf8(path: Path) -> None:
     """Raise :class:`DataError` naming the first line of a text file that is not UTF-8.
 
     Arrow reads such bytes without complaint and fails later, far from the file, so text
-    files are checked before loading (one decode pass; no parsing).
+    files are checked before loading (one decode pass; no parsing). An uncompressed file is
+    decoded in 1 MiB blocks (memory stays flat in the file's size); the whole file is read only
+    to name the bad line.
     """
-    if file_suffix(path)[0] not in (".json", ".jsonl", ".csv", ".txt"):
+    suffix, compression = file_suffix(path)
+    if suffix not in (".json", ".jsonl", ".csv", ".txt"):
         return
+    if compression is None:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            with path.open("rb") as f:
+                while block := f.read(1 << 20):
+                    decoder.decode(block)
+            decoder.decode(b"", final=True)
+            return
+        except UnicodeDecodeError:
+            pass
     raw = read_bytes(path)
     try:
         raw.decode("utf-8")
