@@ -229,6 +229,9 @@ def test_llamafactory_training_yaml_translates():
         translate({**full, "stage": "ppo"})
     with pytest.raises(RecipeError, match="use_unsloth"):
         translate({**full, "use_unsloth": True})
+    # Liger's kernels: LLaMA-Factory's switch is plugtune's liger_kernel key
+    assert translate({**full, "enable_liger_kernel": True}).data["liger_kernel"] is True
+    assert translate({**full, "enable_liger_kernel": False}).data["liger_kernel"] is False
 
 
 def test_llamafactory_dataset_names_resolve_through_dataset_info():

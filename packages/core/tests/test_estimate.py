@@ -104,6 +104,19 @@ def test_checkpointing_and_length_scale_activations(tmp_path):
     assert eager.activations > base.activations  # softmax probabilities are kept
 
 
+@pytest.mark.parametrize("rl,pairs,reference", [
+    ("dpo", True, True), ("ipo", True, True), ("kto", True, True), ("orpo", True, False),
+    ("simpo", True, False), ("reward", True, False), (None, False, False)])
+def test_alignment_methods_pair_batches_and_reference_copies(tmp_path, rl, pairs, reference):
+    """Pair methods hold 2b rows; full-weight DPO/IPO/KTO add a frozen copy of the weights."""
+    path = shared_path("models", "stories260K", "hf")
+    sft = estimate(_recipe(path, adapter="none", output_dir=str(tmp_path)), device="cpu")
+    kw = {"reward_model": True} if rl == "reward" else ({"rl": rl} if rl else {})
+    est = estimate(_recipe(path, adapter="none", output_dir=str(tmp_path), **kw), device="cpu")
+    assert est.activations == pytest.approx((2 if pairs else 1) * sft.activations, rel=1e-6)
+    assert est.details["dpo_reference_copy"] == (est.weights // 2 if reference else 0)
+
+
 def test_cli_says_whether_it_fits(tmp_path, capsys):
     from plugtune.cli import main
 

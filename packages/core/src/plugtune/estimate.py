@@ -30,9 +30,10 @@ read), so parameter counts and the shapes of every layer are exact. Components (
   (``V`` per token).
   With gradient checkpointing (full recomputation, Korthikanti sec. 4.1; Chen et al. 2016) only
   each layer's input (``h`` per token) is kept, plus one layer's activations during recompute.
-* **DPO** (``rl: dpo``): chosen and rejected answers run as one batch of ``2b`` rows; full-weight
-  DPO adds a frozen reference copy of the weights (with LoRA the reference is the base with the
-  adapter disabled: no copy).
+* **Pair methods** (``rl``: dpo, ipo, orpo, cpo, simpo, reward; KTO's KL batch likewise):
+  chosen and rejected answers run as one batch of ``2b`` rows; full-weight DPO / IPO / KTO add
+  a frozen reference copy of the weights (with LoRA the reference is the base with the adapter
+  disabled: no copy; ORPO, CPO/SimPO and reward models have no reference).
 * **backward working set**: while backward runs, gradients of the widest tensors are alive next
   to the saved activations: two fp32 ``V``-wide buffers for the loss, or three MLP-wide and two
   residual-wide ones for a layer, whichever is larger.
@@ -76,6 +77,12 @@ _OPTIMIZER_STATES = {  # (states per trainable parameter, bytes per state or Non
     "adamw_bnb_8bit": (2, 1), "sgd": (0, None), "lion": (1, None), "lion_8bit": (1, 1),
     "adafactor": (1, None), "adagrad": (1, None), "rmsprop": (1, None),
 }
+
+#: ``rl`` methods whose batches hold two sequences per example (TRL concatenates chosen and
+#: rejected; KTO adds a KL batch of mismatched completions)
+PAIR_METHODS = frozenset({"dpo", "ipo", "orpo", "cpo", "simpo", "reward", "kto"})
+#: ``rl`` methods that keep a frozen reference model (a full copy without an adapter)
+REFERENCE_METHODS = frozenset({"dpo", "ipo", "kto"})
 
 
 def nf4_bytes(n: int, blocksize: int = 64) -> int:
@@ -327,8 +334,10 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
             per_layer.append(_layer_activation(
                 layer, f"{prefix}.{k}", cfg, lora, r, recipe.lora_dropout, impl, s, act_bytes,
                 1 if on_cuda else act_bytes))  # dropout masks: bool on CUDA, input dtype on CPU
-    # DPO scores chosen and rejected answers in one batch of 2b rows (TRL concatenates them)
-    tokens = b * s * (2 if recipe.rl == "dpo" else 1)
+    # pair methods score chosen and rejected answers in one batch of 2b rows (TRL concatenates
+    # them); KTO runs its KL batch (mismatched completions) beside the batch
+    method = "reward" if recipe.reward_model else recipe.rl
+    tokens = b * s * (2 if method in PAIR_METHODS else 1)
     # final norm (+ head input when the head trains) and the fp32 log-softmax of the loss
     outside = (h * (2 if lora is None else 1) + (h if lora is None else 0)) * act_bytes + vocab * 4
     no_gc = tokens * (sum(per_layer) + outside)
@@ -341,8 +350,8 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
     working = tokens * max(2 * vocab * 4, (3 * inter + 2 * h) * act_bytes)
 
     reference = 0.0
-    if recipe.rl == "dpo" and lora_names is None:
-        reference = weights  # full-weight DPO keeps a frozen copy of the initial model
+    if method in REFERENCE_METHODS and lora_names is None:
+        reference = weights  # full-weight DPO / KTO keep a frozen copy of the initial model
     weights += reference
     # DeepSpeed ZeRO partitioning
     details: dict[str, Any] = {

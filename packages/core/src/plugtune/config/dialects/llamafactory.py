@@ -32,7 +32,8 @@ RENAMED = {
 #: handled in :func:`translate`
 HANDLED = {"stage", "finetuning_type", "lora_target", "additional_target", "dataset",
            "eval_dataset", "dataset_dir", "template", "max_samples", "quantization_bit",
-           "quantization_method", "pref_loss", "flash_attn", "disable_gradient_checkpointing"}
+           "quantization_method", "pref_loss", "flash_attn", "disable_gradient_checkpointing",
+           "enable_liger_kernel"}
 NOTED = {
     "overwrite_cache": "plugtune prepares data in memory each run",
     "plot_loss": "plugtune always writes the loss curve", "preprocessing_batch_size":
@@ -50,7 +51,7 @@ NOTED = {
 }
 REFUSED = {
     "ppo/rm-free stages": "", "adapter_name_or_path": "plugtune starts a new adapter",
-    "use_unsloth": "plugtune has no unsloth kernels", "enable_liger_kernel": "no Liger kernels",
+    "use_unsloth": "plugtune has no unsloth kernels",
     "rope_scaling": "plugtune has no RoPE scaling override", "shift_attn": "no shifted attention",
     "mixture_of_depths": "no mixture-of-depths", "use_llama_pro": "no LLaMA Pro block expansion",
     "use_galore": "no GaLore", "use_badam": "no BAdam", "use_apollo": "no APOLLO",
@@ -157,6 +158,8 @@ def translate(data: dict[str, Any], source: str = "<recipe>") -> Translation:
         out["attn_implementation"] = _FLASH.get(str(d["flash_attn"]), "sdpa")
     if d.get("disable_gradient_checkpointing"):
         out["gradient_checkpointing"] = False
+    if "enable_liger_kernel" in d:  # Liger's fused kernels (plugtune[liger], CUDA only)
+        out["liger_kernel"] = bool(d["enable_liger_kernel"])
     for k, v in d.items():
         if k in RENAMED:
             out[RENAMED[k]] = v
