@@ -211,9 +211,10 @@ class Recipe(_Strict):
         True, description="with sample_packing (axolotl's key): true packs samples into "
         "micro_batch_size rows of sequence_len tokens; false packs them into one row of "
         "micro_batch_size * sequence_len tokens per micro-batch (axolotl's default with "
-        "flash-attn; bins 4x larger leave less room unfilled: stories260K on Alpaca+Dolly "
-        "5.5 % -> 0.4 % pad). Samples still never attend to each other; without a per-sample "
-        "attention (flash-attn varlen, plugtune's packed sdpa on CPU) a long row costs "
+        "flash-attn; bins 4x larger leave less room unfilled: stories260K on Dolly + "
+        "alpaca_en_demo, rows 92.6 % -> 98.3 % full, no padding in a one-row micro-batch). "
+        "Samples still never attend to each other; without a per-sample attention "
+        "(flash-attn varlen, plugtune's packed sdpa on CPU) a long row costs "
         "O((micro_batch_size*sequence_len)^2) attention")
     group_by_length: bool = True
     dataset_num_proc: int | None = Field(None, ge=1)
