@@ -188,3 +188,49 @@ def pad_floor(lengths: Sequence[int], capacity: int) -> dict:
     rows = bin_packing_lower_bound(lengths, capacity)
     return {"rows_lower_bound": rows,
             "pad_floor": round(pad_fraction(sum(lengths), rows * capacity), 4) if rows else 0.0}
+
+
+def flop_ceiling(linear_macs: float, head_macs: float, attn_width: int, layers: int,
+                 sample_lengths: Sequence[int], trained_fraction: float, trl_row_len: float,
+                 adapter: bool) -> dict:
+    """The most (a) can gain over TRL packing (c) by doing less arithmetic per real token.
+
+    Both train the same weights on the same tokens, so the linear layers are common work; (a)
+    saves only in attention (causal ``sdpa`` per packed sample, flash-style kernels skip the
+    masked upper triangle: ``sum(L_i^2) / (2 sum(L_i))`` keys per query) against (c)'s explicit
+    block mask over its whole row (every query scores all ``trl_row_len`` keys), and in the LM
+    head (only trained positions, against every position). Multiply-accumulates per real token,
+    forward: ``linear_macs + 2 * attn_width * layers * keys + head_macs * share``; backward
+    costs 2x the forward for trained weights (input and weight gradients) and 1x for frozen ones
+    (input gradients only: every base weight under LoRA); attention's backward is 2x its
+    forward (Kaplan et al. 2020, arXiv:2001.08361, sec. 2.1: forward ~2N FLOPs per token,
+    backward ~2x that). Elementwise work (norms, RoPE, activations, the optimizer) is left
+    out, so for very narrow models the real ratio sits below this.
+
+    Args:
+        linear_macs: MACs per token of the decoder's linear layers (sum of in x out).
+        head_macs: MACs per token of the LM head (hidden x vocab).
+        attn_width: query heads x head dim.
+        layers: decoder layers.
+        sample_lengths: tokens of each packed sample (a's rows).
+        trained_fraction: trained (label) tokens / real tokens.
+        trl_row_len: mean tokens per row of (c) (its block mask spans the row).
+        adapter: LoRA (frozen base weights) rather than full fine-tuning.
+
+    Returns:
+        ``{"a_macs_per_token", "c_macs_per_token", "a_c_ceiling"}`` (ratio c / a).
+
+    Raises:
+        ValueError: no samples.
+    """
+    if not sample_lengths:
+        raise ValueError("no sample lengths")
+    keys_a = sum(n * n for n in sample_lengths) / (2 * sum(sample_lengths))
+    keys_c = float(trl_row_len)
+    w = 2.0 if adapter else 3.0  # forward + backward of (frozen | trained) weights
+
+    def cost(keys, head_share):
+        return w * linear_macs + 3.0 * 2 * attn_width * layers * keys + w * head_macs * head_share
+
+    a, c = cost(keys_a, trained_fraction), cost(keys_c, 1.0)
+    return {"a_macs_per_token": round(a), "c_macs_per_token": round(c), "a_c_ceiling": round(c / a, 3)}

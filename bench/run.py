@@ -58,6 +58,7 @@ sys.path.insert(0, str(HERE))
 
 from measure import (  # noqa: E402
     TARGETS,
+    flop_ceiling,
     linear_fit,
     linearity,
     padded_batching,
@@ -179,6 +180,19 @@ def build_smollm2(shared: Path, dest: Path) -> dict:
             "source": f"{SMOLLM2_GGUF[0]}/{SMOLLM2_GGUF[1]} (de-quantized to fp32)"}
 
 
+def a_c_ceiling(runs: dict, adapter: bool) -> dict | None:
+    """:func:`measure.flop_ceiling` from (a)'s model facts and packed sample lengths and (c)'s
+    tokens per row (its real tokens per step over the rows of a step); ``None`` when either run
+    is missing."""
+    a, c = runs.get("plugtune"), runs.get("trl_packing")
+    if not a or not c or not (a.get("packing_floor") or {}).get("sample_lengths"):
+        return None
+    rows = c.get("micro_batch", 1) * c.get("grad_accum", 1)
+    return flop_ceiling(a["linear_macs_per_token"], a["head_macs_per_token"], a["attn_width"],
+                        a["layers"], a["packing_floor"]["sample_lengths"], a["trained_fraction"],
+                        c["real_tokens_per_step"] / rows, adapter)
+
+
 def best_of(rounds: list[dict]) -> dict:
     """The round with the highest real tokens/s (other load only ever slows a run down, as in
     ``timeit``'s best-of), every other figure from that same round, except the peak RSS: the
@@ -254,6 +268,13 @@ def summarize(models: dict) -> str:
             f"{k} = {v}" for k, v in m.get("ratios_from_median_step", {}).items()) + ")"
         if m.get("peak_rss_ratios"):
             rt += "; peak RSS " + ", ".join(f"{k} = {v}" for k, v in m["peak_rss_ratios"].items())
+        if m.get("a_c_flop_ceiling"):
+            cl = m["a_c_flop_ceiling"]
+            rt += (f"; a/c ceiling by arithmetic per real token (measure.flop_ceiling): "
+                   f"{cl['a_c_ceiling']} ({cl['c_macs_per_token']:,} vs {cl['a_macs_per_token']:,} MACs)")
+        layout = ("one row of rows_per_batch x sequence_len per micro-batch (multipack_real_batches: false)"
+                  if m.get("multipack_real_batches") is False else "rows of sequence_len")
+        rt += f"; (a)/(d) pack {layout}"
         kept = ", ".join(f"{k} {a}/{b}" for k, (a, b) in m.get("samples_kept_of_total", {}).items())
         out.append(f"### {name} ({m['params'] / 1e6:.2f}M params, sequence_len {m['sequence_len']}, "
                    f"{m['measured_steps']} measured steps after {m['warmup_steps']} warm-up; "
@@ -458,11 +479,15 @@ def main(argv: list[str] | None = None) -> int:
             rat_med.pop("a/d", None)
         # memory side by side: plugtune's peak RSS over each other run's (below 1 = less memory)
         rss = ratios({k: v["peak_rss_mib"] for k, v in runs.items()})
+        ceiling = a_c_ceiling(runs, base["adapter"] != "none")
+        if ceiling:
+            print(f"bench: {model_name}: a/c ceiling by arithmetic per token {ceiling['a_c_ceiling']}", flush=True)
         results["models"][model_name] = {
             **{k: v for k, v in info.items() if k != "path"}, "path": info["path"] if model_name != "llama-20m" else "built from config",
             "sequence_len": args.sequence_len, "rows_per_batch": rows_per_batch,
             "multipack_real_batches": not base["long_rows"], "adapter": base["adapter"], "measured_steps": steps, "warmup_steps": warm, "runs": runs, "ratios": rat,
             "ratios_from_median_step": rat_med, "peak_rss_ratios": rss, "rounds": args.rounds,
+            "a_c_flop_ceiling": ceiling,
             "all_rounds": {m: [{k: r[k] for k in ("round", "real_tokens_per_s", "real_tokens_per_s_median",
                                                    "time_to_first_step_s", "peak_rss_mib", "loadavg_end")}
                                for r in rs] for m, rs in every.items()},

@@ -133,7 +133,7 @@ def test_packing_floor_reads_sample_lengths_from_packed_rows():
     rows = datasets.Dataset.from_dict({"position_ids": [[0, 1, 2, 0, 1, 2], [0, 1, 2, 3]]})
     # samples 3, 3, 4 in rows of 6: the volume bound says 2 rows, and 2 were used
     assert packing_floor(rows, 6) == {"packed_rows": 2, "sample_lengths_sum": 10,
-                                      "rows_lower_bound": 2, "pad_floor": round(1 - 10 / 12, 4)}
+                                      "sample_lengths": [3, 3, 4], "rows_lower_bound": 2, "pad_floor": round(1 - 10 / 12, 4)}
     assert packing_floor(datasets.Dataset.from_dict({"input_ids": [[1]]}), 6) == {}
 
 
@@ -144,3 +144,20 @@ def test_a_worker_past_its_timeout_is_stopped_with_its_children(tmp_path):
 
     with pytest.raises(RuntimeError, match="ran past --timeout"):
         run_worker({"method": "prep_scaling", "model_name": "t"}, tmp_path, dict(os.environ), 0.2)
+
+
+def test_flop_ceiling_counts_attention_and_head_savings():
+    from measure import flop_ceiling
+
+    # no attention, head on every token in both: nothing to gain
+    same = flop_ceiling(1000, 100, 0, 1, [10, 10], 1.0, 20, adapter=False)
+    assert same["a_c_ceiling"] == 1.0
+    # (a): samples of 4 -> 4*4*2/(2*8) = 2 keys per query; (c): rows of 8 keys
+    r = flop_ceiling(0, 0, 1, 1, [4, 4], 1.0, 8, adapter=True)
+    assert r["a_macs_per_token"] == 3 * 2 * 2 and r["c_macs_per_token"] == 3 * 2 * 8
+    assert r["a_c_ceiling"] == 4.0
+    # the head only on trained tokens: half the head's work
+    h = flop_ceiling(0, 10, 0, 1, [5], 0.5, 5, adapter=True)
+    assert h["a_c_ceiling"] == 2.0
+    with pytest.raises(ValueError):
+        flop_ceiling(1, 1, 1, 1, [], 1.0, 1, adapter=True)

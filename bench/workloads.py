@@ -208,6 +208,7 @@ def run_plugtune(cfg: dict) -> dict:
         "data_prep_s": prep["data_prep_s"], "collator": prep["collator"], "optimizer": prep["optimizer"],
         "rows": st["rows"], "samples": n_samples, "dropped_samples": st["dropped"],
         "mean_sample_len": round(st["real_tokens"] / max(n_samples, 1), 2),
+        "trained_fraction": round(st["trained_tokens"] / max(st["real_tokens"], 1), 4),
         **_loss_ends(losses, 1), "logging_steps": prep["logging_steps"],
         "packing_floor": prep.get("floor"),
         **_model_facts(prep["model"])})
@@ -225,14 +226,28 @@ def packing_floor(train, capacity: int) -> dict:
     for row in train["position_ids"]:
         starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
         lens += [b - a for a, b in zip(starts, starts[1:])]
-    return {"packed_rows": len(train), "sample_lengths_sum": sum(lens), **pad_floor(lens, capacity)}
+    return {"packed_rows": len(train), "sample_lengths_sum": sum(lens), "sample_lengths": lens,
+            **pad_floor(lens, capacity)}
 
 
 def _model_facts(model) -> dict:
-    """Attention implementation and whether plugtune's label-only LM head loss was used."""
+    """Attention implementation, whether plugtune's label-only LM head loss was used, and the
+    arithmetic per token that :func:`measure.flop_ceiling` needs (linear layers besides the LM
+    head, LoRA's included; the head; query heads x head dim; layers)."""
+    from torch import nn
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"attn_implementation": base.config._attn_implementation,
-            "label_only_head": getattr(base, "_plugtune_label_only_head", None)}
+    cfg = base.config
+    head = base.get_output_embeddings()
+    linear = sum(m.in_features * m.out_features for m in model.modules()
+                 if isinstance(m, nn.Linear) and m is not head)
+    heads = getattr(cfg, "num_attention_heads", 0)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // max(heads, 1)
+    return {"attn_implementation": cfg._attn_implementation,
+            "label_only_head": getattr(base, "_plugtune_label_only_head", None),
+            "linear_macs_per_token": linear,
+            "head_macs_per_token": head.in_features * head.out_features if head is not None else 0,
+            "attn_width": heads * head_dim, "layers": cfg.num_hidden_layers}
 
 
 def _canonical(cfg: dict):
