@@ -154,15 +154,18 @@ class Runner:
             fh.flush()
             p = subprocess.Popen([sys.executable, "-m", "plugtune", *args], stdout=fh,
                                  stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
-            _, status, ru = os.wait4(p.pid, 0)
+            peak_kb = 0
+            while p.poll() is None:  # VmHWM: the child's own high-water mark (see child_peak_kb)
+                peak_kb = max(peak_kb, child_peak_kb(p.pid))
+                time.sleep(0.1)
+            rc = p.returncode
         secs = time.perf_counter() - t0
         out = logf.read_text()
-        rc = os.waitstatus_to_exitcode(status)
         if rc != 0:
             raise RuntimeError(f"plugtune {' '.join(args)} failed (rc {rc}):\n{out[-3000:]}")
         self.log(f"  plugtune {' '.join(a if len(a) < 60 else '...' + a[-40:] for a in args)}"
-                 f"  [{secs:.0f} s, {ru.ru_maxrss / 1024:.0f} MiB]")
-        return {"stdout": out, "seconds": round(secs, 1), "peak_rss_mib": round(ru.ru_maxrss / 1024)}
+                 f"  [{secs:.0f} s, {peak_kb / 1024:.0f} MiB]")
+        return {"stdout": out, "seconds": round(secs, 1), "peak_rss_mib": round(peak_kb / 1024)}
 
     def train(self, recipe: Path, out: Path, **sets) -> dict:
         """``plugtune train RECIPE --set k=v ... --set output_dir=OUT``; returns the run's
@@ -207,6 +210,21 @@ class Runner:
             raise RuntimeError(f"plugtune {' '.join(args)} failed (rc {rc}):\n{text[-3000:]}")
         self.log(f"  plugtune eval {run.name} on {Path(data).name} ({metrics})  [{time.perf_counter() - t0:.0f} s]")
         return json.loads(text[text.index("{"):])
+
+
+def child_peak_kb(pid: int) -> int:
+    """``VmHWM`` (peak resident set, kB) of process ``pid`` from ``/proc/PID/status``; 0 when
+    it is gone or ``/proc`` is absent. Polled while a child runs instead of ``wait4``'s
+    ``ru_maxrss``, which Linux carries across ``execve``: a child started by this process (which
+    holds the in-process evaluations, GBs) would report at least this process's own peak."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def write_json(path: Path, obj) -> Path:
@@ -527,7 +545,7 @@ def markdown(res: dict) -> str:
     for x in failed:
         L += [f"**{x['experiment']} failed:** `{x['error'].strip().splitlines()[-1][:300]}`", ""]
     L += ["Every number: `plugtune train` / `plugtune eval` child processes; seconds = the run's "
-          "training loop (metrics.json `train_seconds`), peak RSS = the training process (wait4). "
+          "training loop (metrics.json `train_seconds`), peak RSS = the training process's own high-water mark (VmHWM). "
           "Seeded (seed 42); the machine is shared, so seconds vary more than metrics."]
     return "\n".join(L) + "\n"
 
