@@ -270,7 +270,7 @@ def summarize(models: dict) -> str:
             rt += "; peak RSS " + ", ".join(f"{k} = {v}" for k, v in m["peak_rss_ratios"].items())
         if m.get("a_c_flop_ceiling"):
             cl = m["a_c_flop_ceiling"]
-            rt += (f"; a/c ceiling by arithmetic per real token (measure.flop_ceiling): "
+            rt += (f"; a/c explained by arithmetic per real token (measure.flop_ceiling): "
                    f"{cl['a_c_ceiling']} ({cl['c_macs_per_token']:,} vs {cl['a_macs_per_token']:,} MACs)")
         layout = ("one row of rows_per_batch x sequence_len per micro-batch (multipack_real_batches: false)"
                   if m.get("multipack_real_batches") is False else "rows of sequence_len")
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         rss = ratios({k: v["peak_rss_mib"] for k, v in runs.items()})
         ceiling = a_c_ceiling(runs, base["adapter"] != "none")
         if ceiling:
-            print(f"bench: {model_name}: a/c ceiling by arithmetic per token {ceiling['a_c_ceiling']}", flush=True)
+            print(f"bench: {model_name}: a/c explained by arithmetic per token {ceiling['a_c_ceiling']}", flush=True)
         results["models"][model_name] = {
             **{k: v for k, v in info.items() if k != "path"}, "path": info["path"] if model_name != "llama-20m" else "built from config",
             "sequence_len": args.sequence_len, "rows_per_batch": rows_per_batch,
