@@ -334,3 +334,16 @@ def test_preference_metrics_table():
     assert out == {"pairs": 3, "logp_accuracy": round(2 / 3, 4),
                    "reward_accuracy": round(2 / 3, 4), "reward_margin": round(0.25 / 3, 4)}
     assert preference_metrics(([], []), ([], []), 0.1)["logp_accuracy"] is None
+
+
+@pytest.mark.parametrize("recipe,kind", [
+    ({"rl": "dpo"}, "dpo"), ({"rl": "ipo"}, "dpo"), ({"rl": "reward"}, "reward"),
+    ({"reward_model": True}, "reward"), ({"rl": "kto"}, None), ({}, None)])
+def test_plugtune_eval_routes_preference_runs_by_their_recipe(tmp_path, recipe, kind):
+    import yaml
+
+    from plugtune.cli import _run_method
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"base_model": "m", **recipe}))
+    assert _run_method(str(tmp_path)) == kind
+    assert _run_method(str(tmp_path / "missing")) is None
