@@ -28,12 +28,27 @@ class Family:
             ``"qwen2"`` ...). Two plugins claiming one value is an error.
         task: ``"causal"``, ``"seq2seq"`` or ``"vision"`` (selects the Trainer and data path).
         description: one line shown by ``plugtune plugins``.
+        quirks: one short line per quirk the plugin handles (``"<bos> once"``, ``"final-logit
+            softcap in the label-only loss"`` ...), listed by ``plugtune families``.
+        packing: ``"auto"`` (core decides per architecture: exact for softmax attention with
+            position-id restarts, refused for recurrent / linear-attention / hybrid layers, see
+            :mod:`plugtune.architectures`), ``"exact"`` (the plugin vouches and a test shows it)
+            or ``"refused"`` (``packing_reason`` says why).
+        packing_reason: why packing is refused (shown in the error and by ``plugtune families``).
+        attn_implementation: the attention implementation the family needs when it cannot use
+            plugtune's default ``sdpa`` (gpt-oss: ``"eager"``); ``None`` keeps the default.
+        tests: test ids (``path::name``) that show the quirks, listed by ``plugtune families``.
     """
 
     name: str
     model_types: tuple[str, ...]
     task: str = "causal"
     description: str = ""
+    quirks: tuple[str, ...] = ()
+    packing: str = "auto"
+    packing_reason: str = ""
+    attn_implementation: str | None = None
+    tests: tuple[str, ...] = ()
 
 
 @dataclass
