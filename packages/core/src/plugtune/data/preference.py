@@ -233,3 +233,43 @@ def tokenize_preferences(ds: datasets.Dataset, tokenizer, info: TemplateInfo, ma
         "mean_rejected_tokens": round(sum(map(len, rows["rejected_ids"])) / n, 1),
     }
     return rows.remove_columns(["status", "boundary_shift"]), stats
+
+
+def held_out_pairs(recipe, tokenizer, task: str, data: str | None = None,
+                   dataset_type: str | None = None, max_samples: int | None = None):
+    """The tokenized preference pairs ``plugtune eval`` scores a pair-method run on (DPO, IPO,
+    reward model): ``data`` (a file read with the recipe's first dataset's ``columns`` and
+    ``dataset_type`` or its ``type``) or else the recipe's ``test_datasets``.
+
+    Args:
+        recipe: the run's saved :class:`plugtune.config.Recipe`.
+        max_samples: keep at most this many pairs per dataset (``None``: all).
+
+    Returns:
+        The :func:`tokenize_preferences` rows (``datasets.Dataset`` with prompt/chosen/rejected
+        ids, at most ``recipe.sequence_len`` tokens each).
+
+    Raises:
+        ValueError: no ``data`` and no ``test_datasets``, or no pair survived tokenization.
+        plugtune.data.DataError: the file cannot be read.
+    """
+    from plugtune.config import DatasetConfig
+    from plugtune.data.pipeline import prepare
+    from plugtune.data.tokenize import probe_template
+
+    if data:
+        test = [DatasetConfig(path=data, type=dataset_type or recipe.datasets[0].type,
+                              columns=recipe.datasets[0].columns)]
+    elif recipe.test_datasets:
+        test = recipe.test_datasets
+    else:
+        raise ValueError("no --data and the recipe has no test_datasets")
+    if max_samples:
+        test = [d.model_copy(update={"max_samples": max_samples}) for d in test]
+    prepared = prepare(recipe.model_copy(update={"datasets": test, "test_datasets": []}),
+                       tokenizer, task)
+    rows, _ = tokenize_preferences(prepared.raw_train, tokenizer, probe_template(tokenizer),
+                                   recipe.sequence_len)
+    if not len(rows):
+        raise ValueError("no held-out pairs")
+    return rows

@@ -243,30 +243,14 @@ def evaluate_run(run_dir, data: str | None = None, dataset_type: str | None = No
     Raises:
         plugtune.runs.RunDirError: not a run folder; ValueError: no held-out pairs.
     """
-    from plugtune.config import DatasetConfig
-    from plugtune.data import prepare
-    from plugtune.data.preference import tokenize_preferences
-    from plugtune.data.tokenize import probe_template
+    from plugtune.data.preference import held_out_pairs
     from plugtune.runs import load_run, load_run_spec
 
     spec, adapter, _ = load_run_spec(run_dir)
     recipe = spec.recipe
-    if data:
-        test = [DatasetConfig(path=data, type=dataset_type or recipe.datasets[0].type,
-                              columns=recipe.datasets[0].columns)]
-    elif recipe.test_datasets:
-        test = recipe.test_datasets
-    else:
-        raise ValueError("no --data and the recipe has no test_datasets")
-    if max_samples:
-        test = [d.model_copy(update={"max_samples": max_samples}) for d in test]
     spec, loaded, pm = load_run(run_dir)
     tok = loaded.tokenizer
-    prepared = prepare(recipe.model_copy(update={"datasets": test, "test_datasets": []}), tok,
-                       spec.task)
-    rows, _ = tokenize_preferences(prepared.raw_train, tok, probe_template(tok), recipe.sequence_len)
-    if not len(rows):
-        raise ValueError("no held-out pairs")
+    rows = held_out_pairs(recipe, tok, spec.task, data, dataset_type, max_samples)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     model = loaded.model
     trained = answer_logps(model, rows, pad)

@@ -193,29 +193,14 @@ def evaluate_run(run_dir, data: str | None = None, dataset_type: str | None = No
     import transformers
     from peft import PeftModel
 
-    from plugtune.config import DatasetConfig
-    from plugtune.data import prepare
-    from plugtune.data.preference import tokenize_preferences
-    from plugtune.data.tokenize import probe_template
+    from plugtune.data.preference import held_out_pairs
     from plugtune.modeling import load_tokenizer
     from plugtune.runs import load_run_spec
 
     spec, adapter, _ = load_run_spec(run_dir)
     recipe = spec.recipe
-    if data:
-        test = [DatasetConfig(path=data, type=dataset_type or recipe.datasets[0].type,
-                              columns=recipe.datasets[0].columns)]
-    elif recipe.test_datasets:
-        test = recipe.test_datasets
-    else:
-        raise ValueError("no --data and the recipe has no test_datasets")
-    if max_samples:
-        test = [d.model_copy(update={"max_samples": max_samples}) for d in test]
     tokenizer = load_tokenizer(spec)
-    prepared = prepare(recipe.model_copy(update={"datasets": test, "test_datasets": []}),
-                       tokenizer, spec.task)
-    rows, _ = tokenize_preferences(prepared.raw_train, tokenizer, probe_template(tokenizer),
-                                   recipe.sequence_len)
+    rows = held_out_pairs(recipe, tokenizer, spec.task, data, dataset_type, max_samples)
     rows = reward_rows(rows)
     transformers.set_seed(recipe.seed)
     if adapter:
