@@ -108,7 +108,11 @@ def test_generation_stops_at_end_of_turn_and_eos(gemma_tok, stop, stops):
     word = gemma_tok.convert_tokens_to_ids("▁Paris")
     stop_id = gemma_tok.convert_tokens_to_ids(stop)
     model.lm_head.register_forward_hook(_Scripted([word, word, stop_id, word]))
+    seen: list[torch.Tensor] = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     out = pm.hook.plugtune_generate(spec=spec, model=model, tokenizer=gemma_tok,
                                     prompts=["Capital of France?"], max_new_tokens=6,
                                     images=None, processor=None)
     assert out == (["Paris Paris"] if stops else ["Paris Paris Paris Paris Paris"])
+    prompt = seen[0][0].tolist()  # the prefill: the rendered prompt, one <bos> (not two)
+    assert prompt[0] == gemma_tok.bos_token_id and prompt.count(gemma_tok.bos_token_id) == 1
