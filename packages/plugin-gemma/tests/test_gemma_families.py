@@ -7,8 +7,9 @@ import ast
 from pathlib import Path
 
 import pytest
-from plugtune_gemma.plugin import FAMILIES
 from transformers import CONFIG_MAPPING
+
+from plugtune_gemma.plugin import FAMILIES
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]  # the repository: test ids are relative to it

@@ -9,7 +9,6 @@ import logging
 import pytest
 import torch
 from conftest import PLUGIN_NAME
-from plugtune_gemma.tiny import tiny_config
 from transformers import AutoModelForCausalLM
 
 from plugtune import attention
@@ -18,6 +17,7 @@ from plugtune.data.tokenize import probe_template, tokenize_chat
 from plugtune.modeling import _label_only, _label_only_parts, loss_from_batch
 from plugtune.plugins import get_plugin_manager
 from plugtune.testing import PluginContract, make_spec
+from plugtune_gemma.tiny import tiny_config
 
 SOFTCAPPED = ["gemma2", "gemma3_text", "gemma4_text"]
 CHATS = [

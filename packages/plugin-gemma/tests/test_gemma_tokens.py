@@ -97,8 +97,9 @@ class _Scripted:
 def test_generation_stops_at_end_of_turn_and_eos(gemma_tok, stop, stops):
     """Greedy decoding scripted to say ``Paris``, ``Paris``, ``stop``, ``Paris`` ...: the answer
     ends before ``stop`` when it is a stop token; ``<start_of_turn>`` (control) is not one."""
-    from plugtune_gemma.tiny import tiny_config
     from transformers import AutoModelForCausalLM
+
+    from plugtune_gemma.tiny import tiny_config
 
     pm = get_plugin_manager()
     spec, _ = make_spec("gemma3_text", pm=pm)

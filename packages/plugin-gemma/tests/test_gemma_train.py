@@ -32,9 +32,9 @@ def _chats(path):
 @pytest.mark.slow  # ~45 s here: datasets hashes the 262k-vocabulary tokenizer for its cache
 def test_gemma3_text_trains_packed_and_merges(tmp_path):
     from peft import PeftModel
-    from plugtune_gemma.tiny import save_tiny
 
     from plugtune.testing import load_shared_tokenizer
+    from plugtune_gemma.tiny import save_tiny
 
     torch.set_num_threads(1)
     base_dir = save_tiny("gemma3_text", tmp_path / "base", load_shared_tokenizer("gemma3"),
