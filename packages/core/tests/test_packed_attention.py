@@ -184,3 +184,71 @@ def test_label_only_loss_only_for_heads_whose_forward_is_a_plain_linear(make_tin
     llama = make_tiny_llama(vocab_size=100)
     assert _label_only_parts(llama, batch) is not None
     assert plain_head_forward(type(llama), "lm_head")
+
+
+class _CappedThenScaled(torch.nn.Module):
+    """A forward with Gemma's soft-cap block followed by one more change of the logits."""
+
+    def forward(self, hidden):
+        logits = self.lm_head(hidden)
+        if self.config.final_logit_softcapping is not None:
+            logits = logits / self.config.final_logit_softcapping
+            logits = torch.tanh(logits)
+            logits = logits * self.config.final_logit_softcapping
+        logits = logits * 2
+        return logits
+
+
+class _CapElsewhere(torch.nn.Module):
+    """The soft-cap statements, but not right after the head: refused (only the exact shape of
+    Gemma's forward is reproduced, anything else keeps the model's own loss)."""
+
+    def forward(self, hidden):
+        logits = self.lm_head(hidden)
+        hidden = hidden * 2
+        if self.config.final_logit_softcapping is not None:
+            logits = logits / self.config.final_logit_softcapping
+            logits = torch.tanh(logits)
+            logits = logits * self.config.final_logit_softcapping
+        return logits
+
+
+@pytest.mark.parametrize("cls_name,expect", [
+    ("LlamaForCausalLM", "plain"), ("Gemma2ForCausalLM", "softcap"),
+    ("Gemma3ForCausalLM", "softcap"), ("RecurrentGemmaForCausalLM", None),
+    ("CohereForCausalLM", None), (_CappedThenScaled, None), (_CapElsewhere, None),
+])
+def test_head_forward_recognises_exactly_head_plus_softcap(cls_name, expect):
+    """``"softcap"`` only for the head followed directly by Gemma's soft-cap block and nothing
+    else touching the logits; RecurrentGemma (``logits_soft_cap``), Cohere (logit scale) and
+    the two variants above are ``None``: they keep their own loss."""
+    import transformers
+
+    from plugtune.modeling import head_forward, plain_head_forward
+
+    cls = getattr(transformers, cls_name) if isinstance(cls_name, str) else cls_name
+    assert head_forward(cls, "lm_head") == expect
+    assert plain_head_forward(cls, "lm_head") == (expect == "plain")
+
+
+def test_label_only_loss_applies_gemma2_softcap():
+    """A tiny Gemma 2 (logits beyond its soft cap of 2): the label-only head is kept after its
+    one-row check and equals the model's own loss; the uncapped head would not."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from plugtune.modeling import _label_only, _label_only_parts
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       final_logit_softcapping=2.0, initializer_range=1.0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    batch, _ = _packed_batch()
+    got = loss_from_batch(model, batch)
+    assert model._plugtune_label_only_head is True
+    ref = model(**batch, use_cache=False).loss
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    parts = _label_only_parts(model, batch)
+    with torch.no_grad():
+        uncapped = _label_only(parts[1], parts[2], {**batch, "use_cache": False})
+    assert abs(float(uncapped) - float(ref.detach())) > 0.1

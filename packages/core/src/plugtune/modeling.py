@@ -376,10 +376,13 @@ _VERDICT = "_plugtune_label_only_head"
 
 
 def _label_only_parts(model, kwargs: dict):
-    """``(base, backbone, head)`` when the loss may be computed from the labelled positions'
-    hidden states alone, else ``None``: a bare (or peft-wrapped, not DDP/DeepSpeed-wrapped)
-    decoder-only text ``PreTrainedModel`` with a plain ``nn.Linear`` head, no logit transform,
-    no router loss, and only text inputs in the batch."""
+    """``(base, backbone, head, softcap)`` when the loss may be computed from the labelled
+    positions' hidden states alone, else ``None``: a bare (or peft-wrapped, not
+    DDP/DeepSpeed-wrapped) decoder-only text ``PreTrainedModel`` with a plain ``nn.Linear``
+    head, no router loss, only text inputs in the batch, and logits that are either the head's
+    output unchanged (``softcap=None``) or the head's output soft-capped exactly as
+    :func:`head_forward` recognises (``softcap`` = ``config.final_logit_softcapping``, Gemma 2 /
+    3 / 4). Any other logit transform (``logit_scale`` ...) keeps the model's own forward."""
     from transformers import PreTrainedModel
 
     if "labels" not in kwargs or set(kwargs) - _PLAIN_INPUTS:
@@ -391,30 +394,58 @@ def _label_only_parts(model, kwargs: dict):
         return None
     cfg = base.config
     if (getattr(cfg, "is_encoder_decoder", False) or cfg.get_text_config() is not cfg
-            or getattr(cfg, "output_router_logits", False)
-            or any(getattr(cfg, a, None) is not None for a in _LOGIT_TRANSFORMS)):
+            or getattr(cfg, "output_router_logits", False)):
         return None
     head = base.get_output_embeddings()
     backbone = base.base_model
     if type(head) is not nn.Linear or backbone is base:
         return None
     attr = next((n for n, m in base.named_children() if m is head), None)
-    if attr is None or not plain_head_forward(type(base), attr):
+    kind = head_forward(type(base), attr) if attr is not None else None
+    if kind is None:
         return None
-    return base, backbone, head
+    softcap = getattr(cfg, "final_logit_softcapping", None) if kind == "softcap" else None
+    handled = {"final_logit_softcapping"} if kind == "softcap" else set()
+    if any(getattr(cfg, a, None) is not None for a in _LOGIT_TRANSFORMS if a not in handled):
+        return None
+    return base, backbone, head, softcap
+
+
+#: the only logit transform the label-only head reproduces: Gemma 2 / 3 / 4's final-logit soft
+#: cap, ``cap * tanh(logits / cap)`` (Gemma Team 2024, "Gemma 2", arXiv:2408.00118 §2;
+#: transformers ``Gemma2ForCausalLM.forward``), as these exact statements right after the head
+_SOFTCAP_BLOCK = """
+if self.config.final_logit_softcapping is not None:
+    {v} = {v} / self.config.final_logit_softcapping
+    {v} = torch.tanh({v})
+    {v} = {v} * self.config.final_logit_softcapping
+"""
+
+
+def plain_head_forward(cls: type, head_attr: str) -> bool:
+    """True when ``cls.forward``'s logits are exactly ``self.<head_attr>(hidden)`` (see
+    :func:`head_forward`; a soft-capping forward gives ``False``)."""
+    return head_forward(cls, head_attr) == "plain"
 
 
 @functools.cache
-def plain_head_forward(cls: type, head_attr: str) -> bool:
-    """True when ``cls.forward``'s logits are exactly ``self.<head_attr>(hidden)``: the head is
-    called once, its result is assigned once (optionally ``.contiguous()``) and never changed
-    after (no reassignment, augmented or in-place op). Soft-capping (Gemma 2, RecurrentGemma's
-    ``logits_soft_cap``), logit scales (Cohere) and anything unreadable give ``False``: such
-    models keep their own loss. Read from the source with :mod:`ast`, once per class."""
+def head_forward(cls: type, head_attr: str) -> str | None:
+    """How ``cls.forward`` turns ``self.<head_attr>(hidden)`` into logits, read from its source
+    with :mod:`ast` once per class.
+
+    Returns:
+        ``"plain"``: the head is called once, its result assigned once (optionally
+        ``.contiguous()``) and never changed after (no reassignment, augmented or in-place op);
+        ``"softcap"``: the same, except that the statement right after the head's assignment is
+        exactly Gemma's final-logit soft cap (:data:`_SOFTCAP_BLOCK`, three reassignments guarded
+        by ``self.config.final_logit_softcapping is not None``) and nothing else writes the
+        logits; ``None``: anything else (RecurrentGemma's ``logits_soft_cap``, Cohere's logit
+        scale, an unreadable forward): such models keep their own loss.
+    """
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
     except (OSError, TypeError, SyntaxError):
-        return False
+        return None
 
     def is_head_call(node) -> bool:
         return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
@@ -423,8 +454,8 @@ def plain_head_forward(cls: type, head_attr: str) -> bool:
 
     calls = [n for n in ast.walk(tree) if is_head_call(n)]
     if len(calls) != 1:
-        return False
-    var = None
+        return None
+    var, assign = None, None
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             value = node.value
@@ -432,9 +463,9 @@ def plain_head_forward(cls: type, head_attr: str) -> bool:
                     and value.func.attr == "contiguous" and not value.args):
                 value = value.func.value
             if is_head_call(value):
-                var = node.targets[0].id
+                var, assign = node.targets[0].id, node
     if var is None:
-        return False
+        return None
     writes = 0
     for node in ast.walk(tree):
         targets = (node.targets if isinstance(node, ast.Assign) else [node.target]
@@ -443,8 +474,16 @@ def plain_head_forward(cls: type, head_attr: str) -> bool:
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and isinstance(node.func.value, ast.Name) and node.func.value.id == var
                 and node.func.attr.endswith("_") and not node.func.attr.startswith("_")):
-            return False  # in-place op on the logits (mul_, clamp_ ...)
-    return writes == 1
+            return None  # in-place op on the logits (mul_, clamp_ ...)
+    if writes == 1:
+        return "plain"
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.FunctionDef) else []
+    at = next((i for i, stmt in enumerate(body) if stmt is assign), None)
+    cap = ast.dump(ast.parse(_SOFTCAP_BLOCK.format(v=var)).body[0])
+    if (writes == 4 and at is not None and at + 1 < len(body)
+            and ast.dump(body[at + 1]) == cap):
+        return "softcap"
+    return None
 
 
 def label_only_loss(model, kwargs: dict, num_items_in_batch=None) -> torch.Tensor | None:
@@ -456,7 +495,10 @@ def label_only_loss(model, kwargs: dict, num_items_in_batch=None) -> torch.Tenso
     of positions ``t`` with ``labels[t + 1] != -100`` go through the head and the float32
     cross-entropy, summed and divided by ``num_items_in_batch`` (else by the number of
     labelled tokens), as transformers' ``ForCausalLMLoss`` does (the idea of TRL's fused LM
-    head, which on CPU still scores every position).
+    head, which on CPU still scores every position). Models whose forward soft-caps the logits
+    (Gemma 2 / 3 / 4, ``config.final_logit_softcapping``) get the same cap on the labelled
+    positions' logits (:func:`softcap_logits`), so their 256k-vocabulary logits are never built
+    for the prompt tokens either.
 
     The first call for a model checks the path on one row of the batch against the model's own
     forward (no grad, same RNG state, so dropout matches) and keeps it only if both losses agree
@@ -476,10 +518,11 @@ def label_only_loss(model, kwargs: dict, num_items_in_batch=None) -> torch.Tenso
     # and packed samples attend to each other (../shared/FINDINGS.md), and the one-row check
     # below would compare two equally wrong losses
     kwargs = {**kwargs, "use_cache": False}
-    base, backbone, head = parts
-    if getattr(base, _VERDICT, None) is None and not _verify_label_only(model, base, backbone, head, kwargs):
+    base, backbone, head, softcap = parts
+    if (getattr(base, _VERDICT, None) is None
+            and not _verify_label_only(model, base, backbone, head, kwargs, softcap)):
         return None
-    return _label_only(backbone, head, kwargs, num_items_in_batch)
+    return _label_only(backbone, head, kwargs, num_items_in_batch, softcap)
 
 
 def disable_label_only_head(model) -> None:
@@ -491,19 +534,35 @@ def disable_label_only_head(model) -> None:
     setattr(base, _VERDICT, False)
 
 
-def _label_only(backbone, head, kwargs: dict, num_items_in_batch=None) -> torch.Tensor:
+def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(logits / cap)`` (Gemma 2's final-logit soft cap, Gemma Team 2024,
+    arXiv:2408.00118 §2), in the logits' dtype and in the order transformers'
+    ``Gemma2ForCausalLM.forward`` computes it (divide, tanh, multiply), so that the label-only
+    loss equals the model's own to float rounding; ``cap=None`` returns ``logits`` unchanged.
+
+    Args:
+        logits: ``(..., vocab)`` raw head outputs; cap: the soft cap (> 0, e.g. 30.0).
+    """
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def _label_only(backbone, head, kwargs: dict, num_items_in_batch=None,
+                softcap: float | None = None) -> torch.Tensor:
     labels = kwargs["labels"]
     out = backbone(**{k: v for k, v in kwargs.items() if k != "labels"})
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     shift = labels[:, 1:].to(hidden.device)
     keep = shift != -100
-    logits = head(hidden[:, :-1][keep]).float()
+    logits = softcap_logits(head(hidden[:, :-1][keep]), softcap).float()
     loss = nn.functional.cross_entropy(logits, shift[keep], reduction="sum")
     denom = keep.sum() if num_items_in_batch is None else num_items_in_batch
     return loss / (denom.to(loss.device) if torch.is_tensor(denom) else denom)
 
 
-def _verify_label_only(model, base, backbone, head, kwargs: dict) -> bool:
+def _verify_label_only(model, base, backbone, head, kwargs: dict,
+                       softcap: float | None = None) -> bool:
     """Compare :func:`_label_only` with the model's own loss on the first row that has labels
     (no grad, equal RNG states); record the verdict on ``base``. ``False`` = do not use it now."""
     labels = kwargs["labels"]
@@ -524,7 +583,7 @@ def _verify_label_only(model, base, backbone, head, kwargs: dict) -> bool:
     with torch.no_grad():
         ref = model(**one).loss.float()
         restore()
-        mine = _label_only(backbone, head, one)
+        mine = _label_only(backbone, head, one, softcap=softcap)
         restore()
     ok = bool(torch.allclose(mine, ref.to(mine.device), rtol=1e-4, atol=1e-6))
     setattr(base, _VERDICT, ok)
