@@ -141,3 +141,32 @@ def test_seq2seq_targets_end_with_eos():
     row = tokenize_seq2seq(tok, "summarize: Amanda baked cookies.", "Amanda baked.", 64)
     assert row["labels"][-1] == tok.eos_token_id and row["input_ids"][-1] == tok.eos_token_id
     assert tok.decode(row["labels"], skip_special_tokens=True) == "Amanda baked."
+
+
+def test_tokenizer_fingerprint_tracks_what_changes_the_rows(monkeypatch):
+    """The cheap fingerprint the tokenize map is cached under: same tokenizer -> same key,
+    another vocabulary, an added token or another chat template -> another key; and the map
+    really uses it (a second identical map is a cache hit with identical rows)."""
+    import datasets
+
+    from plugtune.config import validate_recipe
+    from plugtune.data.pipeline import tokenize_dataset, tokenizer_fingerprint
+
+    a, b = load_shared_tokenizer("qwen2_5"), load_shared_tokenizer("qwen2_5")
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(load_shared_tokenizer("llama3_2"))
+    before = tokenizer_fingerprint(b)
+    b.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert tokenizer_fingerprint(b) != before
+    c = load_shared_tokenizer("qwen2_5")
+    c.add_tokens(["<plugtune_new>"])
+    assert tokenizer_fingerprint(c) != before
+
+    recipe = validate_recipe({"base_model": "x", "datasets": [{"path": "x.jsonl", "type": "messages"}]})
+    ds = datasets.Dataset.from_list([{"messages": ONE_TURN}, {"messages": MULTI}])
+    info = probe_template(a)
+    first = tokenize_dataset(ds, a, recipe, "causal", info)
+    again = tokenize_dataset(ds, load_shared_tokenizer("qwen2_5"), recipe, "causal", info)
+    other = tokenize_dataset(ds, a, recipe.model_copy(update={"sequence_len": 7}), "causal", info)
+    assert first._fingerprint == again._fingerprint != other._fingerprint
+    assert first["input_ids"] == again["input_ids"]
