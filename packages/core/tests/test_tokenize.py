@@ -141,3 +141,24 @@ def test_seq2seq_targets_end_with_eos():
     row = tokenize_seq2seq(tok, "summarize: Amanda baked cookies.", "Amanda baked.", 64)
     assert row["labels"][-1] == tok.eos_token_id and row["input_ids"][-1] == tok.eos_token_id
     assert tok.decode(row["labels"], skip_special_tokens=True) == "Amanda baked."
+
+
+def test_context_turn_the_template_rewrites_is_part_of_the_next_prompt():
+    """Qwen3 renders an assistant turn with its ``<think>`` block only while it is the last one:
+    an untrained earlier turn is context, rendered as the template renders it later; a trained
+    one still cannot be split (a family plugin splits such conversations: plugtune_chat_rows)."""
+    from plugtune.data.tokenize import TemplateRenderError
+
+    tok = load_shared_tokenizer("qwen3")
+    info = probe_template(tok)
+    msgs = [{"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": "Add.", "train": False},
+            {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "content": "6", "reasoning_content": "Add again."}]
+    out = tokenize_chat(tok, msgs, info, 512)
+    plain = [{k: v for k, v in m.items() if k != "train"} for m in msgs]
+    assert tok.decode(out["input_ids"]) == tok.apply_chat_template(plain, tokenize=False)
+    spans = trained_spans(out["input_ids"], out["labels"])
+    assert [tok.decode(s) for s in spans] == ["<think>\nAdd again.\n</think>\n\n6<|im_end|>"]
+    with pytest.raises(TemplateRenderError, match="turn 3"):
+        tokenize_chat(tok, plain, info, 512)
