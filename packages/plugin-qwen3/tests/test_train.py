@@ -91,3 +91,29 @@ def test_families_declare_packing_and_tests():
     for fam in FAMILIES:
         assert fam.quirks and fam.tests
         assert all(t.startswith("packages/plugin-qwen3/tests/") for t in fam.tests)
+
+
+@pytest.mark.parametrize("model_type,exact", [("qwen3", True), ("qwen3_5_text", False)])
+def test_packing_exact_or_refused(model_type, exact):
+    """Two samples packed in one row (position ids restarting) give each sample's logits alone
+    for Qwen3's softmax attention, not for Qwen3.5's linear attention: its packing is refused."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from plugtune.modeling import ModelLoadError
+    from plugtune.testing import make_spec
+    from plugtune_qwen3.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, 300)).eval()
+    a, b = torch.randint(3, 300, (9,)).tolist(), torch.randint(3, 300, (6,)).tolist()
+    with torch.no_grad():
+        packed = model(input_ids=torch.tensor([a + b]), use_cache=False,
+                       position_ids=torch.tensor([[*range(9), *range(6)]])).logits[0, 9:]
+        alone = model(input_ids=torch.tensor([b]), use_cache=False).logits[0]
+    assert torch.allclose(packed, alone, atol=1e-5) == exact
+    spec, pm = make_spec(model_type, sample_packing=True)
+    assert (spec.family.packing == "refused") == (not exact)
+    if not exact:
+        with pytest.raises(ModelLoadError, match="linear-attention"):
+            pm.hook.plugtune_load(spec=spec)

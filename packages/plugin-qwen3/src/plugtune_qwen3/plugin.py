@@ -45,7 +45,8 @@ _THINKING_TESTS = (
 
 FAMILIES = [
     Family("qwen3", ("qwen3",), "causal", "Qwen3 (hybrid thinking)", quirks=_THINKING_QUIRKS,
-           packing="auto", tests=(*_THINKING_TESTS, _TESTS + "test_train.py::test_lora_trains[qwen3]")),
+           packing="auto", tests=(*_THINKING_TESTS, _TESTS + "test_train.py::test_lora_trains[qwen3]",
+                                  _TESTS + "test_train.py::test_packing_exact_or_refused[qwen3-True]")),
     Family("qwen3_moe", ("qwen3_moe",), "causal",
            "Qwen3-MoE (hybrid thinking; MoE targets and router loss from core)",
            quirks=(*_THINKING_QUIRKS, "MoE: core's generic targets / router handling"),
@@ -59,7 +60,8 @@ FAMILIES = [
                "packed sample into the next, which position-id restarts do not reset (a tiny "
                "qwen3_5_text: |logit difference| 5.6e-2 packed vs alone); set "
                "sample_packing: false"),
-           tests=(*_THINKING_TESTS, _TESTS + "test_train.py::test_lora_trains[qwen3_5_text]")),
+           tests=(*_THINKING_TESTS, _TESTS + "test_train.py::test_lora_trains[qwen3_5_text]",
+                  _TESTS + "test_train.py::test_packing_exact_or_refused[qwen3_5_text-False]")),
     Family("smollm3", ("smollm3",), "causal", "SmolLM3 (hybrid thinking, /think and /no_think)",
            quirks=(*_THINKING_QUIRKS[:1], "reasoning written inline (its template reads no "
                    "reasoning_content)", _THINKING_QUIRKS[2]),
@@ -104,12 +106,22 @@ def plugtune_recipe_keys():
 @hookimpl
 def plugtune_load(spec):
     """Core's tokenizer and model loading; the chat template's ``enable_thinking`` default set
-    from the recipe (:func:`plugtune_qwen3._thinking.set_thinking_default`)."""
-    from plugtune.modeling import load_model, load_tokenizer
+    from the recipe (:func:`plugtune_qwen3._thinking.set_thinking_default`).
+
+    Raises:
+        ModelLoadError: the recipe packs samples (``sample_packing`` / ``eval_sample_packing``)
+            for a family whose packing is refused (Qwen3.5), with the reason.
+    """
+    from plugtune.modeling import ModelLoadError, load_model, load_tokenizer
     from plugtune_qwen3._thinking import set_thinking_default
 
     if not _owns(spec):
         return None
+    rec = spec.recipe
+    packs = rec.sample_packing or bool(rec.eval_sample_packing)
+    if spec.family.packing == "refused" and packs:
+        raise ModelLoadError(f"{spec.path}: sample packing is refused for {spec.model_type}: "
+                             f"{spec.family.packing_reason}")
     tok = load_tokenizer(spec)
     set_thinking_default(tok, _enable_thinking(spec))
     return Loaded(model=load_model(spec), tokenizer=tok)
