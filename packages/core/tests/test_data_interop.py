@@ -525,3 +525,21 @@ def test_per_turn_training_flags(tmp_path, qwen):
     p.write_text(json.dumps({"messages": turns}) + "\n")
     with pytest.raises(DataError, match=r"v1.jsonl:1 .*loss_weight.*only 0 \(not trained\) or 1"):
         to_canonical(DatasetConfig(path=str(p), type="messages"))
+
+
+def test_reasoning_content_is_kept_on_assistant_turns(tmp_path):
+    """An assistant turn's ``reasoning_content`` reaches the template (Qwen3 reads it); Arrow
+    fills turns without it with None, which :func:`template_messages` drops."""
+    from plugtune.data.formats import template_messages
+
+    p = tmp_path / "r.jsonl"
+    turns = [{"role": "user", "content": "q"},
+             {"role": "assistant", "content": "a", "reasoning_content": "because"},
+             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]
+    p.write_text(json.dumps({"messages": turns}) + "\n")
+    ds, _ = to_canonical(DatasetConfig(path=str(p), type="messages"))
+    msgs, _ = template_messages(ds[0])
+    assert msgs == turns
+    p.write_text(json.dumps({"messages": [turns[0], {**turns[1], "reasoning_content": ["x"]}]}) + "\n")
+    with pytest.raises(DataError, match=r"r\.jsonl:1 .*messages\[1\]\.reasoning_content.: expected a string"):
+        to_canonical(DatasetConfig(path=str(p), type="messages"))

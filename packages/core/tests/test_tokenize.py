@@ -170,3 +170,24 @@ def test_tokenizer_fingerprint_tracks_what_changes_the_rows(monkeypatch):
     other = tokenize_dataset(ds, a, recipe.model_copy(update={"sequence_len": 7}), "causal", info)
     assert first._fingerprint == again._fingerprint != other._fingerprint
     assert first["input_ids"] == again["input_ids"]
+
+
+def test_context_turn_the_template_rewrites_is_part_of_the_next_prompt():
+    """Qwen3 renders an assistant turn with its ``<think>`` block only while it is the last one:
+    an untrained earlier turn is context, rendered as the template renders it later; a trained
+    one still cannot be split (a family plugin splits such conversations: plugtune_chat_rows)."""
+    from plugtune.data.tokenize import TemplateRenderError
+
+    tok = load_shared_tokenizer("qwen3")
+    info = probe_template(tok)
+    msgs = [{"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": "Add.", "train": False},
+            {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "content": "6", "reasoning_content": "Add again."}]
+    out = tokenize_chat(tok, msgs, info, 512)
+    plain = [{k: v for k, v in m.items() if k != "train"} for m in msgs]
+    assert tok.decode(out["input_ids"]) == tok.apply_chat_template(plain, tokenize=False)
+    spans = trained_spans(out["input_ids"], out["labels"])
+    assert [tok.decode(s) for s in spans] == ["<think>\nAdd again.\n</think>\n\n6<|im_end|>"]
+    with pytest.raises(TemplateRenderError, match="turn 3"):
+        tokenize_chat(tok, plain, info, 512)

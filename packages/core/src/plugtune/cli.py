@@ -281,7 +281,8 @@ def cmd_prepare(args, console: Console) -> int:
         encode = hook_encoder(pm, spec, loaded.processor, tok)
     else:
         tok = load_tokenizer(spec)
-    data = prepare(spec.recipe, tok, spec.task, encode=encode)
+    data = prepare(spec.recipe, tok, spec.task, encode=encode,
+                   chat_rows=pm.hook.plugtune_chat_rows(spec=spec, tokenizer=tok))
     stats = {k: v for k, v in data.stats.items() if k != "per_dataset"}
     tab = Table(title=f"plugtune prepare: {args.recipe}")
     tab.add_column("statistic")
@@ -430,7 +431,8 @@ def cmd_eval(args, console: Console) -> int:
     from plugtune.data.pipeline import hook_encoder
 
     encode = hook_encoder(pm, spec, loaded.processor, loaded.tokenizer) if spec.task == "vision" else None
-    data = prepare(rec, loaded.tokenizer, spec.task, encode=encode)
+    data = prepare(rec, loaded.tokenizer, spec.task, encode=encode,
+                   chat_rows=pm.hook.plugtune_chat_rows(spec=spec, tokenizer=loaded.tokenizer))
     import math
 
     import torch

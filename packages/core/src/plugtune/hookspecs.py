@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from plugtune.spec import Family, Loaded, Method, ModelSpec
 
+    #: ``rows(tokenizer, messages, tools) -> list of message lists`` (see plugtune_chat_rows)
+    ChatRows = Callable[[Any, list[dict], list[dict] | None], list[list[dict]]]
+
 hookspec = pluggy.HookspecMarker("plugtune")
 hookimpl = pluggy.HookimplMarker("plugtune")
 
@@ -128,6 +131,35 @@ def plugtune_encode(
         model's image tokens; labels ``-100`` on prompt and image tokens; ``status`` one of
         ``"kept"``, ``"truncated"`` (prompt text cut, never inside an image's tokens) or
         ``"dropped"`` (over-long; counted by the pipeline); ``None`` to pass.
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_chat_rows(spec: ModelSpec, tokenizer: Any) -> ChatRows | None:
+    """Return the function that turns one chat example into the conversations to train on.
+
+    Called once per run, before the data is tokenized, for text families. For a family whose
+    chat template renders earlier turns differently from the last one (Qwen3 keeps
+    ``<think>...</think>`` only in the assistant turns after the last user turn), one row per
+    conversation cannot train every turn as the template renders it at inference; the family
+    splits the conversation instead, and may normalise its messages (where the reasoning is
+    written, whether it is kept).
+
+    The returned function must be picklable (it runs inside ``datasets.map``, possibly in worker
+    processes) and is called as ``rows(tokenizer, messages, tools)``:
+
+    * ``messages``: the canonical messages (``role``, ``content``, optional ``reasoning_content``,
+      ``tool_calls``, ``train``), ``tools``: the function schemas or ``None``;
+    * it returns a list of message lists; each is tokenized by core as one row
+      (:func:`plugtune.data.tokenize.tokenize_chat`: the same label masking, length policy and
+      ``train_on_eos``). In each row an assistant message with ``"train": False`` is context
+      only, and an untrained turn the template renders differently later is folded into the
+      next prompt as the template renders it there.
+
+    Rows of one example count as separate samples in the data statistics.
+
+    Returns:
+        The function, or ``None`` to pass (each conversation is one row, as it is).
     """
 
 

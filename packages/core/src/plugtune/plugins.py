@@ -86,7 +86,7 @@ def get_plugin_manager(
                 continue
             if only is not None and ep.name not in only and ep.value not in only:
                 continue
-            seen.add(ep.name)
+            seen.update((ep.name, ep.value))  # PLUGTUNE_LOAD_PLUGINS may name either
             try:
                 plugin = ep.load()
             except Exception as exc:  # surface which plugin broke, not a bare ImportError

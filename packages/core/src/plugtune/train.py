@@ -219,7 +219,8 @@ def prepare_run(recipe: Recipe, pm=None, resume=False, console=None) -> MethodCo
         from plugtune.data.pipeline import hook_encoder
 
         encode = hook_encoder(pm, spec, loaded.processor, tokenizer)
-    data = prepare(recipe, tokenizer, spec.task, encode=encode)
+    data = prepare(recipe, tokenizer, spec.task, encode=encode,
+                   chat_rows=pm.hook.plugtune_chat_rows(spec=spec, tokenizer=tokenizer))
     method = resolve_run_method(recipe, pm, data.kind)
     return MethodContext(recipe=recipe, user_recipe=user_recipe, spec=spec, pm=pm, model=model,
                          tokenizer=tokenizer, data=data, method=method, processor=loaded.processor,

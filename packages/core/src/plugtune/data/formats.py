@@ -20,6 +20,9 @@ objects a chat template reads. Message contents given as a list of parts (``[{"t
 "text"|"value": ...}, {"type": "image"|"image_url", ...}]``, the OpenAI / HF / LLaMA-Factory v1
 layout) become one string, with :data:`IMAGE_PLACEHOLDER` where each image was.
 
+An assistant message may carry its reasoning in ``reasoning_content`` (a string, kept as is);
+reasoning written inline as ``<think>...</think>`` stays in ``content``.
+
 Every adapter raises :class:`BadRecord` naming the field and what was expected; the loader adds
 the file and line.
 """
@@ -257,17 +260,32 @@ def _turns(value: Any, key: str, role_key: str | None = None, content_key: str |
         if role == FUNCTION_CALL or turn.get("tool_calls"):
             calls = _tool_calls(turn.get("tool_calls") or turn.get(ck), where)
             text = content_text(turn.get(ck), where, shape, images) if role != FUNCTION_CALL else ""
-            msgs.append({"role": "assistant", "content": text, "tool_calls": calls})
+            msgs.append({"role": "assistant", "content": text, "tool_calls": calls,
+                         **_reasoning(turn, f"{key}[{i}]")})
             continue
         content = content_text(turn.get(ck), where, shape, images)
         if not content.strip() and IMAGE_PLACEHOLDER not in content:
             raise BadRecord(where, "expected a non-empty string")
-        msgs.append({"role": role, "content": content})
+        msgs.append({"role": role, "content": content,
+                     **(_reasoning(turn, f"{key}[{i}]") if role == "assistant" else {})})
         if role == "assistant" and not _trained(turn, f"{key}[{i}]", shape):
             msgs[-1]["train"] = False
     if need_assistant and not any(m["role"] == "assistant" for m in msgs):
         raise BadRecord(key, "has no assistant turn to train on")
     return msgs
+
+
+def _reasoning(turn: Mapping, where: str) -> dict:
+    """``{"reasoning_content": str}`` when an assistant turn carries its reasoning apart from
+    its answer (the field Qwen3's / DeepSeek-R1's chat templates read; OpenAI-compatible
+    servers return it), else ``{}``. Family plugins decide how it is rendered and trained
+    (``plugtune_chat_rows``); templates that do not read the field ignore it."""
+    value = turn.get("reasoning_content")
+    if value is None:
+        return {}
+    if not isinstance(value, str):
+        raise BadRecord(f"{where}.reasoning_content", f"expected a string, got {type(value).__name__}")
+    return {"reasoning_content": value}
 
 
 def _trained(turn: Mapping, where: str, shape: Shape) -> bool:

@@ -162,6 +162,8 @@ ENCODED_FEATURES = datasets.Features({
 })
 
 Encoder = Callable[[dict, int, "TemplateInfo | None"], dict]
+#: ``rows(tokenizer, messages, tools) -> [messages, ...]`` (hook ``plugtune_chat_rows``)
+ChatRows = Callable[[Any, list[dict], "list[dict] | None"], list[list[dict]]]
 
 
 def hook_encoder(pm, spec, processor, tokenizer) -> Encoder:
@@ -222,11 +224,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
-                     info: TemplateInfo | None, encode: Encoder | None = None) -> datasets.Dataset:
+                     info: TemplateInfo | None, encode: Encoder | None = None,
+                     chat_rows: ChatRows | None = None) -> datasets.Dataset:
     """Tokenize canonical examples with ``datasets.map``; returns rows with a ``status`` column.
 
     ``encode`` (processor-based families, see :func:`hook_encoder`) replaces the text
-    tokenizers; its rows also carry ``images``.
+    tokenizers; its rows also carry ``images``. ``chat_rows`` (the family's
+    ``plugtune_chat_rows`` answer) turns one chat example into the conversations tokenized as
+    rows (default: the conversation itself, one row).
     """
     max_len, policy, toi = recipe.sequence_len, recipe.truncation, recipe.train_on_inputs
     eos_policy = train_on_eos_policy(recipe)
@@ -249,10 +254,12 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
                 rows = [tokenize_seq2seq(tokenizer, *_seq2seq_view(ex), max_len)]
             elif "messages" in ex:
                 msgs, tools = chat_for_template(tokenizer, ex)
-                rows = [tokenize_chat(tokenizer, msgs, info, max_len, toi, policy, tools)]
+                convs = chat_rows(tokenizer, msgs, tools) if chat_rows is not None else [msgs]
+                rows = [tokenize_chat(tokenizer, c, info, max_len, toi, policy, tools) for c in convs]
                 if eos_policy != "turn":
-                    rows[0]["labels"] = apply_train_on_eos(
-                        rows[0]["input_ids"], rows[0]["labels"], info.stop_token_ids, eos_policy)
+                    for r in rows:
+                        r["labels"] = apply_train_on_eos(
+                            r["input_ids"], r["labels"], info.stop_token_ids, eos_policy)
             elif "text" in ex:
                 rows = tokenize_text(tokenizer, ex["text"], max_len, info)
             else:
@@ -502,7 +509,7 @@ def _eval_examples(ds: datasets.Dataset | None, limit: int | None) -> list[dict]
 
 
 def prepare(recipe: Recipe, tokenizer, task: str = "causal",
-            encode: Encoder | None = None) -> PreparedData:
+            encode: Encoder | None = None, chat_rows: ChatRows | None = None) -> PreparedData:
     """Build train/eval rows for a run (see module docstring).
 
     Args:
@@ -511,6 +518,8 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
         task: ``"causal"``, ``"seq2seq"`` or ``"vision"`` (from the model's family).
         encode: for ``"vision"``: the ``plugtune_encode`` hook bound to the run's processor
             (:func:`hook_encoder`); rows keep their ``images`` and are never packed.
+        chat_rows: the family's ``plugtune_chat_rows`` answer (``pm.hook.plugtune_chat_rows(
+            spec=spec, tokenizer=tokenizer)``), or ``None``: each chat example is one row.
 
     Raises:
         DataError: bad input (names file, line, field) or no sample left after the length policy.
@@ -547,7 +556,7 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
     packable = task not in ("seq2seq", "vision")
     if recipe.sample_packing and not packable:
         log.warning("sample_packing is ignored for task %r (rows are not packed)", task)
-    train_tok = tokenize_dataset(train_raw, tokenizer, recipe, task, info, encode)
+    train_tok = tokenize_dataset(train_raw, tokenizer, recipe, task, info, encode, chat_rows)
     train, stats = finalize(train_tok, recipe, recipe.sample_packing and packable, tokenizer)
     stats["skipped_bad_rows"] = load_stats["skipped_bad_rows"]
     stats["per_dataset"] = load_stats["per_dataset"]
@@ -563,7 +572,7 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
     evald = None
     if eval_raw is not None and len(eval_raw):
         pack_eval = recipe.eval_sample_packing if recipe.eval_sample_packing is not None else recipe.sample_packing
-        eval_tok = tokenize_dataset(eval_raw, tokenizer, recipe, task, info, encode)
+        eval_tok = tokenize_dataset(eval_raw, tokenizer, recipe, task, info, encode, chat_rows)
         evald, estats = finalize(eval_tok, recipe, pack_eval and packable, tokenizer)
         stats["eval"] = estats
     return PreparedData(train=train, eval=evald,

@@ -141,17 +141,25 @@ def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
     assistant turn are dropped. A response the template does not end with a stop token gets the
     EOS appended. ``tools`` (function schemas) is passed to the template on every render.
 
+    An untrained turn that the template renders differently once the conversation goes on
+    (Qwen3 strips ``<think>...</think>`` from assistant turns before the last user turn) is
+    context only: it becomes part of the next prompt segment, as the template renders it there.
+
     Raises:
-        TemplateRenderError: the template is not prefix-stable for this conversation.
+        TemplateRenderError: the template is not prefix-stable for a trained turn of this
+            conversation (a family plugin can split such conversations: ``plugtune_chat_rows``).
     """
     segments: list[tuple[str, bool]] = []
     prev = ""  # the template's own rendering so far (before any appended EOS)
     stop_strings = [s for s in (info.end_of_turn, info.eos_token) if s]
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:i], True, tools) if i else ""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    prompts = {i: _render(tokenizer, messages[:i], True, tools) if i else "" for i in turns}
+    for n, i in enumerate(turns):
+        m = messages[i]
+        prompt = prompts[i]
         full = _render(tokenizer, messages[: i + 1], False, tools)
+        if m.get("train") is False and n + 1 < len(turns) and not prompts[turns[n + 1]].startswith(full):
+            continue  # context re-rendered by the template: part of the next prompt segment
         if not prompt.startswith(prev) or not full.startswith(prompt):
             raise TemplateRenderError(
                 f"chat template is not prefix-stable at turn {i}: cannot split prompt and "
