@@ -196,7 +196,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     this 2-core CPU, against ~1 s here. Cached on the tokenizer object, keyed on its length and
     chat template (so adding tokens or setting a template afterwards recomputes it).
     Tokenizers without a ``backend_tokenizer`` (slow, sentencepiece-only) fall back to
-    ``datasets``' own hasher.
+    ``datasets``' own hasher. A family's ``chat_rows`` function is hashed with the rest (small
+    and picklable by contract).
     """
     import hashlib
 
@@ -277,7 +278,7 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
 
         fingerprint = Hasher.hash([TOKENIZE_VERSION, __version__, ds._fingerprint,
                                    tokenizer_fingerprint(tokenizer), max_len, policy, toi,
-                                   eos_policy, task, repr(info)])
+                                   eos_policy, task, repr(info), chat_rows])
     return ds.map(fn, batched=True, batch_size=256, remove_columns=ds.column_names,
                   num_proc=_num_proc(recipe, len(ds)) if encode is None else recipe.dataset_num_proc,
                   features=ENCODED_FEATURES if encode is not None else None, desc="tokenize",
