@@ -267,13 +267,9 @@ def check_target_modules(model: nn.Module, targets: Sequence[str]) -> None:
 
 
 def _lora_wrappable(mod: nn.Module) -> bool:
-    from plugtune.moe import returns_tuple
+    from plugtune.moe import lora_wrappable
 
-    if isinstance(mod, nn.Linear) and returns_tuple(type(mod)):
-        return False  # peft adds its update to the output: a tuple cannot take it (Llama4Router)
-    if isinstance(mod, nn.Linear | nn.Embedding | nn.Conv1d | nn.Conv2d | nn.Conv3d):
-        return True
-    return type(mod).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D (GPT-2 style)
+    return lora_wrappable(mod)
 
 
 def peft_default_targets(model_type: str) -> list[str] | None:

@@ -215,6 +215,17 @@ def returns_tuple(cls: type) -> bool:
     return any(isinstance(n, ast.Return) and isinstance(n.value, ast.Tuple) for n in ast.walk(tree))
 
 
+def lora_wrappable(mod: nn.Module) -> bool:
+    """True when peft's LoRA can wrap ``mod``: ``nn.Linear`` (incl. bitsandbytes 4/8-bit) that
+    returns a tensor (not :func:`returns_tuple`), ``nn.Embedding``, ``nn.Conv1d/2d/3d`` or
+    GPT-2's ``Conv1D``."""
+    if isinstance(mod, nn.Linear) and returns_tuple(type(mod)):
+        return False  # peft adds its update to the output: a tuple cannot take it (Llama4Router)
+    if isinstance(mod, nn.Linear | nn.Embedding | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return True
+    return type(mod).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D (GPT-2 style)
+
+
 def excluded_modules(model: nn.Module) -> set[str]:
     """Full names of the modules LoRA must not wrap in an MoE ``model``: its routers and
     everything inside its routed-expert containers (empty for a dense model)."""
@@ -287,8 +298,6 @@ def resolve_targets(model: nn.Module, targets: str | list[str], explicit: bool =
     Raises:
         MoeError: an explicit list names a router/expert, or nothing wrappable is left.
     """
-    from plugtune.modeling import _lora_wrappable
-
     base = _unwrap(model)
     if not find_moe_blocks(base):
         return targets
@@ -304,7 +313,7 @@ def resolve_targets(model: nn.Module, targets: str | list[str], explicit: bool =
         raise MoeError(f"lora_target_modules {bad} reach the MoE routers or routed experts; the "
                        "router stays frozen (moe_train_router: true trains it in full) and the "
                        "experts are adapted through lora_target_parameters: experts")
-    chosen = [n for n, m in hits if n not in banned and _lora_wrappable(m)]
+    chosen = [n for n, m in hits if n not in banned and lora_wrappable(m)]
     if not chosen:
         raise MoeError(f"lora_target_modules {targets!r}: no layer LoRA can wrap outside the "
                        "routers and routed experts of this MoE model")
