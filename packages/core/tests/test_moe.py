@@ -197,6 +197,15 @@ def test_experts_opt_in_wraps_and_trains_experts(arch, moe_dir, tmp_path):
     for n in before:  # base weights: experts and routers unchanged
         if n in after and (".experts." in n or any(n.startswith(r) for r in _routers(ctx.model, arch))):
             assert torch.equal(before[n], after[n]), n
+    # the saved adapter loads onto a fresh base and merges to the same logits
+    from plugtune.merge import load_for_merge
+
+    merged = load_for_merge(result.output_dir)[0]
+    ids = torch.randint(0, 40, (2, 12))
+    ctx.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, ctx.model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_expert_lora_with_dropout_is_refused_with_the_reason(tmp_path):

@@ -164,11 +164,11 @@ def find_moe_blocks(model: nn.Module, cfg: MoeConfig | None = None) -> list[MoeB
 
     def router_like(mod: nn.Module) -> bool:
         w = getattr(mod, "weight", None)
-        return isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == e
+        return isinstance(w, torch.Tensor) and _expert_shape(w, 2, e)
 
     cands: list[str] = []
     for name, mod in mods.items():
-        fused = any(p.dim() == 3 and p.shape[0] == e for p in mod.parameters(recurse=False))
+        fused = any(_expert_shape(p, 3, e) for p in mod.parameters(recurse=False))
         # a ModuleList of E expert MLPs counts only beside a router (a stack of E decoder
         # layers does not have one)
         listed = (isinstance(mod, nn.ModuleList) and len(mod) == e and "." in name
@@ -183,7 +183,7 @@ def find_moe_blocks(model: nn.Module, cfg: MoeConfig | None = None) -> list[MoeB
         parent = c.rsplit(".", 1)[0] if "." in c else ""
         block = mods[parent]
         expert_params = tuple(f"{c}.{pn}" for pn, p in mods[c].named_parameters(recurse=False)
-                              if p.dim() == 3 and p.shape[0] == e)
+                              if _expert_shape(p, 3, e))
         expert_modules = tuple(n for n in mods if n == c or n.startswith(c + "."))
         router, shared = None, []
         for child_name, child in block.named_children():
@@ -197,6 +197,16 @@ def find_moe_blocks(model: nn.Module, cfg: MoeConfig | None = None) -> list[MoeB
         blocks.append(MoeBlock(name=parent, experts=c, expert_params=expert_params,
                                expert_modules=expert_modules, router=router, shared=tuple(shared)))
     return blocks
+
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's full shape, also when DeepSpeed ZeRO-3 has partitioned it (``ds_shape``)."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+def _expert_shape(p: torch.Tensor, ndim: int, e: int) -> bool:
+    shape = _shape(p)
+    return len(shape) == ndim and shape[0] == e
 
 
 @functools.cache
@@ -378,18 +388,39 @@ def check_expert_layout(model: nn.Module, params: list[str]) -> None:
     for full in params:
         p = params_of.get(full)
         owner = mods.get(full.rsplit(".", 1)[0])
-        if p is None or p.dim() != 3 or owner is None or hasattr(owner, "is_transposed"):
+        if p is None or len(_shape(p)) != 3 or owner is None or hasattr(owner, "is_transposed"):
             continue
         leaf = full.rsplit(".", 1)[-1]
-        a, b = int(p.shape[1]), int(p.shape[2])
+        a, b = _shape(p)[1:]
         reads_hidden = leaf != "down_proj"  # gate_up_proj / gate / up read the hidden states
         if hidden is None or a == b:
-            raise MoeError(f"lora_target_parameters: {full} has shape {tuple(p.shape)}; its "
+            raise MoeError(f"lora_target_parameters: {full} has shape {_shape(p)}; its "
                            f"layout (experts, out, in) or (experts, in, out) cannot be told "
                            f"from the shapes and {type(owner).__name__} does not declare it "
                            f"(is_transposed)")
         transposed = (a == hidden) if reads_hidden else (b == hidden)
         owner.is_transposed = transposed
+
+
+def prepare_adapter_load(model: nn.Module, adapter_dir) -> None:
+    """Before ``PeftModel.from_pretrained(model, adapter_dir)``: declare the layout of the expert
+    weights the saved adapter adapts (``target_parameters`` of its ``adapter_config.json``), as
+    training did (:func:`check_expert_layout`). A no-op for adapters without expert weights.
+
+    Raises:
+        MoeError: as :func:`check_expert_layout`.
+    """
+    import json
+    from pathlib import Path
+
+    cfg_file = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_file.is_file():
+        return
+    names = json.loads(cfg_file.read_text()).get("target_parameters") or []
+    if names:
+        params = [n for n, _ in _unwrap(model).named_parameters()]
+        check_expert_layout(_unwrap(model), [p for p in params
+                                             if any(p == t or p.endswith("." + t) for t in names)])
 
 
 def routers(model: nn.Module) -> list[str]:
