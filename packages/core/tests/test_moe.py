@@ -297,3 +297,20 @@ def test_estimate_total_and_active_parameters(arch, moe_dir, tmp_path):
     spec, _ = make_spec("causal_lm", lora_target_parameters="experts")
     peft = get_peft_model(model, lora_config(spec, model, get_plugin_manager()))
     assert est.trainable_params == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+
+
+# -- the keys as axolotl and LLaMA-Factory spell them -----------------------------------------
+
+
+def test_axolotl_and_llamafactory_moe_keys_translate():
+    from plugtune.config.dialects import translate
+
+    experts = ["experts.gate_up_proj", "experts.down_proj"]
+    ax = translate({"base_model": "m", "adapter": "lora", "lora_dropout": 0.0,
+                    "lora_target_parameters": experts,
+                    "datasets": [{"path": "a.jsonl", "type": "alpaca"}]})
+    assert ax.data["lora_target_parameters"] == experts
+    assert validate_recipe(ax.data).lora_target_parameters == experts
+    lf = translate({"model_name_or_path": "m", "stage": "sft", "finetuning_type": "lora",
+                    "moe_aux_loss_coef": 0.01, "lora_target": "all"})
+    assert lf.data["moe_aux_loss_coef"] == 0.01
