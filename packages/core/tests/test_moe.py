@@ -314,3 +314,62 @@ def test_axolotl_and_llamafactory_moe_keys_translate():
     lf = translate({"model_name_or_path": "m", "stage": "sft", "finetuning_type": "lora",
                     "moe_aux_loss_coef": 0.01, "lora_target": "all"})
     assert lf.data["moe_aux_loss_coef"] == 0.01
+
+
+# -- structure, not class names ---------------------------------------------------------------
+
+
+class _ToyAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.o_proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+
+class _ToyExpert(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w3, self.w2 = (torch.nn.Linear(8, 6), torch.nn.Linear(8, 6),
+                                     torch.nn.Linear(6, 8))
+
+
+class _ToyBlock(torch.nn.Module):  # v4-style: a Linear router beside a ModuleList of experts
+    def __init__(self, e):
+        super().__init__()
+        self.gate = torch.nn.Linear(8, e, bias=False)
+        self.experts = torch.nn.ModuleList(_ToyExpert() for _ in range(e))
+
+
+class _ToyLayer(torch.nn.Module):
+    def __init__(self, e):
+        super().__init__()
+        self.self_attn, self.mlp = _ToyAttention(), _ToyBlock(e)
+
+
+def test_modulelist_experts_and_a_layer_stack_as_long_as_the_expert_count():
+    """Four decoder layers and four experts: the stack is not taken for experts (no router
+    beside it); Linear experts are found, never default targets, and opt in as modules."""
+    from types import SimpleNamespace
+
+    e = 4
+    toy = torch.nn.Module()
+    toy.config = SimpleNamespace(num_local_experts=e, num_experts_per_tok=2, hidden_size=8)
+    toy.layers = torch.nn.ModuleList(_ToyLayer(e) for _ in range(e))
+    blocks = moe.find_moe_blocks(toy)
+    assert [(b.experts, b.router) for b in blocks] == [
+        (f"layers.{i}.mlp.experts", f"layers.{i}.mlp.gate") for i in range(e)]
+    for method in ("auto", "all-linear"):
+        assert {t.rsplit(".", 1)[-1] for t in moe.lora_targets(toy, method)} == {"q_proj", "o_proj"}
+    linears = moe.expert_linears(toy)
+    assert len(linears) == e * e * 3 and all(".mlp.experts." in n for n in linears)
+    with pytest.raises(moe.MoeError, match="reach the MoE routers"):
+        moe.resolve_targets(toy, ["w1", "q_proj"], explicit=True)
+    from plugtune.testing import make_spec
+    from plugtune.trainer import lora_config
+
+    spec, pm = make_spec("causal_lm", lora_target_parameters="experts")
+    cfg = lora_config(spec, toy, pm)
+    assert set(linears) <= set(cfg.target_modules) and not cfg.target_parameters
+    assert not any(t.endswith(".gate") for t in cfg.target_modules)
+    counts = moe.parameter_counts(toy)
+    routed = sum(p.numel() for n, p in toy.named_parameters() if ".experts." in n)
+    assert counts["active_params"] == counts["total_params"] - routed // 2

@@ -190,8 +190,6 @@ def _targets(spec, model, pm) -> list[nn.Linear] | None:
     the exact modules ``lora_config`` gives peft (:func:`plugtune.moe.resolve_targets`)."""
     if spec.recipe.adapter == "none":
         return None
-    from plugtune import moe
-
     targets = pm.hook.plugtune_target_modules(spec=spec, model=model,
                                               method=spec.recipe.lora_target_modules)
     try:
@@ -199,6 +197,9 @@ def _targets(spec, model, pm) -> list[nn.Linear] | None:
                                       explicit=isinstance(spec.recipe.lora_target_modules, list))
     except moe.MoeError as exc:
         raise EstimateError(str(exc)) from None
+    listed = moe.expert_linears(model)  # experts kept as nn.Linear layers (ModuleList)
+    if listed and spec.recipe.lora_target_parameters in (moe.EXPERTS, [moe.EXPERTS]):
+        targets = [*targets, *listed]
     names = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
@@ -438,8 +439,8 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
 def _expert_lora_shapes(spec, model) -> list[tuple[int, int, int]]:
     """``(experts, in, out)`` of each weight ``lora_target_parameters`` adapts (``[]``: none)."""
     asked = getattr(spec.recipe, "lora_target_parameters", None)
-    if not asked:
-        return []
+    if not asked or (asked in (moe.EXPERTS, [moe.EXPERTS]) and moe.expert_linears(model)):
+        return []  # none, or experts as nn.Linear layers (counted with the LoRA modules)
     params = dict(model.named_parameters())
     mods = dict(model.named_modules())
     out = []

@@ -275,9 +275,9 @@ def lora_targets(model: nn.Module, method: str, default: list[str] | None = None
              if n not in banned and n.rsplit(".", 1)[-1] not in exclude]
     if method == "all-linear":
         chosen = [n for n, _ in cands]
-    elif default:
-        chosen = [n for n, _ in cands if n.rsplit(".", 1)[-1] in set(default)]
     else:
+        chosen = [n for n, _ in cands if n.rsplit(".", 1)[-1] in set(default or ())]
+    if method != "all-linear" and not chosen:  # auto without (usable) table entry: attention
         mods = dict(model.named_modules())
 
         def in_attention(name: str) -> bool:
@@ -328,6 +328,15 @@ def resolve_targets(model: nn.Module, targets: str | list[str], explicit: bool =
         raise MoeError(f"lora_target_modules {targets!r}: no layer LoRA can wrap outside the "
                        "routers and routed experts of this MoE model")
     return chosen
+
+
+def expert_linears(model: nn.Module) -> list[str]:
+    """Full names of the ``nn.Linear`` layers of routed experts kept as a ModuleList of expert
+    MLPs (older and remote-code MoE models); ``[]`` when the experts are fused."""
+    model = _unwrap(model)
+    mods = dict(model.named_modules())
+    return [n for b in find_moe_blocks(model) if not b.expert_params
+            for n in b.expert_modules if isinstance(mods[n], nn.Linear)]
 
 
 def expert_parameters(model: nn.Module, asked: str | list[str]) -> list[str]:
@@ -534,8 +543,10 @@ def pop_aux_loss(model: nn.Module) -> float | None:
 
 def lora_extras(spec, model: nn.Module) -> dict[str, Any]:
     """Extra ``peft.LoraConfig`` arguments for an MoE model: ``target_parameters`` from
-    ``lora_target_parameters`` and, with ``moe_train_router: true``, the routers in
-    ``modules_to_save`` (trained in full next to the adapter). ``{}`` when neither applies.
+    ``lora_target_parameters`` (for experts kept as ``nn.Linear`` layers in a ModuleList:
+    ``expert_modules``, their full names, to add to ``target_modules``) and, with
+    ``moe_train_router: true``, the routers in ``modules_to_save`` (trained in full next to the
+    adapter). ``{}`` when neither applies.
 
     Raises:
         MoeError: as :func:`expert_parameters`; ``lora_dropout`` > 0 with expert parameters.
@@ -547,7 +558,11 @@ def lora_extras(spec, model: nn.Module) -> dict[str, Any]:
         if recipe.lora_dropout:
             raise MoeError(f"lora_target_parameters needs lora_dropout: 0 (got {recipe.lora_dropout}): "
                            "peft's ParamWrapper cannot apply dropout to an expert weight's input")
-        out["target_parameters"] = expert_parameters(model, asked)
+        listed = expert_linears(model) if asked in (EXPERTS, [EXPERTS]) else []
+        if listed:  # experts kept as nn.Linear (ModuleList): LoRA wraps those layers
+            out["expert_modules"] = listed
+        else:
+            out["target_parameters"] = expert_parameters(model, asked)
     if getattr(recipe, "moe_train_router", False):
         found = routers(model)
         if found:

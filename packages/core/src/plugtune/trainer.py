@@ -173,6 +173,8 @@ def lora_config(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
         extras = moe.lora_extras(spec, model)
     except moe.MoeError as exc:
         raise TrainingError(str(exc)) from None
+    if extras.get("expert_modules"):  # MoE experts as nn.Linear: targets are full names here
+        targets = [*targets, *extras.pop("expert_modules")]
     to_save = [*(recipe.lora_modules_to_save or []), *extras.pop("modules_to_save", [])] or None
     task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
     return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
