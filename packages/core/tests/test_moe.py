@@ -194,8 +194,9 @@ def test_experts_opt_in_wraps_and_trains_experts(arch, moe_dir, tmp_path):
     expert_b = [n for n, p in ctx.model.named_parameters() if ".experts." in n and "lora_B" in n]
     assert len(expert_b) == 2 * len(_routers(ctx.model, arch))  # gate_up_proj, down_proj per block
     assert all(p.abs().max() > 0 for n, p in ctx.model.named_parameters() if n in expert_b)
+    routers = _routers(ctx.model, arch)
     for n in before:  # base weights: experts and routers unchanged
-        if n in after and (".experts." in n or any(n.startswith(r) for r in _routers(ctx.model, arch))):
+        if n in after and (".experts." in n or any(n.startswith(r) for r in routers)):
             assert torch.equal(before[n], after[n]), n
     # the saved adapter loads onto a fresh base and merges to the same logits
     from plugtune.merge import load_for_merge

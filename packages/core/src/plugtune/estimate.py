@@ -590,7 +590,8 @@ def format_estimate(est: MemoryEstimate, device_bytes: int | None = None) -> lis
         shared = f" + {m['shared_experts']} shared" if m["shared_experts"] else ""
         rows.append((f"active per token (MoE: {m['experts_per_token']} of {m['num_experts']} "
                      f"routed experts{shared}; all {est.params:,} stay in memory)",
-                     f"{m['active_params']:,} ({100 * m['active_params'] / max(est.params, 1):.1f}%)"))
+                     f"{m['active_params']:,} "
+                     f"({100 * m['active_params'] / max(est.params, 1):.1f}%)"))
     rows += [
         (f"weights ({d['quantization'] or d['dtype']})", human(est.weights)),
         ("adapter (fp32)", human(est.adapter)),

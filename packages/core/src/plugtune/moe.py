@@ -35,11 +35,12 @@ cannot see most of.
 The auxiliary loss (Switch Transformer, Fedus et al. 2022, arXiv:2101.03961, eq. 4; transformers'
 ``load_balancing_loss_func``) is on when the model computes one itself (it keeps
 ``router_aux_loss_coef`` as an attribute and adds ``coef * aux_loss`` to ``out.loss`` when
-``output_router_logits`` is set: Mixtral, Qwen2/3-MoE, gpt-oss, OLMoE, ...); ``moe_aux_loss_coef``
-(LLaMA-Factory's key) overrides the coefficient, ``0`` turns it off. DeepSeek-V3 balances without an
-auxiliary loss (``e_score_correction_bias``) and transformers' Llama 4 computes none although its
-config carries a coefficient: both train without it, said in one line. The raw auxiliary loss of
-every training forward is logged as ``aux_loss`` (mean since the last log).
+``output_router_logits`` is set: Mixtral, Qwen2/3-MoE, gpt-oss, OLMoE, ...);
+``moe_aux_loss_coef`` (LLaMA-Factory's key) overrides the coefficient, ``0`` turns it off.
+transformers' DeepSeek-V3 computes none (the model balances through its router's
+``e_score_correction_bias``) and neither does its Llama 4, although the Llama 4 config carries a
+coefficient: both train without it, said in one line. The raw auxiliary loss of every training
+forward is logged as ``aux_loss`` (mean since the last log).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-import logging
 import re
 import textwrap
 from dataclasses import dataclass, field
@@ -55,8 +55,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 #: config attributes naming the number of routed experts (transformers' MoE configs)
 NUM_EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts",
@@ -489,9 +487,10 @@ def configure(spec, model) -> list[str]:
         if asked:
             raise MoeError(f"moe_aux_loss_coef: {asked}: {type(base).__name__} computes no router "
                            f"auxiliary loss (transformers' forward has none); remove the key")
-        why = (f"its config sets router_aux_loss_coef={own} but {type(base).__name__} computes no "
-               "auxiliary loss" if own else "it balances its experts without an auxiliary loss")
-        notes.append(f"MoE: no router auxiliary loss: {why}")
+        why = (f" (its config sets router_aux_loss_coef={own}, which that forward never uses)"
+               if own else "")
+        notes.append(f"MoE: no router auxiliary loss: transformers' {type(base).__name__} "
+                     f"computes none{why}")
     else:
         coef = float(asked if asked is not None else getattr(base, attr) or 0.0)
         on = coef > 0
@@ -502,10 +501,11 @@ def configure(spec, model) -> list[str]:
         setattr(base, attr, coef)
         if on:
             _hook_aux_loss(base)
-            notes.append(f"MoE: router auxiliary loss on, coefficient {coef:g}"
-                         f"{' (moe_aux_loss_coef)' if asked is not None else ''}; logged as aux_loss")
+            src = " (moe_aux_loss_coef)" if asked is not None else ""
+            notes.append(f"MoE: router auxiliary loss on, coefficient {coef:g}{src}; "
+                         "logged as aux_loss")
         else:
-            notes.append("MoE: router auxiliary loss off (moe_aux_loss_coef: 0)")
+            notes.append("MoE: router auxiliary loss off (coefficient 0)")
     if getattr(recipe, "moe_train_router", False):
         notes.append(f"MoE: {len([b for b in blocks if b.router])} routers train "
                      "(moe_train_router: true)")
@@ -556,8 +556,9 @@ def lora_extras(spec, model: nn.Module) -> dict[str, Any]:
     asked = getattr(recipe, "lora_target_parameters", None)
     if asked:
         if recipe.lora_dropout:
-            raise MoeError(f"lora_target_parameters needs lora_dropout: 0 (got {recipe.lora_dropout}): "
-                           "peft's ParamWrapper cannot apply dropout to an expert weight's input")
+            raise MoeError(f"lora_target_parameters needs lora_dropout: 0 (got "
+                           f"{recipe.lora_dropout}): peft's ParamWrapper cannot apply dropout "
+                           "to an expert weight's input")
         listed = expert_linears(model) if asked in (EXPERTS, [EXPERTS]) else []
         if listed:  # experts kept as nn.Linear (ModuleList): LoRA wraps those layers
             out["expert_modules"] = listed
@@ -590,8 +591,9 @@ def parameter_counts(model: nn.Module) -> dict[str, Any] | None:
     routed = sum(p.numel() for b in blocks for p in mods[b.experts].parameters())
     total = sum(p.numel() for p in model.parameters())
     shared = cfg.shared_experts
-    if shared is None:
-        shared = max((len(b.shared) for b in blocks), default=0)
+    if shared is None:  # shared expert MLPs (a bare Linear beside them is a gate: Qwen2-MoE)
+        shared = max((sum(not isinstance(mods[c], nn.Linear) for c in b.shared) for b in blocks),
+                     default=0)
     active = total - routed + routed * cfg.experts_per_token // cfg.num_experts
     return {"num_experts": cfg.num_experts, "experts_per_token": cfg.experts_per_token,
             "shared_experts": shared, "moe_blocks": len(blocks), "total_params": total,
