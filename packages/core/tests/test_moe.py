@@ -173,7 +173,9 @@ def _train(recipe):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_lora_trains_attention_router_frozen(arch, moe_dir, tmp_path):
-    ctx, before, result = _train(_recipe(moe_dir(arch), tmp_path, arch))
+    """The issue's repro: no model_type plugin, LoRA with the defaults, packed rows, 2 steps."""
+    ctx, before, result = _train(_recipe(moe_dir(arch), tmp_path, arch, sample_packing=True))
+    assert result.metrics["global_step"] == 2
     assert math.isfinite(result.metrics["train_loss"])
     after = {_peft_name(n): p for n, p in ctx.model.named_parameters()}
     lora_b = [n for n in after if "lora_B" in n]
