@@ -376,3 +376,16 @@ def test_modulelist_experts_and_a_layer_stack_as_long_as_the_expert_count():
     counts = moe.parameter_counts(toy)
     routed = sum(p.numel() for n, p in toy.named_parameters() if ".experts." in n)
     assert counts["active_params"] == counts["total_params"] - routed // 2
+
+
+def test_returns_tuple_reads_the_forward():
+    from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+    class Scaled(torch.nn.Linear):  # its own forward, a tensor out: LoRA can wrap it
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert moe.returns_tuple(Llama4Router)
+    assert not moe.returns_tuple(torch.nn.Linear) and not moe.returns_tuple(Scaled)
+    bnb = pytest.importorskip("bitsandbytes")
+    assert not moe.returns_tuple(bnb.nn.Linear4bit) and not moe.returns_tuple(bnb.nn.Linear8bitLt)
