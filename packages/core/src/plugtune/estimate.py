@@ -37,6 +37,12 @@ read), so parameter counts and the shapes of every layer are exact. Components (
 * **backward working set**: while backward runs, gradients of the widest tensors are alive next
   to the saved activations: two fp32 ``V``-wide buffers for the loss, or three MLP-wide and two
   residual-wide ones for a layer, whichever is larger.
+* **Mixture of experts**: every expert's weights are in memory, but a token passes through
+  only ``k`` of the ``E`` routed experts of a block (plus attention, shared experts, router):
+  ``active = total - routed x (1 - k/E)`` (:func:`plugtune.moe.parameter_counts`), reported
+  next to the total. Activations count ``k`` gated expert MLPs per token and the router
+  logits; LoRA on expert weights (``lora_target_parameters``) adds ``r * E * (in + out)`` per
+  weight (peft's ``ParamWrapper``); routers are frozen in full fine-tuning by default.
 * **peak** = weights + adapter + gradients + optimizer states + activations + backward working
   set. (Gradients and activations overlap only partly, so this leans high when both are large.)
 
@@ -58,6 +64,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from plugtune import moe
 from plugtune.config import Recipe
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
@@ -135,6 +142,9 @@ class MemoryEstimate:
     params: int
     trainable_params: int
     details: dict[str, Any] = field(default_factory=dict)
+    #: parameters one token passes through: ``params`` for a dense model; for MoE the routed
+    #: experts count ``k/E`` of theirs (:func:`plugtune.moe.parameter_counts`)
+    active_params: int | None = None
 
     def fits(self, device_bytes: int) -> bool:
         return self.peak <= device_bytes
@@ -176,11 +186,20 @@ def _layer_stacks(model: nn.Module) -> list[nn.ModuleList]:
 
 
 def _targets(spec, model, pm) -> list[nn.Linear] | None:
-    """Full names of the Linear modules LoRA wraps (None for full fine-tuning)."""
+    """Full names of the Linear modules LoRA wraps (None for full fine-tuning); for MoE models
+    the exact modules ``lora_config`` gives peft (:func:`plugtune.moe.resolve_targets`)."""
     if spec.recipe.adapter == "none":
         return None
     targets = pm.hook.plugtune_target_modules(spec=spec, model=model,
                                               method=spec.recipe.lora_target_modules)
+    try:
+        targets = moe.resolve_targets(model, targets,
+                                      explicit=isinstance(spec.recipe.lora_target_modules, list))
+    except moe.MoeError as exc:
+        raise EstimateError(str(exc)) from None
+    listed = moe.expert_linears(model)  # experts kept as nn.Linear layers (ModuleList)
+    if listed and spec.recipe.lora_target_parameters in (moe.EXPERTS, [moe.EXPERTS]):
+        targets = [*targets, *listed]
     names = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
@@ -196,8 +215,12 @@ def _targets(spec, model, pm) -> list[nn.Linear] | None:
 
 def _layer_activation(layer: nn.Module, prefix: str, cfg, lora: set[str] | None, r: int,
                       dropout: float, attn: str, s: int, act_bytes: int,
-                      dropout_mask_bytes: int) -> float:
+                      dropout_mask_bytes: int, moe_inter: tuple[int, int, int] | None = None
+                      ) -> float:
     """Bytes saved for backward per token by one block (see the module docstring).
+
+    ``moe_inter``: ``(k, E, I)`` when the block holds fused routed experts (``k`` of ``E``
+    experts of intermediate size ``I`` run per token, a gated MLP each).
 
     ``attn``: ``"flash_attention_2"`` (saves q, k, v at their own widths and the output),
     ``"sdpa"`` (plugtune batches always carry a padding mask or packed position ids, so
@@ -243,10 +266,14 @@ def _layer_activation(layer: nn.Module, prefix: str, cfg, lora: set[str] | None,
         if attn == "eager":
             elems += attn_blocks * heads * s  # softmax probabilities
     mlp_in = [m for n, m in linears if n.rsplit(".", 1)[-1] in _SHARED_INPUT["mlp_in"]]
-    inter = max((m.out_features for m in mlp_in), default=4 * h)
-    if "gate_up_proj" in names:
-        inter //= 2
-    elems += 3 * inter if names & _GATED else inter
+    if mlp_in or not moe_inter:  # a dense MLP (or an MoE block's shared experts)
+        inter = max((m.out_features for m in mlp_in), default=4 * h)
+        if "gate_up_proj" in names:
+            inter //= 2
+        elems += 3 * inter if names & _GATED else inter
+    if moe_inter:  # k routed experts per token: gate, activation and up outputs, router logits
+        k, e, i_moe = moe_inter
+        elems += k * 3 * i_moe + e
     return elems * act_bytes + extra_bytes
 
 
@@ -296,11 +323,15 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
     # adapter / trainable
     lora_names = _targets(spec, model, pm)
     r = recipe.lora_r
-    if lora_names is None:
-        trainable, train_bytes, adapter = params, wb, 0
+    if lora_names is None:  # full fine-tuning: all but the frozen MoE routers (plugtune.moe)
+        frozen = 0 if recipe.moe_train_router else sum(
+            p.numel() for n in moe.routers(model) for p in model.get_submodule(n).parameters())
+        trainable, train_bytes, adapter = params - frozen, wb, 0
     else:
         mods = dict(model.named_modules())
         trainable = sum(r * (mods[n].in_features + mods[n].out_features) for n in lora_names)
+        # lora_target_parameters: peft's ParamWrapper keeps A (in x r*E) and B (r*E x out)
+        trainable += sum(r * ep * (i + o) for ep, i, o in _expert_lora_shapes(spec, model))
         for n in recipe.lora_modules_to_save or []:
             trainable += sum(p.numel() for name, p in model.named_parameters() if f".{n}." in
                              f".{name}")
@@ -327,13 +358,18 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
         raise EstimateError(f"{spec.model_type}: no repeated layers found to size activations")
     names_of = {id(m): n for n, m in model.named_modules()}
     lora = set(lora_names) if lora_names is not None else None
+    moe_counts = moe.parameter_counts(model)
+    moe_blocks = moe.find_moe_blocks(model)
     per_layer = []
     for stack in stacks:
         prefix = names_of[id(stack)]
         for k, layer in enumerate(stack):
+            where = f"{prefix}.{k}."
             per_layer.append(_layer_activation(
                 layer, f"{prefix}.{k}", cfg, lora, r, recipe.lora_dropout, impl, s, act_bytes,
-                1 if on_cuda else act_bytes))  # dropout masks: bool on CUDA, input dtype on CPU
+                1 if on_cuda else act_bytes,  # dropout masks: bool on CUDA, input dtype on CPU
+                _moe_inter(model, moe_counts, [b for b in moe_blocks
+                                               if b.experts.startswith(where)], h)))
     # pair methods score chosen and rejected answers in one batch of 2b rows (TRL concatenates
     # them); KTO runs its KL batch (mismatched completions) beside the batch
     method = "reward" if recipe.reward_model else recipe.rl
@@ -364,6 +400,8 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
         "gradient_checkpointing": recipe.gradient_checkpointing, "device": "cuda" if on_cuda else "cpu",
         "rl": recipe.rl, "dpo_reference_copy": int(reference),
     }
+    if moe_counts:
+        details["moe"] = moe_counts
     stage = 0
     if recipe.deepspeed:
         from plugtune.scale import deepspeed_config
@@ -393,7 +431,45 @@ def estimate(recipe: Recipe, pm=None, device: str | None = None, num_gpus: int =
         weights=int(weights), adapter=int(adapter), gradients=int(grads),
         optimizer_states=int(optim), activations=int(activations),
         activations_with_checkpointing=int(with_gc), activations_without_checkpointing=int(no_gc),
-        backward_working_set=int(working), peak=int(peak), params=int(params), trainable_params=int(trainable), details=details)
+        backward_working_set=int(working), peak=int(peak), params=int(params),
+        trainable_params=int(trainable), details=details,
+        active_params=int(moe_counts["active_params"]) if moe_counts else int(params))
+
+
+def _expert_lora_shapes(spec, model) -> list[tuple[int, int, int]]:
+    """``(experts, in, out)`` of each weight ``lora_target_parameters`` adapts (``[]``: none)."""
+    asked = getattr(spec.recipe, "lora_target_parameters", None)
+    if not asked or (asked in (moe.EXPERTS, [moe.EXPERTS]) and moe.expert_linears(model)):
+        return []  # none, or experts as nn.Linear layers (counted with the LoRA modules)
+    params = dict(model.named_parameters())
+    mods = dict(model.named_modules())
+    out = []
+    try:
+        names = moe.expert_parameters(model, asked)
+    except moe.MoeError as exc:
+        raise EstimateError(str(exc)) from None
+    for full in names:
+        p = params[full]
+        if p.dim() == 2:
+            out.append((1, int(p.shape[1]), int(p.shape[0])))
+            continue
+        transposed = getattr(mods[full.rsplit(".", 1)[0]], "is_transposed", False)
+        e, a, b = (int(x) for x in p.shape)
+        out.append((e, a, b) if transposed else (e, b, a))
+    return out
+
+
+def _moe_inter(model, counts, blocks, hidden: int) -> tuple[int, int, int] | None:
+    """``(k, E, I)`` of the fused routed experts in ``blocks`` (one layer's), else ``None``."""
+    if not counts or not blocks:
+        return None
+    params = dict(model.named_parameters())
+    down = [params[p] for p in blocks[0].expert_params if p.endswith("down_proj")]
+    if not down:
+        return None
+    _, a, b = down[0].shape
+    inter = int(b if a == hidden else a)
+    return counts["experts_per_token"], counts["num_experts"], inter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,6 +584,15 @@ def format_estimate(est: MemoryEstimate, device_bytes: int | None = None) -> lis
     d = est.details
     rows = [
         ("parameters", f"{est.params:,} ({est.trainable_params:,} trainable)"),
+    ]
+    if "moe" in d:
+        m = d["moe"]
+        shared = f" + {m['shared_experts']} shared" if m["shared_experts"] else ""
+        rows.append((f"active per token (MoE: {m['experts_per_token']} of {m['num_experts']} "
+                     f"routed experts{shared}; all {est.params:,} stay in memory)",
+                     f"{m['active_params']:,} "
+                     f"({100 * m['active_params'] / max(est.params, 1):.1f}%)"))
+    rows += [
         (f"weights ({d['quantization'] or d['dtype']})", human(est.weights)),
         ("adapter (fp32)", human(est.adapter)),
         ("gradients", human(est.gradients)),

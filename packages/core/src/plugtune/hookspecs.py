@@ -102,7 +102,10 @@ def plugtune_target_modules(spec: ModelSpec, model: Any, method: str) -> list[st
 
     Returns:
         A list of module-name suffixes or a regex string, as ``peft.LoraConfig.target_modules``
-        accepts; ``None`` to pass.
+        accepts; ``None`` to pass. For a mixture-of-experts model core resolves the answer to
+        exact module names without routers and routed experts, whatever the plugin returned
+        (:mod:`plugtune.moe`; a recipe that names one is an error, ``lora_target_parameters``
+        opts the experts in).
     """
 
 

@@ -147,6 +147,9 @@ def load_for_merge(run_dir: str | Path, base: str = "dequantized", dtype: str | 
 
         if len(tok) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tok))
+        from plugtune.moe import prepare_adapter_load
+
+        prepare_adapter_load(model, run)  # MoE expert weights' layout, as in training
         model = PeftModel.from_pretrained(model, str(run)).merge_and_unload()
     model.eval()
     return model, tok, spec, info

@@ -211,15 +211,24 @@ def linear_module_names(model: nn.Module, exclude: Iterable[str] = ("lm_head",),
                         within: str | None = None) -> list[str]:
     """Distinct leaf names of every ``nn.Linear`` (incl. bitsandbytes 4/8-bit) in ``model``.
 
+    Never names a Linear subclass whose ``forward`` returns a tuple (Llama 4's router: peft
+    cannot wrap it) nor the routers and routed experts of an MoE model (:mod:`plugtune.moe`;
+    a leaf name that also names other layers, such as DeepSeek-V3's shared experts'
+    ``gate_proj``, stays: ``lora_config`` resolves the names to exact modules).
+
     Args:
         exclude: leaf names to skip (the output head; embeddings are not Linear).
         within: only modules whose full name matches this regex (e.g. the language model of a
             vision-language model).
     """
+    from plugtune import moe
+
     names: set[str] = set()
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    banned = moe.excluded_modules(model)
     for full, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or mod is out_emb:
+        if (not isinstance(mod, nn.Linear) or mod is out_emb or full in banned
+                or moe.returns_tuple(type(mod))):
             continue
         if within and not re.search(within, full):
             continue
@@ -251,16 +260,16 @@ def check_target_modules(model: nn.Module, targets: Sequence[str]) -> None:
             parts.append(f"lora_target_modules {missing} not found in the model")
         if containers:
             parts.append(f"lora_target_modules {containers} are not layers LoRA can wrap "
-                         "(not nn.Linear/Embedding/Conv)")
+                         "(not nn.Linear/Embedding/Conv, or a layer that returns a tuple)")
         raise ValueError(
             f"{'; '.join(parts)}; its Linear modules are: "
             f"{', '.join(linear_module_names(model, exclude=()))}")
 
 
 def _lora_wrappable(mod: nn.Module) -> bool:
-    if isinstance(mod, nn.Linear | nn.Embedding | nn.Conv1d | nn.Conv2d | nn.Conv3d):
-        return True
-    return type(mod).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D (GPT-2 style)
+    from plugtune.moe import lora_wrappable
+
+    return lora_wrappable(mod)
 
 
 def peft_default_targets(model_type: str) -> list[str] | None:

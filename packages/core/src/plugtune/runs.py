@@ -78,6 +78,9 @@ def load_run(run_dir: str | Path, pm=None) -> tuple[ModelSpec, Loaded, object]:
 
         if len(loaded.tokenizer) > loaded.model.get_input_embeddings().weight.shape[0]:
             loaded.model.resize_token_embeddings(len(loaded.tokenizer))
+        from plugtune.moe import prepare_adapter_load
+
+        prepare_adapter_load(loaded.model, run)  # MoE expert weights' layout, as in training
         loaded.model = PeftModel.from_pretrained(loaded.model, str(run))
     loaded.model.eval()
     return spec, loaded, pm

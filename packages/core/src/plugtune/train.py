@@ -24,6 +24,7 @@ from typing import Any
 
 import transformers
 
+from plugtune import moe
 from plugtune.config import Recipe
 from plugtune.data import prepare
 from plugtune.kbit import cpu_4bit_fallback, cpu_4bit_training_guard, kbit_dtype
@@ -211,6 +212,11 @@ def prepare_run(recipe: Recipe, pm=None, resume=False, console=None) -> MethodCo
     if loaded is None:
         raise TrainingError(f"no plugin loaded {spec.path!r} (family {spec.family.name})")
     model, tokenizer = loaded.model, loaded.tokenizer
+    try:  # MoE: router auxiliary loss on (and logged), routers frozen
+        for note in moe.configure(spec, model):
+            say(f"plugtune: {note}")
+    except moe.MoeError as exc:
+        raise TrainingError(str(exc)) from None
     if spec.quantization == "4bit":
         cpu_4bit_fallback(model)  # shapes bitsandbytes' packed CPU kernel cannot take
         cpu_4bit_training_guard(model)  # no packed inference layout mid-training (BLOOM biases)

@@ -63,6 +63,17 @@ class PlugtuneTrainer(Trainer):
             scale_token_rows_lr(opt, self.model, self.spec.recipe.token_rows_lr_scale)
         return opt
 
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """The Trainer's log, plus ``aux_loss``: the mean router auxiliary loss of the training
+        forwards since the last log, for MoE models that compute one (:mod:`plugtune.moe`)."""
+        if "loss" in logs:
+            from plugtune.moe import pop_aux_loss
+
+            aux = pop_aux_loss(self.model)
+            if aux is not None:
+                logs = {**logs, "aux_loss": round(aux, 6)}
+        super().log(logs, *args, **kwargs)
+
     def _get_train_sampler(self, train_dataset=None):
         # group_by_length from a seeded generator: a resumed run replays the epoch's order
         return seeded_train_sampler(self, train_dataset) or Trainer._get_train_sampler(self, train_dataset)
@@ -102,6 +113,7 @@ try:  # seq2seq variant for encoder-decoder families (T5)
             self.spec = spec
 
         compute_loss = PlugtuneTrainer.compute_loss
+        log = PlugtuneTrainer.log
         _get_train_sampler = PlugtuneTrainer._get_train_sampler
 except ImportError:  # pragma: no cover
     PlugtuneSeq2SeqTrainer = PlugtuneTrainer  # type: ignore[misc,assignment]
@@ -138,18 +150,35 @@ def lora_config(spec: ModelSpec, model, pm, token_rows: Sequence[int] = ()):
     ``token_rows``: token ids whose embedding/output rows are trained too
     (:func:`plugtune.token_rows.rows_to_train`).
 
+    MoE models (:mod:`plugtune.moe`): the targets become exact module names without routers or
+    routed experts; ``lora_target_parameters`` adds the experts (peft ``target_parameters``),
+    ``moe_train_router`` the routers (``modules_to_save``).
+
     Raises:
-        TrainingError: no plugin names target modules for the model.
+        TrainingError: no plugin names target modules for the model; an MoE target the model
+            cannot take (a router or expert named in ``lora_target_modules``, expert weights
+            with ``lora_dropout`` > 0, names that match nothing).
     """
     from peft import LoraConfig, TaskType
+
+    from plugtune import moe
 
     recipe = spec.recipe
     targets = pm.hook.plugtune_target_modules(spec=spec, model=model, method=recipe.lora_target_modules)
     if not targets:
         raise TrainingError(f"no plugin named LoRA target modules for {spec.model_type!r}")
+    try:  # MoE: exact modules, never a router or routed expert; experts opt-in (plugtune.moe)
+        targets = moe.resolve_targets(model, targets,
+                                      explicit=isinstance(recipe.lora_target_modules, list))
+        extras = moe.lora_extras(spec, model)
+    except moe.MoeError as exc:
+        raise TrainingError(str(exc)) from None
+    if extras.get("expert_modules"):  # MoE experts as nn.Linear: targets are full names here
+        targets = [*targets, *extras.pop("expert_modules")]
+    to_save = [*(recipe.lora_modules_to_save or []), *extras.pop("modules_to_save", [])] or None
     task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
     return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                      target_modules=targets, modules_to_save=recipe.lora_modules_to_save,
+                      target_modules=targets, modules_to_save=to_save, **extras,
                       trainable_token_indices=trainable_token_indices(
                           model, token_rows, recipe.lora_modules_to_save),
                       bias="none", task_type=task, **lora_variant_kwargs(recipe))

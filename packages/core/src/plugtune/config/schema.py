@@ -181,6 +181,18 @@ class Recipe(_Strict):
         "(peft.optimizers.create_loraplus_optimizer)")
     loraplus_lr_embedding: float | None = Field(
         None, gt=0, description="LoRA+: learning rate of adapted embedding layers (default 1e-6)")
+    lora_target_parameters: str | list[str] | None = Field(
+        None, description="MoE routed experts (axolotl's key, peft's target_parameters): experts "
+        "(every fused expert weight) or parameter names such as experts.gate_up_proj; needs "
+        "lora_dropout: 0 (set when the recipe leaves lora_dropout out). Default: the experts "
+        "stay frozen, LoRA wraps the attention projections (plugtune.moe)")
+    moe_aux_loss_coef: float | None = Field(
+        None, ge=0, description="MoE router auxiliary (load-balancing) loss coefficient "
+        "(LLaMA-Factory's key); default: the model's own router_aux_loss_coef where the model "
+        "computes the loss; 0 turns it off. Logged as aux_loss")
+    moe_train_router: bool = Field(
+        False, description="MoE: train the router (full fine-tuning: its weights; LoRA: in full, "
+        "as modules_to_save); default: the router stays frozen")
     lora_target_cross_attention: bool = Field(
         False, description="vision families with cross-attention layers (Llama 3.2 Vision): "
         "adapt those layers too (default: self-attention/MLP of the language model only)")
@@ -319,6 +331,26 @@ class Recipe(_Strict):
                              "plugtune yet: use adapter: lora, or deepspeed: zero3 for QLoRA")
         if self.reward_model and self.rl not in (None, "reward"):
             raise ValueError(f"reward_model: true trains a reward model; drop rl: {self.rl}")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expert_lora_dropout(cls, data: Any) -> Any:
+        """``lora_target_parameters`` without ``lora_dropout``: dropout 0 (peft's ParamWrapper
+        takes no dropout; axolotl's default is 0 too)."""
+        if isinstance(data, dict) and data.get("lora_target_parameters") and "lora_dropout" not in data:
+            data = {**data, "lora_dropout": 0.0}
+        return data
+
+    @model_validator(mode="after")
+    def _expert_lora(self) -> Recipe:
+        if self.lora_target_parameters and self.lora_dropout:
+            raise ValueError(
+                f"lora_target_parameters needs lora_dropout: 0 (got {self.lora_dropout}): peft "
+                "wraps expert weights with a ParamWrapper, which cannot apply dropout to their input")
+        if isinstance(self.lora_target_parameters, list) and not self.lora_target_parameters:
+            raise ValueError("lora_target_parameters: an empty list wraps nothing; leave it out "
+                             "or write experts")
         return self
 
     @model_validator(mode="after")

@@ -36,13 +36,17 @@ def plugtune_load(spec):
 
 @hookimpl(trylast=True)
 def plugtune_target_modules(spec, model, method):
+    from plugtune import moe
     from plugtune.modeling import check_target_modules, linear_module_names, peft_default_targets
 
-    if method == "all-linear":
-        return linear_module_names(model)
-    if method == "auto":
-        found = peft_default_targets(getattr(model.config, "model_type", spec.model_type))
-        return found or linear_module_names(model)
+    if method in ("auto", "all-linear"):
+        default = (peft_default_targets(getattr(model.config, "model_type", spec.model_type))
+                   if method == "auto" else None)
+        # MoE: attention projections (auto) / every Linear but routers and routed experts
+        found = moe.lora_targets(model, method, default)
+        if found is not None:
+            return found
+        return (default or linear_module_names(model)) if method == "auto" else linear_module_names(model)
     targets = list(method) if not isinstance(method, str) else [method]
     check_target_modules(model, targets)
     return targets

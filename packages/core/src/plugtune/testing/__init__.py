@@ -248,7 +248,10 @@ class PluginContract:
     def _lora(self, spec, pm, model):
         from peft import LoraConfig, TaskType, get_peft_model
 
+        from plugtune.moe import resolve_targets
+
         targets = pm.hook.plugtune_target_modules(spec=spec, model=model, method="auto")
+        targets = resolve_targets(model, targets)  # MoE: exact modules, as training uses them
         task = TaskType.SEQ_2_SEQ_LM if spec.task == "seq2seq" else TaskType.CAUSAL_LM
         return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                 task_type=task, lora_dropout=0.0))

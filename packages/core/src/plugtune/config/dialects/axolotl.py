@@ -30,7 +30,7 @@ NAME = "axolotl"
 
 _HONOURED = """
 base_model trust_remote_code load_in_8bit load_in_4bit lora_r lora_alpha lora_dropout
-lora_target_modules lora_modules_to_save peft_use_dora peft_use_rslora loraplus_lr_ratio
+lora_target_modules lora_target_parameters lora_modules_to_save peft_use_dora peft_use_rslora loraplus_lr_ratio
 loraplus_lr_embedding datasets test_datasets val_set_size train_on_inputs sequence_len
 sample_packing eval_sample_packing multipack_real_batches group_by_length dataset_num_proc micro_batch_size
 eval_batch_size gradient_accumulation_steps learning_rate lr_scheduler warmup_steps warmup_ratio
@@ -245,7 +245,7 @@ _REFUSED_GROUPS = {
     "plugtune has no partial freezing, layer replication or weight re-initialisation":
         """unfrozen_parameters freeze_mm_modules peft_layers_to_transform peft_layers_pattern
         peft_layer_replication reinit_weights shrink_embeddings resize_token_embeddings_to_32x
-        peft_trainable_token_indices lora_target_parameters lora_fan_in_fan_out lora_rank_pattern
+        peft_trainable_token_indices lora_fan_in_fan_out lora_rank_pattern
         lora_alpha_pattern peft_init_lora_weights peft lora_on_cpu peft_autocast_adapter_dtype
         peft_ensure_weight_tying fix_untrained_tokens""",
     "plugtune has no merge/inference mode in train (use plugtune merge / generate)":

@@ -28,6 +28,7 @@ RENAMED = {
     "loraplus_lr_embedding": "loraplus_lr_embedding", "pref_beta": "dpo_beta",
     "dpo_label_smoothing": "dpo_label_smoothing", "simpo_gamma": "simpo_gamma",
     "kto_chosen_weight": "kto_desirable_weight", "kto_rejected_weight": "kto_undesirable_weight",
+    "moe_aux_loss_coef": "moe_aux_loss_coef",
 }
 #: handled in :func:`translate`
 HANDLED = {"stage", "finetuning_type", "lora_target", "additional_target", "dataset",
