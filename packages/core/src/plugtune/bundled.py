@@ -159,7 +159,10 @@ def copy_recipe(name: str, dest: Path | str = ".") -> Path:
                 lines[i] = (f"{m.group(1)}{value}  # not on this machine: {what_it_is(value)}; "
                             "set the path to your copy")
             break
-    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    head = (f"# copied from plugtune's bundled recipe {name} (plugtune recipes copy): its "
+            "relative model/data paths\n# are absolute here, or commented when not on this "
+            "machine; the comments below are the original's.")
+    target.write_text(head + "\n" + "\n".join(lines) + "\n", encoding="utf-8")
     return target
 
 

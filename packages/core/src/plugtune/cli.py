@@ -688,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
         # the light errors first: `train --resume` with nothing to resume never imports torch
         if not isinstance(exc, RecipeError | RunStateError) and not isinstance(exc, _known_errors()):
             raise
-        Console(stderr=True).print(f"error: {exc}", style="bold red", markup=False, highlight=False)
+        Console(stderr=True, soft_wrap=not sys.stderr.isatty()).print(
+            f"error: {exc}", style="bold red", markup=False, highlight=False)
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

@@ -376,13 +376,13 @@ def data_loss_warning(stats: dict, recipe: Recipe, share: float = DATA_WARN_SHAR
         return None
     parts = []
     if dropped > share * n:
-        parts.append(f"{dropped} of {n} samples ({100 * dropped / n:.0f} %) dropped as longer "
-                     f"than sequence_len={recipe.sequence_len}")
+        parts.append(f"{dropped} of {n} samples ({100 * dropped / n:.0f} %) dropped as too long")
     if cut > share * n:
-        parts.append(f"{cut} ({100 * cut / n:.0f} %) truncated "
+        parts.append(f"{cut} of {n} ({100 * cut / n:.0f} %) truncated "
                      f"({stats.get('truncated_tokens', 0):,} tokens cut)")
-    return ("data: " + "; ".join(parts) + f" (truncation: {recipe.truncation}); raise "
-            "sequence_len or shorten the data to train on all of it (counts: data_stats.json)")
+    return (f"data: {'; '.join(parts)} at sequence_len={recipe.sequence_len} (truncation: "
+            f"{recipe.truncation}); raise sequence_len or shorten the data to train on all of "
+            "it (counts: data_stats.json)")
 
 
 def check_trainable(stats: dict, recipe: Recipe) -> None:
