@@ -175,6 +175,27 @@ def test_quiet_hides_listed_notices_and_verbose_shows_them(logger, message, why)
         observe.quiet(verbose=False)
 
 
+@pytest.mark.parametrize("message", [
+    "`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+    "`gradient_checkpointing_kwargs` is deprecated and will be removed in v1.2.",
+])
+def test_quiet_hides_library_deprecations_and_verbose_shows_them(message):
+    import warnings
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            observe.quiet(verbose=False)
+            warnings.warn(message, FutureWarning, stacklevel=1)
+            warnings.warn("a FutureWarning of the user's own code", FutureWarning, stacklevel=1)
+            assert [str(w.message) for w in caught] == ["a FutureWarning of the user's own code"]
+            observe.quiet(verbose=True)
+            warnings.warn(message, FutureWarning, stacklevel=1)
+            assert str(caught[-1].message) == message
+    finally:
+        observe.quiet(verbose=False)
+
+
 def test_bitsandbytes_notices_hidden_only_when_nothing_is_quantized():
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
     try:

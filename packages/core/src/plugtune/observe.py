@@ -43,8 +43,9 @@ QUIET_LOGS: tuple[tuple[str, str, str], ...] = (
 QUIET_UNLESS_QUANTIZED: tuple[str, ...] = ("bitsandbytes", "kernels")
 #: ``(category, message regex, why)``: Python warnings that do not concern the run.
 QUIET_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
-     "raised inside peft/TRL (their call, not the recipe's); transformers v6 renames it"),
+    (FutureWarning, r"`(is_)?gradient_checkpointing\w*` is deprecated",
+     "transformers 5 / peft renamed gradient -> activation checkpointing; raised by calls and "
+     "config fields inside peft and TRL, not by the recipe (its key keeps axolotl's name)"),
     (FutureWarning, r".*`torch_dtype` is deprecated", "transformers 5 rename inside libraries"),
     (UserWarning, r"To copy construct from a tensor", "torch notice inside a library"),
 )

@@ -118,8 +118,10 @@ class RunObserver(TrainerCallback):
     """A ``TrainerCallback`` that adds, at each training logging step, to the ``logs`` dict
     (and the matching ``log_history`` entry):
 
-    * ``tokens_per_second``: real tokens (:func:`plugtune.observe.real_tokens`) trained by this process since the
-      previous logging step / wall seconds since then;
+    * ``tokens_per_second``: real tokens (:func:`plugtune.observe.real_tokens`) trained by
+      this process since the previous logging step / wall seconds since then, less the time of
+      evaluations and checkpoint saves in between (from each ``on_step_end`` before one to
+      the next ``on_step_begin``);
     * ``tokens_seen``: real tokens trained by this process in this session;
     * ``peak_memory_mib``: :func:`plugtune.observe.peak_memory_mib` of the training device.
 
@@ -136,6 +138,10 @@ class RunObserver(TrainerCallback):
         self._last_t = 0.0
         self._last_tokens = 0
         self.device: Any = None
+        self.paused_s = 0.0  # evaluation + checkpoint saving inside trainer.train()
+        self._paused_at_log = 0.0
+        self._step_end: float | None = None
+        self._in_pause = False
 
     def count(self, inputs: dict) -> None:
         """Add one training micro-batch's real tokens."""
@@ -146,16 +152,36 @@ class RunObserver(TrainerCallback):
         self.started = self._last_t = time.perf_counter()
         self._last_tokens = self.tokens_seen
 
+    def _resume(self, now: float) -> None:
+        if self._in_pause and self._step_end is not None:
+            self.paused_s += now - self._step_end
+        self._in_pause = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._resume(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._step_end = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._in_pause = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self._in_pause = True
+
     def on_train_end(self, args, state, control, **kwargs):
         self.ended = time.perf_counter()
+        self._resume(self.ended)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs or self.started is None:
             return  # eval logs and the final train_* summary carry no step throughput
         now = time.perf_counter()
+        busy = now - self._last_t - (self.paused_s - self._paused_at_log)
+        self._paused_at_log = self.paused_s
         added = {
             "tokens_per_second": round((self.tokens_seen - self._last_tokens)
-                                       / max(now - self._last_t, 1e-9), 1),
+                                       / max(busy, 1e-9), 1),
             "tokens_seen": self.tokens_seen,
             "peak_memory_mib": observe.peak_memory_mib(self.device),
         }
@@ -166,9 +192,11 @@ class RunObserver(TrainerCallback):
             hist[-1].update(added)  # Trainer.log appended a copy before calling on_log
 
     def metrics(self) -> dict[str, float | int]:
-        """``tokens_seen``, ``real_tokens_per_second`` (over the training time) and
-        ``peak_memory_mib`` once training ended (zeros before it started)."""
-        seconds = ((self.ended or time.perf_counter()) - self.started) if self.started else 0.0
+        """``tokens_seen``, ``real_tokens_per_second`` (over ``trainer.train()``'s wall time
+        less its evaluations and checkpoint saves) and ``peak_memory_mib``, once training
+        ended (zeros before it started)."""
+        seconds = (((self.ended or time.perf_counter()) - self.started - self.paused_s)
+                   if self.started else 0.0)
         return {"tokens_seen": self.tokens_seen,
                 "real_tokens_per_second": round(self.tokens_seen / max(seconds, 1e-9), 1)
                 if self.tokens_seen else 0.0,
@@ -211,7 +239,10 @@ def prepare_base(spec: ModelSpec, model, gradient_checkpointing: bool | None = N
             model, use_gradient_checkpointing=gc,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gc and not recipe.fsdp:  # under FSDP: fsdp_config activation_checkpointing instead
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
