@@ -100,11 +100,41 @@ def test_cpu_lora_run_console_metrics_plot_and_no_unasked_warnings(tmp_path):
      9, 3),
     # no pad id known and no mask: every position
     ({"input_ids": torch.tensor([[1, 2, 3]])}, None, 3),
+    # KTO: the KL rows have their own mask; token types / positions are no tokens
+    ({"input_ids": torch.tensor([[1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 0]]),
+      "KL_input_ids": torch.tensor([[3, 0, 0]]), "KL_attention_mask": torch.tensor([[1, 0, 0]]),
+      "mm_token_type_ids": torch.tensor([[1, 1, 1]])}, 0, 3),
     # float tensors, labels and 1-d ids are not token ids of a row
     ({"labels": torch.tensor([[1, 2]]), "pixel_values": torch.zeros(1, 3)}, 0, 0),
 ])
 def test_real_tokens_of_every_method_batch(inputs, pad, expected):
     assert observe.real_tokens(inputs, pad) == expected
+
+
+@pytest.mark.parametrize("rl", ["dpo", "kto", "orpo", "reward", "grpo"])
+def test_every_method_logs_tokens_and_memory_and_writes_no_null(tmp_path, rl):
+    """fit_and_save gives every method the observer: each logged step has tokens/s and peak
+    memory, metrics.json the run numbers and no null (a watched key never logged is left out)."""
+    from plugtune.train import train
+
+    torch.set_num_threads(1)
+    if rl == "grpo":
+        from test_grpo import _rl_recipe
+
+        rec = _rl_recipe("demo://tiny-llama", tmp_path / "run", rl, adapter="lora", max_steps=2,
+                         logging_steps=1, eval_max_samples=2, reward_funcs=["exact_match"])
+    else:
+        from test_alignment import _recipe
+
+        rec = _recipe(tmp_path, rl, {}, max_steps=2)
+    res = train(rec)
+    logged = [h for h in res.log_history if "loss" in h]
+    assert len(logged) == 2 and all(h["tokens_per_second"] > 0 and h["peak_memory_mib"] > 0
+                                    for h in logged), logged
+    m = json.loads((res.output_dir / "metrics.json").read_text())
+    assert _nulls(m) == []
+    assert m["tokens_seen"] == logged[-1]["tokens_seen"] > 0
+    assert m["real_tokens_per_second"] > 0 and m["wall_seconds"] >= m["train_seconds"]
 
 
 def test_report_to_tensorboard_writes_an_event_file(tmp_path):

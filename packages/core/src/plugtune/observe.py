@@ -169,9 +169,10 @@ _ID_KEY = re.compile(r"^(.*?)(input_ids|_ids)$")
 def real_tokens(inputs: dict, pad_token_id: int | None = None) -> int:
     """Real (non-padding) tokens of one training micro-batch of any method.
 
-    Every ``*input_ids`` / ``*_ids`` tensor of shape ``(batch, seq)`` counts (DPO's
-    ``chosen_input_ids`` + ``rejected_input_ids`` + ``prompt_input_ids``, GRPO's ``prompt_ids``
-    + ``completion_ids``, SFT's ``input_ids``; not ``position_ids`` / ``token_type_ids``): the
+    Every ``*input_ids`` / ``*_ids`` tensor of shape ``(batch, seq)`` counts (SFT's, DPO's and
+    the reward model's ``input_ids`` (chosen and rejected rows), KTO's ``input_ids`` +
+    ``KL_input_ids``, GRPO's ``prompt_ids`` + ``completion_ids``; never ``*position_ids`` /
+    ``*token_type_ids``): the
     ones of its mask (``attention_mask`` / ``*_attention_mask`` / ``*_mask``) when there is one,
     else (packed rows) the row length less its trailing run of ``pad_token_id``.
     """
@@ -180,7 +181,7 @@ def real_tokens(inputs: dict, pad_token_id: int | None = None) -> int:
     total = 0
     for key, ids in inputs.items():
         m = _ID_KEY.match(key)
-        if (m is None or key in ("position_ids", "token_type_ids", "cache_position")
+        if (m is None or key.endswith(("position_ids", "token_type_ids"))
                 or not torch.is_tensor(ids) or ids.dtype.is_floating_point or ids.dim() != 2):
             continue
         stem = m.group(1).rstrip("_")
