@@ -243,6 +243,8 @@ def test_bitsandbytes_notices_hidden_only_when_nothing_is_quantized():
     ({"samples": 135, "dropped": 0, "truncated": 35, "truncated_tokens": 32810},
      "35 of 135 (26 %) truncated (32,810 tokens cut)"),
     ({"samples": 0, "dropped": 0, "truncated": 0}, None),
+    # preference pairs: truncation counted, no token count
+    ({"samples": 20, "dropped": 0, "truncated": 4}, "4 of 20 (20 %) truncated at sequence_len"),
 ])
 def test_data_loss_warning_above_the_share(stats, expected):
     from plugtune.data.pipeline import data_loss_warning

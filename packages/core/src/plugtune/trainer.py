@@ -513,6 +513,12 @@ def preference_rows(ctx: MethodContext) -> tuple[Any, Any, dict]:
         eval_rows, stats["eval"] = fn(data.raw_eval, tokenizer, info, recipe.sequence_len)
     ctx.say(f"plugtune: {ctx.method.name} data: "
             f"{json.dumps({k: v for k, v in stats.items() if k != 'eval'})}")
+    from plugtune.data.pipeline import data_loss_warning
+
+    counts = {"samples": stats.get("pairs", stats.get("examples", 0)),
+              "truncated": stats.get("truncated", 0), "dropped": stats.get("dropped", 0)}
+    if (warning := data_loss_warning(counts, recipe)) is not None:
+        log.warning(warning)
     return train_rows, eval_rows, {**data.stats, **stats, "kind": data.kind}
 
 

@@ -378,8 +378,9 @@ def data_loss_warning(stats: dict, recipe: Recipe, share: float = DATA_WARN_SHAR
     if dropped > share * n:
         parts.append(f"{dropped} of {n} samples ({100 * dropped / n:.0f} %) dropped as too long")
     if cut > share * n:
-        parts.append(f"{cut} of {n} ({100 * cut / n:.0f} %) truncated "
-                     f"({stats.get('truncated_tokens', 0):,} tokens cut)")
+        tokens = (f" ({stats['truncated_tokens']:,} tokens cut)"
+                  if "truncated_tokens" in stats else "")
+        parts.append(f"{cut} of {n} ({100 * cut / n:.0f} %) truncated{tokens}")
     return (f"data: {'; '.join(parts)} at sequence_len={recipe.sequence_len} (truncation: "
             f"{recipe.truncation}); raise sequence_len or shorten the data to train on all of "
             "it (counts: data_stats.json)")
