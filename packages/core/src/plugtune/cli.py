@@ -548,8 +548,10 @@ def cmd_recipes(args, console: Console) -> int:
                              ", ".join(r["datasets"])]))
         return 0
     tab = Table(title="bundled recipes (plugtune train NAME; plugtune recipes show|copy NAME)")
-    for col in ("name", "base_model", "adapter", "method", "datasets"):
-        tab.add_column(col, no_wrap=col == "name", overflow="fold")
+    widest = max((len(r["name"]) for r in rows), default=4)
+    tab.add_column("name", no_wrap=True, min_width=widest)  # names are never cut
+    for col in ("base_model", "adapter", "method", "datasets"):
+        tab.add_column(col, overflow="fold")
     for r in rows:
         tab.add_row(r["name"], r["base_model"], r["adapter"], r["method"], ", ".join(r["datasets"]))
     console.print(tab)
