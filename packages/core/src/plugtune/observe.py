@@ -6,8 +6,8 @@ that decides which library warnings a run shows.
   :class:`plugtune.trainer.RunObserver` (a ``TrainerCallback``) adds to every logging step.
 * :func:`run_metrics` / :func:`summary_lines`: the end-of-run numbers (``metrics.json``, the
   console summary).
-* :func:`check_reporting` / :func:`apply_report_env`: ``report_to`` packages present (else an
-  error naming the ``plugtune[...]`` extra), ``report_env`` exported for the run.
+* :func:`check_reporting`: ``report_to`` packages present before any model loads (else an
+  error naming the ``plugtune[...]`` extra).
 * :data:`QUIET_LOGS` / :data:`QUIET_WARNINGS` / :func:`quiet`: library notices that do not
   concern the run, hidden unless ``plugtune -v``.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import re
 import sys
 import time
@@ -87,14 +86,10 @@ def quiet(verbose: bool = False, quantized: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------
 # report_to
 
-#: ``report_to`` name -> (importable module, plugtune extra that installs it)
-REPORTERS: dict[str, tuple[str, str]] = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "wandb": ("wandb", "wandb"),
-    "mlflow": ("mlflow", "mlflow"),
-    "comet_ml": ("comet_ml", "comet"),
-    "trackio": ("trackio", "trackio"),
-}
+#: ``report_to`` name -> the ``plugtune[...]`` extra that installs its package (the modules
+#: each needs: :data:`plugtune.trainer_options.REPORT_MODULES`)
+REPORT_EXTRAS: dict[str, str] = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow",
+                                 "comet_ml": "comet", "trackio": "trackio"}
 
 
 class ReportingError(ValueError):
@@ -109,31 +104,23 @@ def reporters(recipe) -> list[str]:
 
 
 def check_reporting(recipe) -> None:
-    """Check that every ``report_to`` backend can be imported (before any model loads).
+    """Check that every ``report_to`` backend can be imported; :func:`plugtune.train.train`
+    calls it before any model loads (``all`` picks the installed ones: nothing to check).
 
     Raises:
         ReportingError: a backend's package is missing; the message names the
             ``pip install 'plugtune[EXTRA]'`` that installs it.
     """
+    from plugtune.trainer_options import REPORT_MODULES
+
     for name in reporters(recipe):
-        if name == "all" or name not in REPORTERS:
-            continue  # transformers picks the installed ones / names an unknown one itself
-        module, extra = REPORTERS[name]
-        if name == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None:
-            continue  # transformers' TensorBoardCallback falls back to tensorboardX
-        if importlib.util.find_spec(module) is None:
-            raise ReportingError(
-                f"report_to: {name} needs the {module!r} package, which is not installed: "
-                f"pip install 'plugtune[{extra}]' (or set report_to: none)")
-
-
-def apply_report_env(recipe) -> dict[str, str]:
-    """Export the recipe's ``report_env`` (``WANDB_PROJECT``, ``MLFLOW_TRACKING_URI`` ...; from
-    axolotl's ``wandb_*`` / ``mlflow_*`` keys) into ``os.environ`` for this process, where
-    transformers' report_to callbacks read them. Returns what was set."""
-    env = {str(k): str(v) for k, v in (recipe.report_env or {}).items()}
-    os.environ.update(env)
-    return env
+        mods = REPORT_MODULES.get(name)
+        if not mods or any(importlib.util.find_spec(m) is not None for m in mods):
+            continue
+        extra = REPORT_EXTRAS.get(name)
+        how = f"pip install 'plugtune[{extra}]'" if extra else f"pip install {mods[0]}"
+        raise ReportingError(f"report_to: {name} needs the {mods[0]!r} package, which is not "
+                             f"installed: {how} (or set report_to: none)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,11 +169,10 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None,
     from plugtune import observe
     from plugtune.scale import ensure_cpu_process_group
 
-    try:  # report_to packages present before any model loads; report_env for its callbacks
+    try:  # report_to packages present before any model loads
         observe.check_reporting(recipe)
     except observe.ReportingError as exc:
         raise TrainingError(str(exc)) from None
-    observe.apply_report_env(recipe)
     ensure_cpu_process_group()  # N CPU processes from a launcher: one DDP run, not N copies
     first_rank = int(os.environ.get("RANK", "0")) == 0
     try:
