@@ -49,7 +49,7 @@ def _pytest(session: nox.Session, *args: str) -> None:
         _prune_when_ci(session)
 
 
-def _core(extras: str = "test,eval,quant,gguf") -> str:
+def _core(extras: str = "test,eval,quant,gguf,tensorboard") -> str:  # tensorboard: report_to test
     return f"{ROOT}/packages/core[{extras}]"
 
 

@@ -32,7 +32,7 @@ def test_demo_learns_and_cli_generates(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["before"]["exact_match"] <= 0.05
     assert metrics["after"]["exact_match"] >= 0.8
-    for f in ("model.safetensors", "tokenizer.json", "recipe.yaml", "metrics.json", "loss.png",
+    for f in ("model.safetensors", "tokenizer.json", "recipe.yaml", "metrics.json", "training.png",
               "README.md", "chat_template.jinja"):
         assert (out / f).is_file(), f
     assert "demo://tiny-llama" in (out / "README.md").read_text()

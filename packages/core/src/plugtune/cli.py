@@ -9,7 +9,8 @@
     plugtune chat RUN_DIR [--system S] [--temperature T] [--top-p P]   multi-turn, streamed
     plugtune eval RUN_DIR [--data FILE --type T]  loss + generation metrics
     plugtune plugins [--json]
-    plugtune recipes
+    plugtune recipes [--json] | recipes show NAME | recipes copy NAME [DIR]
+    plugtune --version            plugtune's and each installed plugin's version
     plugtune merge RUN_DIR OUT_DIR [--force] [--dtype D] [--base dequantized|original]
     plugtune quantize RUN_OR_MODEL --method bnb4|bnb8|gptq --out DIR [--eval-data F --type T]
     plugtune estimate RECIPE [--device-memory 24GiB] [--num-gpus N] [--set ...]
@@ -26,6 +27,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -57,7 +59,12 @@ def _scale_errors() -> tuple[type[BaseException], ...]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plugtune", description="Plugin-based instruction tuning for LLMs")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show everything: debug logging and the library notices plugtune hides "
+                        "by default (the list: plugtune.observe.QUIET_LOGS / QUIET_WARNINGS)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("--version", action=_VersionAction,
+                   help="print plugtune's and each installed plugin's version")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune from a recipe")
@@ -112,7 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plugins", help="list installed plugins")
     pl.add_argument("--json", action="store_true")
 
-    sub.add_parser("recipes", help="list bundled example recipes")
+    rs = sub.add_parser("recipes", help="list, show or copy the bundled example recipes")
+    rs.add_argument("--json", action="store_true", help="the list as JSON")
+    rs_sub = rs.add_subparsers(dest="recipes_command")
+    rs_show = rs_sub.add_parser("show", help="print a bundled recipe")
+    rs_show.add_argument("name")
+    rs_copy = rs_sub.add_parser("copy", help="write a bundled recipe into DIR with its model and "
+                                "data paths made absolute (or explained when not on this machine)")
+    rs_copy.add_argument("name")
+    rs_copy.add_argument("dir", nargs="?", default=".", help="target folder (default: here)")
 
     rc = sub.add_parser("recipe", help="work with recipes and other tools' configs")
     rc_sub = rc.add_subparsers(dest="recipe_command", required=True)
@@ -169,6 +184,11 @@ def _load_announced(name: str, overrides: list[str], console: Console | None):
     from plugtune.config import load_config
 
     recipe, tr = load_config(name, overrides)
+    if tr.dialect == "plugtune" and not Path(name).is_file():  # a bundled recipe by name
+        from plugtune import bundled
+        from plugtune.config.loading import read_config
+
+        bundled.check_bundled(name, read_config(name, overrides)[1])
     if tr.dialect != "plugtune" and console is not None:
         console.print(tr.summary(name), markup=False, highlight=False)
         for note in tr.notices:
@@ -219,8 +239,11 @@ def cmd_train(args, console: Console) -> int:
     except RunAlreadyComplete as exc:  # nothing left to train: not an error
         console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         return 0
+    from plugtune.observe import quiet
     from plugtune.runstate import interrupted_message
     from plugtune.train import TrainingInterrupted, train
+
+    quiet(verbose=args.verbose, quantized=recipe.quantization is not None)
 
     try:
         result = train(recipe, resume=resume, overwrite=args.overwrite, console=console)
@@ -232,6 +255,8 @@ def cmd_train(args, console: Console) -> int:
                                    markup=False, highlight=False)
         return 130
     m = result.metrics
+    from plugtune.observe import summary_lines
+
     if m.get("before") or m.get("after"):
         tab = Table(title="held-out metrics")
         tab.add_column("metric")
@@ -241,8 +266,8 @@ def cmd_train(args, console: Console) -> int:
         for k in keys:
             tab.add_row(k, str((m.get("before") or {}).get(k, "-")), str(m["after"].get(k)))
         console.print(tab)
-    console.print(f"train_loss={m.get('train_loss'):.4f} steps={m.get('global_step')} "
-                  f"eval_loss={m.get('eval_loss')} -> {result.output_dir}")
+    for line in summary_lines(m, result.output_dir):
+        console.print(line, markup=False, highlight=False)
     return 0
 
 
@@ -501,21 +526,73 @@ def cmd_plugins(args, console: Console) -> int:
 
 
 def cmd_recipes(args, console: Console) -> int:
-    import yaml
-
+    from plugtune import bundled
     from plugtune.config import list_bundled_recipes
 
-    tab = Table(title="bundled recipes (plugtune train NAME)")
-    tab.add_column("name")
-    tab.add_column("base_model")
-    tab.add_column("adapter")
-    tab.add_column("datasets")
-    for name, path in list_bundled_recipes().items():
-        d = yaml.safe_load(path.read_text()) or {}
-        ds = ", ".join(f"{x.get('type')}:{x.get('path')}" for x in d.get("datasets", []))
-        tab.add_row(name, str(d.get("base_model")), str(d.get("adapter", "lora")), ds)
+    if args.recipes_command == "show":
+        sys.stdout.write(bundled.recipe_text(args.name))
+        return 0
+    if args.recipes_command == "copy":
+        target = bundled.copy_recipe(args.name, args.dir)
+        console.print(f"wrote {target}; run it with: plugtune train {target}", markup=False,
+                      highlight=False, soft_wrap=True)
+        for line in bundled.missing_files(yaml_mapping(target), target.parent):
+            console.print(f"  not on this machine: {line}", markup=False, highlight=False,
+                          soft_wrap=True)
+        return 0
+    rows = [bundled.describe(n, p) for n, p in list_bundled_recipes().items()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not console.is_terminal:  # piped: one full line per recipe, never cut at 80 columns
+        for r in rows:
+            print("\t".join([r["name"], r["base_model"], r["adapter"], r["method"],
+                             ", ".join(r["datasets"])]))
+        return 0
+    tab = Table(title="bundled recipes (plugtune train NAME; plugtune recipes show|copy NAME)")
+    widest = max((len(r["name"]) for r in rows), default=4)
+    tab.add_column("name", no_wrap=True, min_width=widest)  # names are never cut
+    for col in ("base_model", "adapter", "method", "datasets"):
+        tab.add_column(col, overflow="fold")
+    for r in rows:
+        tab.add_row(r["name"], r["base_model"], r["adapter"], r["method"], ", ".join(r["datasets"]))
     console.print(tab)
     return 0
+
+
+def yaml_mapping(path) -> dict:
+    """A YAML file's mapping (``{}`` for an empty or non-mapping file)."""
+    import yaml
+
+    data = yaml.safe_load(open(path, encoding="utf-8").read())
+    return data if isinstance(data, dict) else {}
+
+
+def versions() -> list[str]:
+    """``plugtune --version``: plugtune's version, then one line per installed plugin
+    (``plugtune`` entry-point group): its name, distribution and version."""
+    from importlib.metadata import PackageNotFoundError, entry_points, version
+
+    def ver(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "(not installed: source tree)"
+
+    lines = [f"plugtune {ver('plugtune')}"]
+    for ep in sorted(entry_points(group="plugtune"), key=lambda e: e.name):
+        dist = ep.dist.name if ep.dist is not None else ep.module.split(".")[0]
+        lines.append(f"  plugin {ep.name}: {dist} {ver(dist)}")
+    return lines
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("\n".join(versions()))
+        parser.exit()
 
 
 def cmd_export(args, console: Console) -> int:
@@ -597,11 +674,15 @@ COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    console = Console(stderr=False)
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    from plugtune.observe import quiet
+
+    quiet(verbose=args.verbose)  # library notices that do not concern the run; -v shows them
+    # piped output: plugtune's own lines are never wrapped at rich's default 80 columns
+    console = Console(stderr=False, soft_wrap=not sys.stdout.isatty())
     try:
         return COMMANDS[args.command](args, console)
     except Exception as exc:
@@ -611,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
         # the light errors first: `train --resume` with nothing to resume never imports torch
         if not isinstance(exc, RecipeError | RunStateError) and not isinstance(exc, _known_errors()):
             raise
-        Console(stderr=True).print(f"error: {exc}", style="bold red", markup=False, highlight=False)
+        Console(stderr=True, soft_wrap=not sys.stderr.isatty()).print(
+            f"error: {exc}", style="bold red", markup=False, highlight=False)
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

@@ -1,4 +1,4 @@
-"""Run reports: the loss-curve PNG and the model card."""
+"""Run reports: the training plot (``training.png``) and the model card."""
 
 from __future__ import annotations
 
@@ -9,27 +9,75 @@ from plugtune.config import Recipe
 from plugtune.spec import ModelSpec
 
 
-def loss_curve_png(log_history: list[dict], path: Path) -> None:
-    """Plot training (and eval) loss against optimizer step into ``path`` (PNG, matplotlib Agg)."""
+def _series(log_history: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(h["step"], h[key]) for h in log_history
+            if isinstance(h.get(key), int | float) and "step" in h]
+
+
+def training_png(log_history: list[dict], path: Path, title: str = "") -> None:
+    """Plot a run's ``log_history`` into ``path``: a 1200x800 PNG (matplotlib, Agg) of 2x2
+    panels against the optimizer step: train and eval loss; learning rate; grad norm; real
+    tokens/s and peak memory (MiB, right axis) from :class:`plugtune.trainer.RunObserver`.
+    The loss panel has the epoch on a secondary top axis (epoch = step x epochs/steps, from
+    the logged ``epoch``). A panel with nothing logged says so. ``title``: the figure title
+    (run name, model, method)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
-    ev = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", marker="." if len(train) < 40 else None)
-    if ev:
-        ax.plot(*zip(*ev), label="eval loss", marker="o")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / label token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=100)
+    (ax_loss, ax_lr), (ax_gn, ax_tps) = axes
+
+    def line(ax, pts, label, **kw):
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 40 else None, **kw)
+        return bool(pts)
+
+    shown = [line(ax_loss, _series(log_history, "loss"), "train loss"),
+             line(ax_loss, _series(log_history, "eval_loss"), "eval loss", color="C1")]
+    ax_loss.set_ylabel("loss (nats / label token)")
+    if any(shown):
+        ax_loss.legend()
+    epochs = _series(log_history, "epoch")
+    steps_per_epoch = [s / e for s, e in epochs if s and e]
+    if steps_per_epoch:
+        k = steps_per_epoch[-1]
+        top = ax_loss.secondary_xaxis("top", functions=(lambda s: s / k, lambda e: e * k))
+        top.set_xlabel("epoch")
+    panels = ((ax_loss, "loss", any(shown)),
+              (ax_lr, "learning rate", line(ax_lr, _series(log_history, "learning_rate"),
+                                            "learning rate", color="C2")),
+              (ax_gn, "grad norm (before clipping)",
+               line(ax_gn, _series(log_history, "grad_norm"), "grad norm", color="C3")),
+              (ax_tps, "real tokens / s",
+               line(ax_tps, _series(log_history, "tokens_per_second"), "tokens/s", color="C4")))
+    mem = _series(log_history, "peak_memory_mib")
+    if mem:
+        ax_mem = ax_tps.twinx()
+        ax_mem.plot(*zip(*mem), color="C5", linestyle="--", label="peak memory")
+        ax_mem.set_ylabel("peak memory (MiB, dashed)")
+    for ax, name, has in panels:
+        ax.set_title(name)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if not has:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_title(recipe: Recipe, spec: ModelSpec | None = None) -> str:
+    """``<run folder name> - <base model> - <method> (<adapter>)``: the title of ``training.png``."""
+    method = recipe.method or "sft"
+    model = recipe.base_model.rstrip("/").split("/")[-1] if recipe.base_model else "?"
+    if model in ("hf", "model") and "/" in recipe.base_model:  # .../stories260K/hf
+        model = "/".join(recipe.base_model.rstrip("/").split("/")[-2:])
+    fam = f", {spec.family.name}" if spec is not None else ""
+    return f"{Path(recipe.output_dir).name} - {model}{fam} - {method} ({recipe.adapter})"
 
 
 PIPELINE_TAGS = {"causal": "text-generation", "seq2seq": "text2text-generation",
@@ -181,7 +229,8 @@ sequence_len {recipe.sequence_len}, sample_packing {recipe.sample_packing}, trai
 ## Training
 micro_batch_size {recipe.micro_batch_size} x gradient_accumulation_steps
 {recipe.gradient_accumulation_steps}, learning_rate {recipe.learning_rate}, epochs
-{recipe.num_epochs}, max_steps {recipe.max_steps}. Full recipe: `recipe.yaml`; loss curve: `loss.png`.
+{recipe.num_epochs}, max_steps {recipe.max_steps}. Full recipe: `recipe.yaml`; loss, learning rate, grad norm
+and tokens/s: `training.png`.
 
 ## Results
 ```json

@@ -53,12 +53,12 @@ def save_run(output_dir: Path, model, tokenizer, recipe: Recipe, spec: ModelSpec
 
 def _write_reports(folder: Path, recipe: Recipe, spec: ModelSpec, metrics: dict,
                    log_history: list[dict], stats: dict, tokenizer=None) -> None:
-    from plugtune.report import loss_curve_png, model_card
+    from plugtune.report import model_card, plot_title, training_png
 
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     (folder / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
     (folder / "log_history.json").write_text(json.dumps(log_history, indent=2, default=str))
-    loss_curve_png(log_history, folder / "loss.png")
+    training_png(log_history, folder / "training.png", plot_title(recipe, spec))
     ac = folder / "adapter_config.json"
     if not ac.is_file():
         ac = Path(recipe.output_dir) / "adapter_config.json"

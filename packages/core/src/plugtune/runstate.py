@@ -46,7 +46,7 @@ NON_MATH_KEYS = frozenset({
 RUN_FILES = (
     RUN_FILE, "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
     "model.safetensors.index.json", "config.json", "generation_config.json", "recipe.yaml",
-    "metrics.json", "data_stats.json", "log_history.json", "loss.png", "README.md",
+    "metrics.json", "data_stats.json", "log_history.json", "training.png", "loss.png", "README.md",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "spiece.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
     "chat_template.json", "preprocessor_config.json", "processor_config.json",

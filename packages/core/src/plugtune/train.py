@@ -5,7 +5,7 @@ method (``rl:``; a ``plugtune_methods`` plugin, core's own in :mod:`plugtune.met
 Trainer -> run directory.
 
 The run directory holds the adapter (or full weights) in standard PEFT / transformers format,
-the tokenizer, ``recipe.yaml``, ``metrics.json``, ``loss.png`` and a model card ``README.md``.
+the tokenizer, ``recipe.yaml``, ``metrics.json``, ``training.png`` and a model card ``README.md``.
 Checkpoints are marked complete only after they are fully written, so ``--resume`` never picks
 a half-written one.
 
@@ -154,6 +154,7 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None,
     Raises:
         TrainingError: non-finite or stuck-at-0 loss (names the step), nothing to resume from,
             the checkpoint to resume already reached the run's end ("run already complete"),
+            a ``report_to`` backend that is not installed (names the ``plugtune[...]`` extra),
             the folder holds another run, a method that does not fit the data.
         plugtune.runstate.TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved at that
             step and the message holds the command that continues the run.
@@ -166,8 +167,13 @@ def train(recipe: Recipe, pm=None, resume: bool = False, console=None,
         else:
             log.info(msg)
 
+    from plugtune import observe
     from plugtune.scale import ensure_cpu_process_group
 
+    try:  # report_to packages present before any model loads
+        observe.check_reporting(recipe)
+    except observe.ReportingError as exc:
+        raise TrainingError(str(exc)) from None
     ensure_cpu_process_group()  # N CPU processes from a launcher: one DDP run, not N copies
     first_rank = int(os.environ.get("RANK", "0")) == 0
     try:

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
+from plugtune import observe
 from plugtune.config import Recipe
 from plugtune.run_control import LossGuard, RunControlCallback, seeded_train_sampler
 from plugtune.runstate import (  # noqa: F401 (COMPLETE_MARKER re-exported)
@@ -125,6 +126,115 @@ class CompleteCheckpointCallback(RunControlCallback):
     :class:`plugtune.run_control.RunControlCallback`)."""
 
 
+class RunObserver(TrainerCallback):
+    """A ``TrainerCallback`` that adds, at each training logging step, to the ``logs`` dict
+    (and the matching ``log_history`` entry):
+
+    * ``tokens_per_second``: real tokens (:func:`plugtune.observe.real_tokens`) trained by
+      this process since the previous logging step / wall seconds since then, less the time of
+      evaluations and checkpoint saves in between (from each ``on_step_end`` before one to
+      the next ``on_step_begin``);
+    * ``tokens_seen``: real tokens trained by this process in this session;
+    * ``peak_memory_mib``: :func:`plugtune.observe.peak_memory_mib` of the training device.
+
+    Token counts come from :meth:`count`, which :func:`attach` calls for every training
+    micro-batch the Trainer's ``compute_loss`` sees. It runs before the Trainer's printer and
+    the ``report_to`` callbacks, so they show the keys too.
+    """
+
+    def __init__(self, pad_token_id: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.tokens_seen = 0
+        self.started: float | None = None
+        self.ended: float | None = None
+        self._last_t = 0.0
+        self._last_tokens = 0
+        self.device: Any = None
+        self.paused_s = 0.0  # evaluation + checkpoint saving inside trainer.train()
+        self._paused_at_log = 0.0
+        self._step_end: float | None = None
+        self._in_pause = False
+
+    def count(self, inputs: dict) -> None:
+        """Add one training micro-batch's real tokens."""
+        self.tokens_seen += observe.real_tokens(inputs, self.pad_token_id)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.device = args.device
+        self.started = self._last_t = time.perf_counter()
+        self._last_tokens = self.tokens_seen
+
+    def _resume(self, now: float) -> None:
+        if self._in_pause and self._step_end is not None:
+            self.paused_s += now - self._step_end
+        self._in_pause = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._resume(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._step_end = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._in_pause = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self._in_pause = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.ended = time.perf_counter()
+        self._resume(self.ended)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or self.started is None:
+            return  # eval logs and the final train_* summary carry no step throughput
+        now = time.perf_counter()
+        busy = now - self._last_t - (self.paused_s - self._paused_at_log)
+        self._paused_at_log = self.paused_s
+        added = {
+            "tokens_per_second": round((self.tokens_seen - self._last_tokens)
+                                       / max(busy, 1e-9), 1),
+            "tokens_seen": self.tokens_seen,
+            "peak_memory_mib": observe.peak_memory_mib(self.device),
+        }
+        self._last_t, self._last_tokens = now, self.tokens_seen
+        logs.update(added)
+        hist = state.log_history
+        if hist and hist[-1].get("loss") == logs["loss"] and "tokens_seen" not in hist[-1]:
+            hist[-1].update(added)  # Trainer.log appended a copy before calling on_log
+
+    def metrics(self) -> dict[str, float | int]:
+        """``tokens_seen``, ``real_tokens_per_second`` (over ``trainer.train()``'s wall time
+        less its evaluations and checkpoint saves) and ``peak_memory_mib``, once training
+        ended (zeros before it started)."""
+        seconds = (((self.ended or time.perf_counter()) - self.started - self.paused_s)
+                   if self.started else 0.0)
+        return {"tokens_seen": self.tokens_seen,
+                "real_tokens_per_second": round(self.tokens_seen / max(seconds, 1e-9), 1)
+                if self.tokens_seen else 0.0,
+                "peak_memory_mib": observe.peak_memory_mib(self.device)}
+
+
+def attach(trainer) -> RunObserver:
+    """Put a :class:`RunObserver` first among ``trainer``'s callbacks and count the real tokens
+    of every training micro-batch its ``compute_loss`` gets (the instance's bound method is
+    wrapped; evaluation batches, with the model in eval mode, are not counted). Works for
+    ``Trainer``, ``Seq2SeqTrainer`` and TRL's trainers alike. Returns the observer."""
+    tok = getattr(trainer, "processing_class", None)
+    tok = getattr(tok, "tokenizer", tok)  # a processor holds its tokenizer
+    obs = RunObserver(getattr(tok, "pad_token_id", None))
+    trainer.callback_handler.callbacks.insert(0, obs)
+    inner = trainer.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        if model.training and isinstance(inputs, dict):
+            obs.count(inputs)
+        return inner(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = compute_loss
+    return obs
+
+
 # ---------------------------------------------------------------------------------------------
 # adapters
 
@@ -141,7 +251,10 @@ def prepare_base(spec: ModelSpec, model, gradient_checkpointing: bool | None = N
             model, use_gradient_checkpointing=gc,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gc and not recipe.fsdp:  # under FSDP: fsdp_config activation_checkpointing instead
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -429,6 +542,12 @@ def preference_rows(ctx: MethodContext) -> tuple[Any, Any, dict]:
         eval_rows, stats["eval"] = fn(data.raw_eval, tokenizer, info, recipe.sequence_len)
     ctx.say(f"plugtune: {ctx.method.name} data: "
             f"{json.dumps({k: v for k, v in stats.items() if k != 'eval'})}")
+    from plugtune.data.pipeline import data_loss_warning
+
+    counts = {"samples": stats.get("pairs", stats.get("examples", 0)),
+              "truncated": stats.get("truncated", 0), "dropped": stats.get("dropped", 0)}
+    if (warning := data_loss_warning(counts, recipe)) is not None:
+        log.warning(warning)
     return train_rows, eval_rows, {**data.stats, **stats, "kind": data.kind}
 
 
@@ -472,8 +591,11 @@ def fit_and_save(ctx: MethodContext, trainer, metrics: dict, stats: dict,
     """Train (resuming when asked), evaluate on the eval rows, write the run directory.
 
     ``watch``: logged keys (``rewards/accuracies`` ...) whose first and last values go into
-    the metrics as ``first_<key>`` / ``last_<key>`` (``/`` -> ``_``). ``after(trainer)``: a
-    method's own measurement after training (it updates ``metrics``), before the save.
+    the metrics as ``first_<key>`` / ``last_<key>`` (``/`` -> ``_``; left out when never
+    logged). ``after(trainer)``: a method's own measurement after training (it updates
+    ``metrics``), before the save. A :class:`RunObserver` adds tokens/s and peak memory to
+    every logging step; the metrics get :func:`plugtune.observe.run_metrics` (``tokens_seen``,
+    ``real_tokens_per_second``, ``peak_memory_mib``, ``wall_seconds``) and never hold ``None``.
 
     Returns:
         :class:`RunResult`.
@@ -492,6 +614,7 @@ def fit_and_save(ctx: MethodContext, trainer, metrics: dict, stats: dict,
     from plugtune.run_control import fix_train_loss_entry, whole_run_loss
 
     ckpt = ctx.resume_checkpoint()
+    observer = attach(trainer)
     t1 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     hist = trainer.state.log_history
@@ -503,6 +626,8 @@ def fit_and_save(ctx: MethodContext, trainer, metrics: dict, stats: dict,
     moved = []
     for key in watch:
         a, b = first_last(hist, key)
+        if a is None:  # never logged (metrics.json holds only what was measured)
+            continue
         name = key.replace("/", "_")
         metrics[f"first_{name}"], metrics[f"last_{name}"] = a, b
         moved.append(f"{key} {a} -> {b}")
@@ -514,11 +639,14 @@ def fit_and_save(ctx: MethodContext, trainer, metrics: dict, stats: dict,
         if ev.get("eval_loss") is not None and not math.isfinite(ev["eval_loss"]):
             log.warning("eval loss is not finite: %s", ev["eval_loss"])
     out_dir = Path(ctx.recipe.output_dir)
+    metrics.update(observe.run_metrics(observer, hist, ctx.started))
+    metrics = observe.without_nulls(metrics)
     state_dict = gathered_state_dict(trainer)  # a collective under ZeRO-3 / FSDP: every rank
     if trainer.is_world_process_zero():  # one writer, not one per rank
         save_run(out_dir, trainer.model, ctx.tokenizer, ctx.user_recipe, ctx.spec, metrics, hist,
                  stats, state_dict=state_dict)
-        ctx.say(f"plugtune: {ctx.method.name}: {', '.join(moved)}; run saved to {out_dir}")
+        ctx.say(f"plugtune: {ctx.method.name}: {', '.join(moved) or 'trained'}; "
+                f"run saved to {out_dir}")
     trainer.accelerator.wait_for_everyone()  # no rank returns before the run folder exists
     return RunResult(output_dir=out_dir, metrics=metrics, log_history=hist)
 

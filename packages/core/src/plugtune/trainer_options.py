@@ -46,8 +46,9 @@ REPORT_MODULES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboa
 
 
 def available_reporters(report_to: str | list[str]) -> str | list[str]:
-    """``report_to`` without the integrations whose library is not installed (one notice each):
-    a config written for a machine with wandb still trains where it is absent."""
+    """``report_to`` without the integrations whose library is not installed (one notice each),
+    for ``TrainingArguments`` built outside a run; :func:`plugtune.train.train` refuses a
+    missing backend before any model loads (:func:`plugtune.observe.check_reporting`)."""
     import importlib.util
 
     names = [report_to] if isinstance(report_to, str) else list(report_to)

@@ -419,6 +419,32 @@ def finalize(tok: datasets.Dataset, recipe: Recipe, packing: bool, tokenizer=Non
     return tok, stats
 
 
+#: share of samples dropped or truncated above which a run prints one warning line (the counts
+#: are always in ``data_stats.json``); 5 %: below it, a few outliers of a real dataset.
+DATA_WARN_SHARE = 0.05
+
+
+def data_loss_warning(stats: dict, recipe: Recipe, share: float = DATA_WARN_SHARE) -> str | None:
+    """The one warning line when more than ``share`` of the samples were dropped (longer than
+    ``sequence_len`` even with the prompt cut) or truncated, with the numbers and the fix;
+    ``None`` below it. ``stats``: :func:`finalize`'s (``samples``, ``dropped``, ``truncated``,
+    ``truncated_tokens``)."""
+    n = stats.get("samples") or 0
+    dropped, cut = stats.get("dropped", 0), stats.get("truncated", 0)
+    if not n or (dropped <= share * n and cut <= share * n):
+        return None
+    parts = []
+    if dropped > share * n:
+        parts.append(f"{dropped} of {n} samples ({100 * dropped / n:.0f} %) dropped as too long")
+    if cut > share * n:
+        tokens = (f" ({stats['truncated_tokens']:,} tokens cut)"
+                  if "truncated_tokens" in stats else "")
+        parts.append(f"{cut} of {n} ({100 * cut / n:.0f} %) truncated{tokens}")
+    return (f"data: {'; '.join(parts)} at sequence_len={recipe.sequence_len} (truncation: "
+            f"{recipe.truncation}); raise sequence_len or shorten the data to train on all of "
+            "it (counts: data_stats.json)")
+
+
 def check_trainable(stats: dict, recipe: Recipe) -> None:
     """Raise :class:`DataError` when most samples train nothing (see :func:`finalize`).
 
@@ -564,6 +590,8 @@ def prepare(recipe: Recipe, tokenizer, task: str = "causal",
     if added:
         stats["added_tokens"] = list(added)
     check_trainable(stats, recipe)
+    if (warning := data_loss_warning(stats, recipe)) is not None:
+        log.warning(warning)
     stats.update(check_representable(tokenizer, train_raw, stats))
     if stats["rows"] == 0:
         raise DataError(

@@ -30,7 +30,8 @@ def run(ctx):
 
     Returns:
         :class:`plugtune.trainer.RunResult` with ``train_loss``, ``global_step``,
-        ``first_logged_loss``, ``last_logged_loss``, ``real_tokens_per_second`` ...
+        ``first_logged_loss``, ``last_logged_loss``, ``real_tokens_per_second``,
+        ``tokens_seen``, ``peak_memory_mib``, ``wall_seconds`` ... (never ``None``)
 
     Raises:
         plugtune.trainer.TrainingError: non-finite loss (names the step), nothing to resume.
@@ -43,6 +44,7 @@ def run(ctx):
 
     from plugtune.evaluate import evaluate_generation
     from plugtune.modeling import new_tokens
+    from plugtune.observe import run_metrics, without_nulls
     from plugtune.run_control import fix_train_loss_entry, whole_run_loss
     from plugtune.rundir import save_run, update_reports
     from plugtune.scale import gathered_state_dict
@@ -52,6 +54,7 @@ def run(ctx):
         PlugtuneTrainer,
         RunResult,
         apply_adapter,
+        attach,
         count_parameters,
         training_arguments,
     )
@@ -108,21 +111,20 @@ def run(ctx):
         ctx.say(f"plugtune: fsdp: {recipe.fsdp} is not applied: accelerate shards with FSDP only on "
                 f"GPUs (here: {trainer.accelerator.distributed_type}); training unsharded (DDP)")
     ckpt = ctx.resume_checkpoint()
+    observer = attach(trainer)  # tokens/s + peak memory at each logging step
     t1 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_s = time.perf_counter() - t1
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     run_loss = whole_run_loss(trainer.state.log_history)  # every step, also after a resume
     fix_train_loss_entry(trainer.state.log_history, run_loss)
     metrics.update(
         train_loss=run_loss if run_loss is not None else out.training_loss,
         train_seconds=round(train_s, 2),
         global_step=trainer.state.global_step,
-        first_logged_loss=losses[0] if losses else None,
-        last_logged_loss=losses[-1] if losses else None,
-        real_tokens_per_second=round(data.stats["real_tokens"] * recipe.num_epochs / train_s, 1)
-        if recipe.max_steps <= 0 else None,
     )
+    # real tokens counted batch by batch (also under max_steps, which stops mid-epoch)
+    metrics.update(run_metrics(observer, trainer.state.log_history, ctx.started))
+    metrics = without_nulls(metrics)
     out_dir = Path(recipe.output_dir)
     writer = trainer.is_world_process_zero()  # one writer, not one per rank
     state_dict = gathered_state_dict(trainer)  # a collective under ZeRO-3 / FSDP: every rank
@@ -144,6 +146,9 @@ def run(ctx):
                                                processor=ctx.processor)
         ctx.say(f"plugtune: after training: {metrics['after']}")
         evaluated = True
+    if evaluated:
+        metrics["wall_seconds"] = round(time.perf_counter() - ctx.started, 2)
+        metrics = without_nulls(metrics)
     if evaluated and writer:
         update_reports(out_dir, ctx.user_recipe, spec, metrics, trainer.state.log_history, data.stats)
     return RunResult(output_dir=out_dir, metrics=metrics, log_history=trainer.state.log_history)
