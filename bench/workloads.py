@@ -44,13 +44,11 @@ def _peak_rss_mib() -> float:
     967 MiB parent reports 967 MiB); ``VmHWM`` belongs to the new address space. Falls back to
     ``ru_maxrss`` where ``/proc`` is absent.
     """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    from plugtune.observe import proc_status_kib
+
+    hwm = proc_status_kib().get("VmHWM")
+    if hwm is not None:
+        return hwm / 1024  # KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

@@ -217,14 +217,9 @@ def child_peak_kb(pid: int) -> int:
     it is gone or ``/proc`` is absent. Polled while a child runs instead of ``wait4``'s
     ``ru_maxrss``, which Linux carries across ``execve``: a child started by this process (which
     holds the in-process evaluations, GBs) would report at least this process's own peak."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    from plugtune.observe import proc_status_kib
+
+    return proc_status_kib(pid).get("VmHWM", 0)
 
 
 def write_json(path: Path, obj) -> Path:

@@ -492,13 +492,10 @@ def _limit_malloc_caching() -> None:
 
 def _rss() -> tuple[int, int]:
     """``(VmRSS, VmHWM)`` of this process in bytes (Linux ``/proc/self/status``)."""
-    vals = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("VmRSS", "VmHWM")):
-                k, v = line.split(":")
-                vals[k] = int(v.split()[0]) * 1024
-    return vals["VmRSS"], vals["VmHWM"]
+    from plugtune.observe import proc_status_kib
+
+    vals = proc_status_kib(keys=("VmRSS", "VmHWM"))
+    return vals["VmRSS"] * 1024, vals["VmHWM"] * 1024
 
 
 def measure_in_process(recipe: Recipe) -> dict[str, Any]:

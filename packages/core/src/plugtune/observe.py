@@ -127,23 +127,39 @@ def check_reporting(recipe) -> None:
 # throughput and memory
 
 
+def proc_status_kib(pid: int | str = "self", keys: tuple[str, ...] = ("VmHWM",)) -> dict[str, int]:
+    """Memory lines of ``/proc/PID/status`` (Linux) in KiB, e.g. ``{"VmHWM": 812345}``.
+
+    ``VmHWM`` is the peak resident set of that process's own address space; unlike
+    ``getrusage().ru_maxrss`` it is not carried across ``execve`` (a child started by a parent
+    holding 1 GB would otherwise report at least 1 GB). Keys that are absent, a process that
+    is gone, or no ``/proc`` give an empty or partial dict.
+    """
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                name, _, value = line.partition(":")
+                if name in keys:
+                    out[name] = int(value.split()[0])
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def peak_memory_mib(device: Any = None) -> float:
     """Peak memory of this process in MiB: ``torch.cuda.max_memory_allocated`` when ``device``
-    is a CUDA device; else the resident set's high-water mark (``VmHWM`` of
-    ``/proc/self/status``, or ``resource.getrusage`` ``ru_maxrss``: KiB on Linux, bytes on
+    is a CUDA device; else the resident set's high-water mark (``VmHWM``, see
+    :func:`proc_status_kib`, or ``resource.getrusage`` ``ru_maxrss``: KiB on Linux, bytes on
     macOS)."""
     dev = getattr(device, "type", device)
     if dev == "cuda":
         import torch
 
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    hwm = proc_status_kib().get("VmHWM")
+    if hwm is not None:
+        return round(hwm / 1024, 1)
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
