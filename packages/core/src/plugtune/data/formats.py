@@ -3,7 +3,9 @@
 Canonical examples (plain dicts, so ``datasets.map`` can carry them):
 
 * chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
-  (alpaca, dolly, sharegpt, messages, completion),
+  (alpaca, dolly, sharegpt, messages, completion); the last assistant turn may carry
+  ``reasoning_content`` (from a ``reasoning_content`` / ``thinking`` / ``reasoning`` key), which
+  reasoning templates render (gpt-oss: the ``analysis`` channel),
 * ``{"text": str}`` (raw text, unsupervised causal-LM fine-tuning),
 * ``{"source": str, "target": str}`` (seq2seq, e.g. SAMSum dialogue -> summary),
 * ``{"prompt": [messages], "chosen": str, "rejected": str}`` (preference pairs: DPO, ORPO,
@@ -127,6 +129,7 @@ FUNCTION_CALL = "function_call"
 #: source role -> canonical role (ShareGPT, OpenAI, LLaMA-Factory, axolotl defaults)
 DEFAULT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                  "model": "assistant", "bot": "assistant", "system": "system",
+                 "developer": "system",  # OpenAI's newer name for system (harmony's instructions)
                  "function_call": FUNCTION_CALL, "observation": "tool", "tool": "tool",
                  "ipython": "tool", "function": "tool"}
 _SHAREGPT_ROLES = DEFAULT_ROLES  # kept for callers of the old name
@@ -263,10 +266,45 @@ def _turns(value: Any, key: str, role_key: str | None = None, content_key: str |
         if not content.strip() and IMAGE_PLACEHOLDER not in content:
             raise BadRecord(where, "expected a non-empty string")
         msgs.append({"role": role, "content": content})
-        if role == "assistant" and not _trained(turn, f"{key}[{i}]", shape):
-            msgs[-1]["train"] = False
+        if role == "assistant":
+            reasoning = _reasoning(turn, f"{key}[{i}]")
+            if reasoning:
+                msgs[-1]["reasoning_content"] = reasoning
+            if not _trained(turn, f"{key}[{i}]", shape):
+                msgs[-1]["train"] = False
     if need_assistant and not any(m["role"] == "assistant" for m in msgs):
         raise BadRecord(key, "has no assistant turn to train on")
+    return _last_reasoning_only(msgs)
+
+
+#: message keys that hold an assistant turn's reasoning (Qwen3 / DeepSeek-R1 datasets:
+#: ``reasoning_content``; gpt-oss / HF ``thinking``; OpenRouter-style ``reasoning``)
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _reasoning(turn: Mapping, where: str) -> str | None:
+    """The reasoning text of an assistant turn (first of :data:`REASONING_KEYS` present), or
+    ``None``. Raises :class:`BadRecord` when the value is not a string."""
+    for k in REASONING_KEYS:
+        value = turn.get(k)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise BadRecord(f"{where}.{k}", f"expected the reasoning as a string, got "
+                            f"{type(value).__name__}")
+        return value.strip() or None
+    return None
+
+
+def _last_reasoning_only(msgs: list[dict]) -> list[dict]:
+    """Keep ``reasoning_content`` on the last assistant turn only: reasoning templates
+    (gpt-oss harmony, Qwen3, DeepSeek-R1) drop the reasoning of earlier turns from the history,
+    so an earlier turn's reasoning is never seen at inference and rendering it would make the
+    template's turns differ between a prefix and the whole conversation."""
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+    for i, m in enumerate(msgs):
+        if i != last and "reasoning_content" in m:
+            del m["reasoning_content"]
     return msgs
 
 

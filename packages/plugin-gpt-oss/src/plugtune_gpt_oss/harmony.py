@@ -1,0 +1,149 @@
+"""The harmony chat format of gpt-oss, as a Jinja chat template written for plugtune.
+
+Written from OpenAI's public description of the format (the "harmony response format" guide and
+the ``openai/harmony`` renderer's documented output), not copied from the checkpoint's file:
+
+* every message is ``<|start|>{header}<|message|>{content}<|end|>``; an assistant header names
+  its channel: ``assistant<|channel|>analysis`` (reasoning) or ``assistant<|channel|>final``
+  (the answer shown to the user);
+* a system message always comes first: the model identity, the knowledge cutoff, ``Reasoning:
+  low|medium|high`` and the list of valid channels. The conversation's own system (or
+  ``developer``) text becomes the developer message ``# Instructions\\n\\n{text}``. No "Current
+  date" line: it would make every rendering depend on the day it was made;
+* the generation prompt is ``<|start|>assistant``: the model writes the channel itself;
+* the reasoning of earlier turns is dropped from the history (the format's rule); only the last
+  assistant message renders its ``analysis`` message, from the message's ``reasoning_content``
+  (plugtune's canonical key, filled from ``reasoning_content`` / ``thinking`` / ``reasoning``
+  data fields) or ``thinking`` (the key Hugging Face's gpt-oss template reads);
+* at inference the final message ends with ``<|return|>`` (tool calls with ``<|call|>``); in a
+  history it ends with ``<|end|>``.
+
+**Trained end token.** Every trained assistant turn ends with ``<|end|>``, the last one too.
+The checkpoint's own template ends the last turn of a training conversation with
+``<|return|>``, which makes the rendering of a turn differ between a prefix of the conversation
+and the whole one, so per-turn label masking cannot be derived from it; ``<|end|>`` is what the
+history shows after every final message. Generation therefore stops on ``<|end|>`` as well as
+``<|return|>`` / ``<|call|>`` (:data:`STOP_TOKENS`), and :func:`set_generation_stops` writes
+those ids into the model's ``generation_config`` so a saved run stops there in plain
+``transformers`` too.
+
+Tools are not rendered by this template (harmony describes them as a TypeScript namespace in the
+developer message); plugtune's documented fallback for templates without tools applies
+(schemas in the system turn, calls as JSON answers).
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+#: harmony's special tokens (o200k_harmony ids 200006, 200007, 200008, 200005, 200002, 200012,
+#: 200003 in the real tokenizer); added to a tokenizer that lacks them
+SPECIAL_TOKENS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
+                  "<|constrain|>")
+#: tokens that end an assistant response: ``<|return|>`` (final answer at inference),
+#: ``<|call|>`` (tool call), ``<|end|>`` (every trained turn, see the module docstring)
+STOP_TOKENS = ("<|return|>", "<|call|>", "<|end|>")
+#: ``reasoning_effort`` values harmony's system message accepts
+EFFORTS = ("low", "medium", "high")
+DEFAULT_EFFORT = "medium"
+
+_SYSTEM = ("You are ChatGPT, a large language model trained by OpenAI.\n"
+           "Knowledge cutoff: 2024-06\n\n")
+_CHANNELS = ("# Valid channels: analysis, commentary, final. "
+             "Channel must be included for every message.")
+
+_BODY = (
+    "{%- set effort = reasoning_effort if reasoning_effort is defined and reasoning_effort "
+    "else '" + DEFAULT_EFFORT + "' -%}"
+    "{{- '<|start|>system<|message|>" + _SYSTEM + "Reasoning: ' + effort + '\n\n"
+    + _CHANNELS + "<|end|>' -}}"
+    "{%- set ns = namespace(last=-1) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}{%- set ns.last = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' or m['role'] == 'developer' -%}"
+    "{{- '<|start|>developer<|message|># Instructions\n\n' + m['content'] | trim + '<|end|>' -}}"
+    "{%- elif m['role'] == 'user' -%}"
+    "{{- '<|start|>user<|message|>' + m['content'] + '<|end|>' -}}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- if m['reasoning_content'] is defined and m['reasoning_content'] -%}"
+    "{%- set r = m['reasoning_content'] -%}"
+    "{%- elif m['thinking'] is defined and m['thinking'] -%}{%- set r = m['thinking'] -%}"
+    "{%- else -%}{%- set r = '' -%}{%- endif -%}"
+    "{%- if r and loop.index0 == ns.last and not add_generation_prompt -%}"
+    "{{- '<|start|>assistant<|channel|>analysis<|message|>' + r | trim + '<|end|>' -}}"
+    "{%- endif -%}"
+    "{{- '<|start|>assistant<|channel|>final<|message|>' + m['content'] | trim + '<|end|>' -}}"
+    "{%- elif m['role'] == 'tool' -%}"
+    "{{- '<|start|>functions.' + (m['name'] if m['name'] is defined and m['name'] else 'tool')"
+    " + ' to=assistant<|channel|>commentary<|message|>' + m['content'] + '<|end|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start|>assistant' -}}{%- endif -%}"
+)
+
+#: the template with the effort taken from a ``reasoning_effort`` render argument (``medium``
+#: when absent)
+HARMONY = _BODY
+
+
+def harmony_template(effort: str | None = None) -> str:
+    """The harmony chat template, with ``Reasoning: {effort}`` fixed when ``effort`` is given.
+
+    Core renders templates without extra arguments, so a recipe's ``reasoning_effort`` is set
+    inside the template (and saved with the tokenizer, so generation uses the same system
+    message as training).
+
+    Raises:
+        ValueError: ``effort`` is not one of :data:`EFFORTS`.
+    """
+    if effort is None:
+        return HARMONY
+    if effort not in EFFORTS:
+        raise ValueError(f"reasoning_effort: expected one of {', '.join(EFFORTS)}, got {effort!r}")
+    return "{%- set reasoning_effort = '" + effort + "' -%}" + HARMONY
+
+
+def install_template(tokenizer, effort: str | None = None, force: bool = False) -> list[str]:
+    """Give ``tokenizer`` the harmony template when it has none (or ``force``), adding the
+    :data:`SPECIAL_TOKENS` it lacks.
+
+    A tokenizer that ships a template (a real gpt-oss checkpoint) keeps it unless ``force``;
+    ``effort`` then only applies to plugtune's template.
+
+    Returns:
+        The special tokens new to the vocabulary (the caller resizes the embeddings; core's
+        training does so when ``len(tokenizer)`` outgrows them).
+    """
+    from plugtune.token_rows import add_tokens
+
+    added = add_tokens(tokenizer, SPECIAL_TOKENS)
+    if force or not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = harmony_template(effort)
+    elif effort is not None:
+        log.warning("reasoning_effort: %s applies to plugtune's harmony template; the tokenizer "
+                    "ships its own chat template, which is kept", effort)
+    return added
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Ids of :data:`STOP_TOKENS` in ``tokenizer``'s vocabulary (absent ones skipped)."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in STOP_TOKENS if t in vocab]
+
+
+def set_generation_stops(model, tokenizer) -> list[int]:
+    """Add :func:`stop_ids` to ``model.generation_config.eos_token_id`` (kept: the ids already
+    there). Returns the resulting list."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return []
+    have = gc.eos_token_id
+    ids = [have] if isinstance(have, int) else list(have or [])
+    for t in stop_ids(tokenizer):
+        if t not in ids:
+            ids.append(t)
+    gc.eos_token_id = ids
+    return ids
