@@ -4,13 +4,12 @@ analysis channel of the last turn only), reasoning_effort, generation stops."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from plugtune.config import RecipeError, validate_recipe
 from plugtune.data.formats import messages as messages_format
 from plugtune.data.formats import template_messages
 from plugtune.data.tokenize import probe_template, tokenize_chat
-from plugtune.testing import make_spec, trained_spans
+from plugtune.testing import force_next_token, make_spec, trained_spans
 from plugtune_gpt_oss import harmony
 
 SYSTEM = ("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
@@ -97,18 +96,6 @@ def test_template_kept_when_the_tokenizer_ships_one(harmony_tok):
     assert harmony_tok.chat_template == harmony.HARMONY
 
 
-def _forced(model, token_id: int):
-    """``model`` with an LM head that always predicts ``token_id``."""
-    head = model.get_output_embeddings()
-    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        new.weight.zero_()
-        new.bias.fill_(-10.0)
-        new.bias[token_id] = 10.0
-    model.set_output_embeddings(new)
-    return model
-
-
 @pytest.mark.parametrize("token,stops", [("<|return|>", True), ("<|call|>", True),
                                          ("<|end|>", True), (" Paris", False)])
 def test_generation_stops_at_harmony_end_tokens(tiny_dir, pm, token, stops):
@@ -117,7 +104,7 @@ def test_generation_stops_at_harmony_end_tokens(tiny_dir, pm, token, stops):
     tok = loaded.tokenizer
     ids = tok(token, add_special_tokens=False)["input_ids"]
     assert len(ids) == 1
-    model = _forced(loaded.model, ids[0])
+    model = force_next_token(loaded.model, ids[0])
     assert set(harmony.stop_ids(tok)) <= set(model.generation_config.eos_token_id)
     out = pm.hook.plugtune_generate(spec=spec, model=model, tokenizer=tok, prompts=["Hi"],
                                     max_new_tokens=3, images=None)
