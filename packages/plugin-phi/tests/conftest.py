@@ -3,6 +3,7 @@ plugin manager with this (not installed) plugin loaded, a tiny dataset."""
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 
 import pytest
@@ -12,17 +13,23 @@ from plugtune.testing import load_shared_tokenizer
 
 #: the plugin as PLUGTUNE_LOAD_PLUGINS names it when the package is not installed
 MODULE = "plugtune_phi.plugin"
+#: installed (nox, CI): the entry point loads it; naming it again in PLUGTUNE_LOAD_PLUGINS would
+#: make core import the module a second time under its module name
+INSTALLED = any(ep.value == MODULE for ep in md.entry_points(group="plugtune"))
+#: the environment the plugin manager is built from
+ENV = {} if INSTALLED else {"PLUGTUNE_LOAD_PLUGINS": MODULE}
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PLUGTUNE_HOME", str(tmp_path_factory.getbasetemp() / "plugtune-home"))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    monkeypatch.setenv("PLUGTUNE_LOAD_PLUGINS", MODULE)
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
 
 
 @pytest.fixture
 def pm():
-    return get_plugin_manager({"PLUGTUNE_LOAD_PLUGINS": MODULE})
+    return get_plugin_manager(ENV)
 
 
 @pytest.fixture
