@@ -185,3 +185,36 @@ def test_mxfp4_checkpoint_loads_dequantized_and_trains(tmp_path, pm):
     assert math.isfinite(float(loss.detach()))
     assert any(p.grad is not None and p.grad.abs().sum() > 0
                for n, p in peft_model.named_parameters() if "lora_" in n)
+
+
+def _core_has_chat_rows() -> bool:
+    from plugtune import hookspecs
+
+    return hasattr(hookspecs, "plugtune_chat_rows")
+
+
+@pytest.mark.skipif(not _core_has_chat_rows(), reason="core without plugtune_chat_rows")
+def test_reasoning_on_every_turn_trains_through_plugtune_train(tiny_dir, tmp_path, pm):
+    """Reasoning on both turns of every record: the plugin's rows put turn 1 in a row of its
+    own, so the run has two rows per record and trains."""
+    import json
+
+    from plugtune.train import train
+
+    rows = [{"messages": [
+        {"role": "user", "content": f"Add {a} and {b}."},
+        {"role": "assistant", "content": f"{a + b}.", "thinking": f"{a} plus {b}."},
+        {"role": "user", "content": "Doubled?"},
+        {"role": "assistant", "content": f"{2 * (a + b)}.", "thinking": "Times two."}]}
+        for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
+    data = tmp_path / "r.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    torch.set_num_threads(1)
+    rec = validate_recipe(dict(
+        base_model=str(tiny_dir), adapter="lora", lora_dropout=0.0,
+        datasets=[dict(path=str(data), type="messages")], sequence_len=256, micro_batch_size=2,
+        max_steps=2, logging_steps=1, output_dir=str(tmp_path / "run")), pm=pm)
+    res = train(rec, pm=pm)
+    assert res.metrics["data"]["rows"] == 8 if "data" in res.metrics else True
+    losses = [h["loss"] for h in res.log_history if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

@@ -14,7 +14,9 @@ the ``openai/harmony`` renderer's documented output), not copied from the checkp
 * the reasoning of earlier turns is dropped from the history (the format's rule); only the last
   assistant message renders its ``analysis`` message, from the message's ``reasoning_content``
   (plugtune's canonical key, filled from ``reasoning_content`` / ``thinking`` / ``reasoning``
-  data fields) or ``thinking`` (the key Hugging Face's gpt-oss template reads);
+  data fields) or ``thinking`` (the key Hugging Face's gpt-oss template reads). A turn with
+  reasoning before the last is trained in a row of its own that ends with it
+  (:class:`HarmonyRows`, the plugin's ``plugtune_chat_rows`` answer);
 * at inference the final message ends with ``<|return|>`` (tool calls with ``<|call|>``); in a
   history it ends with ``<|end|>``.
 
@@ -35,6 +37,7 @@ developer message); plugtune's documented fallback for templates without tools a
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,11 @@ _SYSTEM = ("You are ChatGPT, a large language model trained by OpenAI.\n"
 _CHANNELS = ("# Valid channels: analysis, commentary, final. "
              "Channel must be included for every message.")
 
+#: first line of plugtune's template (how :class:`HarmonyRows` recognises it)
+MARKER = "{#- plugtune harmony template -#}"
+
 _BODY = (
+    MARKER +
     "{%- set effort = reasoning_effort if reasoning_effort is defined and reasoning_effort "
     "else '" + DEFAULT_EFFORT + "' -%}"
     "{{- '<|start|>system<|message|>" + _SYSTEM + "Reasoning: ' + effort + '\n\n"
@@ -104,6 +111,58 @@ def harmony_template(effort: str | None = None) -> str:
     if effort not in EFFORTS:
         raise ValueError(f"reasoning_effort: expected one of {', '.join(EFFORTS)}, got {effort!r}")
     return "{%- set reasoning_effort = '" + effort + "' -%}" + HARMONY
+
+
+def is_plugtune_template(tokenizer) -> bool:
+    """Whether ``tokenizer``'s chat template is this module's (any ``reasoning_effort``)."""
+    return MARKER in (getattr(tokenizer, "chat_template", None) or "")
+
+
+@dataclass(frozen=True)
+class HarmonyRows:
+    """The ``plugtune_chat_rows`` answer: the conversations to tokenize for one example so that
+    every trained assistant turn is trained as it is rendered when it is the turn generated.
+
+    Harmony keeps no reasoning of earlier turns, so an assistant turn renders one way as the
+    last message (its ``analysis`` message, then ``final``) and another way in a later history
+    (``final`` only; the checkpoint's own template also swaps ``<|return|>`` for ``<|end|>``).
+    A trained turn that renders differently later gets a row of its own that ends with it; the
+    last row is the whole conversation with those turns as context (``"train": False``). In
+    every row, reasoning is kept on the row's last turn only.
+
+    With plugtune's template (:func:`is_plugtune_template`) only non-last turns that carry
+    ``reasoning_content`` render differently; with any other template every non-last trained
+    turn gets its own row. A conversation with reasoning on its last turn only is one row.
+
+    Picklable (a frozen dataclass without fields); called as ``rows(tokenizer, messages, tools)``.
+    """
+
+    def __call__(self, tokenizer, messages: list[dict], tools: list[dict] | None = None
+                 ) -> list[list[dict]]:
+        turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if not turns:
+            return [messages]
+        ours = is_plugtune_template(tokenizer)
+        own_row = [i for i in turns[:-1] if messages[i].get("train") is not False
+                   and (not ours or messages[i].get("reasoning_content"))]
+        rows = [_row(messages[: i + 1], {j for j in turns if j < i}) for i in own_row]
+        rows.append(_row(messages, set(own_row)))
+        return rows
+
+
+def _row(messages: list[dict], context: set[int]) -> list[dict]:
+    """``messages`` with reasoning removed from every message but the last and the turns at
+    the indices in ``context`` marked ``"train": False``."""
+    out = []
+    for i, m in enumerate(messages):
+        m = dict(m)
+        if i != len(messages) - 1:
+            m.pop("reasoning_content", None)
+            m.pop("thinking", None)
+        if i in context and m.get("role") == "assistant":
+            m["train"] = False
+        out.append(m)
+    return out
 
 
 def install_template(tokenizer, effort: str | None = None, force: bool = False) -> list[str]:

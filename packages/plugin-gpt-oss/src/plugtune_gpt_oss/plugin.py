@@ -11,7 +11,8 @@ Quirks handled (helpers beside this file):
   passes the packed-sequence masks itself (packed == unpacked, tested);
 * the harmony chat format (``<|start|>role<|channel|>analysis|final<|message|>...<|end|>``),
   installed when the tokenizer ships no template; data reasoning (``reasoning_content`` /
-  ``thinking``) goes to the ``analysis`` channel of the last turn; the recipe key
+  ``thinking``) goes to the ``analysis`` channel, each turn with reasoning trained in a row that
+  ends with it (``plugtune_chat_rows``); the recipe key
   ``reasoning_effort: low|medium|high`` sets ``Reasoning:`` in the system message
   (:mod:`plugtune_gpt_oss.harmony`);
 * generation stops on ``<|return|>``, ``<|call|>`` and ``<|end|>``;
@@ -55,6 +56,7 @@ FAMILY = Family(
         _TESTS + "test_gpt_oss.py::test_mxfp4_config_is_dequantized_to_bf16",
         _TESTS + "test_gpt_oss.py::test_mxfp4_checkpoint_loads_dequantized_and_trains",
         _TESTS + "test_harmony.py::test_trained_labels_are_what_the_template_renders",
+        _TESTS + "test_harmony.py::test_earlier_reasoning_is_trained_in_its_own_row",
         _TESTS + "test_harmony.py::test_generation_stops_at_harmony_end_tokens",
     ),
 )
@@ -142,6 +144,15 @@ def plugtune_target_modules(spec, model, method):
         [method] if isinstance(method, str) else list(method))
     check_target_modules(model, targets)
     return targets
+
+
+@hookimpl(optionalhook=True)  # core's hook since the qwen3 merge; unknown to older cores
+def plugtune_chat_rows(spec, tokenizer):
+    """:class:`plugtune_gpt_oss.harmony.HarmonyRows`: a turn with reasoning before the last is
+    trained in its own row (harmony drops earlier reasoning from the history)."""
+    from plugtune_gpt_oss.harmony import HarmonyRows
+
+    return HarmonyRows() if _mine(spec) else None
 
 
 @hookimpl

@@ -3,9 +3,7 @@
 Canonical examples (plain dicts, so ``datasets.map`` can carry them):
 
 * chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
-  (alpaca, dolly, sharegpt, messages, completion); the last assistant turn may carry
-  ``reasoning_content`` (from a ``reasoning_content`` / ``thinking`` / ``reasoning`` key), which
-  reasoning templates render (gpt-oss: the ``analysis`` channel),
+  (alpaca, dolly, sharegpt, messages, completion),
 * ``{"text": str}`` (raw text, unsupervised causal-LM fine-tuning),
 * ``{"source": str, "target": str}`` (seq2seq, e.g. SAMSum dialogue -> summary),
 * ``{"prompt": [messages], "chosen": str, "rejected": str}`` (preference pairs: DPO, ORPO,
@@ -21,6 +19,9 @@ stores rows whose argument objects differ; :func:`template_messages` turns them 
 objects a chat template reads. Message contents given as a list of parts (``[{"type": "text",
 "text"|"value": ...}, {"type": "image"|"image_url", ...}]``, the OpenAI / HF / LLaMA-Factory v1
 layout) become one string, with :data:`IMAGE_PLACEHOLDER` where each image was.
+
+An assistant message may carry its reasoning in ``reasoning_content`` (a string, kept as is);
+reasoning written inline as ``<think>...</think>`` stays in ``content``.
 
 Every adapter raises :class:`BadRecord` naming the field and what was expected; the loader adds
 the file and line.
@@ -260,52 +261,44 @@ def _turns(value: Any, key: str, role_key: str | None = None, content_key: str |
         if role == FUNCTION_CALL or turn.get("tool_calls"):
             calls = _tool_calls(turn.get("tool_calls") or turn.get(ck), where)
             text = content_text(turn.get(ck), where, shape, images) if role != FUNCTION_CALL else ""
-            msgs.append({"role": "assistant", "content": text, "tool_calls": calls})
+            msgs.append({"role": "assistant", "content": text, "tool_calls": calls,
+                         **_reasoning(turn, f"{key}[{i}]")})
             continue
         content = content_text(turn.get(ck), where, shape, images)
         if not content.strip() and IMAGE_PLACEHOLDER not in content:
             raise BadRecord(where, "expected a non-empty string")
-        msgs.append({"role": role, "content": content})
-        if role == "assistant":
-            reasoning = _reasoning(turn, f"{key}[{i}]")
-            if reasoning:
-                msgs[-1]["reasoning_content"] = reasoning
-            if not _trained(turn, f"{key}[{i}]", shape):
-                msgs[-1]["train"] = False
+        msgs.append({"role": role, "content": content,
+                     **(_reasoning(turn, f"{key}[{i}]") if role == "assistant" else {})})
+        if role == "assistant" and not _trained(turn, f"{key}[{i}]", shape):
+            msgs[-1]["train"] = False
     if need_assistant and not any(m["role"] == "assistant" for m in msgs):
         raise BadRecord(key, "has no assistant turn to train on")
-    return _last_reasoning_only(msgs)
+    return msgs
 
 
-#: message keys that hold an assistant turn's reasoning (Qwen3 / DeepSeek-R1 datasets:
-#: ``reasoning_content``; gpt-oss / HF ``thinking``; OpenRouter-style ``reasoning``)
+#: message keys that hold an assistant turn's reasoning apart from its answer, first found wins:
+#: ``reasoning_content`` (Qwen3 / DeepSeek-R1 templates, OpenAI-compatible servers),
+#: ``thinking`` (Hugging Face's gpt-oss template), ``reasoning`` (OpenRouter-style exports)
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
-def _reasoning(turn: Mapping, where: str) -> str | None:
-    """The reasoning text of an assistant turn (first of :data:`REASONING_KEYS` present), or
-    ``None``. Raises :class:`BadRecord` when the value is not a string."""
+def _reasoning(turn: Mapping, where: str) -> dict:
+    """``{"reasoning_content": str}`` when an assistant turn carries its reasoning apart from
+    its answer under one of :data:`REASONING_KEYS` (``thinking`` / ``reasoning`` are renamed),
+    else ``{}``. Family plugins decide how it is rendered and trained (``plugtune_chat_rows``);
+    templates that do not read the field ignore it.
+
+    Raises:
+        BadRecord: the value is not a string (names the turn and key).
+    """
     for k in REASONING_KEYS:
         value = turn.get(k)
         if value is None:
             continue
         if not isinstance(value, str):
-            raise BadRecord(f"{where}.{k}", f"expected the reasoning as a string, got "
-                            f"{type(value).__name__}")
-        return value.strip() or None
-    return None
-
-
-def _last_reasoning_only(msgs: list[dict]) -> list[dict]:
-    """Keep ``reasoning_content`` on the last assistant turn only: reasoning templates
-    (gpt-oss harmony, Qwen3, DeepSeek-R1) drop the reasoning of earlier turns from the history,
-    so an earlier turn's reasoning is never seen at inference and rendering it would make the
-    template's turns differ between a prefix and the whole conversation."""
-    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-    for i, m in enumerate(msgs):
-        if i != last and "reasoning_content" in m:
-            del m["reasoning_content"]
-    return msgs
+            raise BadRecord(f"{where}.{k}", f"expected a string, got {type(value).__name__}")
+        return {"reasoning_content": value} if value.strip() else {}
+    return {}
 
 
 def _trained(turn: Mapping, where: str, shape: Shape) -> bool:
