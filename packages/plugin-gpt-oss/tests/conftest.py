@@ -60,16 +60,14 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reasoning_jsonl(tmp_path_factory):
-    """Eight two-turn ``messages`` records whose last answer carries ``thinking``."""
+    """Eight one-answer ``messages`` records (developer instructions, reasoning in ``thinking``)."""
     rows = []
     for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3)]:
         rows.append({"messages": [
             {"role": "developer", "content": "Answer with one sentence."},
-            {"role": "user", "content": f"Add {a} and {b}."},
-            {"role": "assistant", "content": f"{a + b}."},
-            {"role": "user", "content": "And doubled?"},
+            {"role": "user", "content": f"Add {a} and {b}, then double it."},
             {"role": "assistant", "content": f"{2 * (a + b)}.",
-             "thinking": f"{a + b} times 2 is {2 * (a + b)}."}]})
+             "thinking": f"{a} plus {b} is {a + b}; times 2 is {2 * (a + b)}."}]})
     p = tmp_path_factory.mktemp("data") / "reasoning.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return p

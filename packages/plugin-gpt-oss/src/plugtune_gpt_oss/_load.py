@@ -124,9 +124,30 @@ def load_kwargs(spec) -> tuple[dict[str, Any], list[tuple[int, str]]]:
     return kwargs, notes
 
 
+class PackedMasks(dict):
+    """The ``{"full_attention": mask, "sliding_attention": mask}`` mapping ``GptOssModel.forward``
+    takes as a precomputed ``attention_mask``.
+
+    ``GptOssForCausalLM.forward`` also hands its ``attention_mask`` to transformers'
+    ``load_balancing_loss_func`` (the router auxiliary loss, on when ``output_router_logits``),
+    which reads it as the 2-D token mask (``attention_mask.reshape(-1)``): :meth:`reshape`
+    answers with the all-ones ``(batch, seq)`` mask, i.e. every position of a packed row counts,
+    as when no mask is given (a row's padding tail included: rows are packed to capacity).
+    """
+
+    def __init__(self, masks: dict, shape: tuple[int, int], device) -> None:
+        import torch
+
+        super().__init__(masks)
+        self.tokens = torch.ones(shape, device=device)
+
+    def reshape(self, *shape):
+        return self.tokens.reshape(*shape)
+
+
 def packed_masks(model, batch: dict) -> dict | None:
-    """The ``{"full_attention": mask, "sliding_attention": mask}`` mapping that keeps each
-    packed sample to itself, or ``None`` when the batch is not packed.
+    """The :class:`PackedMasks` mapping that keeps each packed sample to itself, or ``None`` when
+    the batch is not packed.
 
     Built with transformers' ``create_causal_mask`` / ``create_sliding_window_causal_mask``
     given the batch's ``position_ids`` (shape ``(batch, seq)``, restarting at 0 per sample), for
@@ -145,5 +166,6 @@ def packed_masks(model, batch: dict) -> dict | None:
     cfg = model.config
     kw = dict(config=cfg, inputs_embeds=probe, attention_mask=None, cache=None,
               position_ids=batch["position_ids"])
-    return {"full_attention": create_causal_mask(**kw),
-            "sliding_attention": create_sliding_window_causal_mask(**kw)}
+    return PackedMasks({"full_attention": create_causal_mask(**kw),
+                        "sliding_attention": create_sliding_window_causal_mask(**kw)},
+                       tuple(ids.shape), ids.device)

@@ -17,17 +17,16 @@ the ``openai/harmony`` renderer's documented output), not copied from the checkp
   data fields) or ``thinking`` (the key Hugging Face's gpt-oss template reads). A turn with
   reasoning before the last is trained in a row of its own that ends with it
   (:class:`HarmonyRows`, the plugin's ``plugtune_chat_rows`` answer);
-* at inference the final message ends with ``<|return|>`` (tool calls with ``<|call|>``); in a
-  history it ends with ``<|end|>``.
+* the final message of the last assistant turn ends with ``<|return|>`` (tool calls with
+  ``<|call|>``); in a history it ends with ``<|end|>``.
 
-**Trained end token.** Every trained assistant turn ends with ``<|end|>``, the last one too.
-The checkpoint's own template ends the last turn of a training conversation with
-``<|return|>``, which makes the rendering of a turn differ between a prefix of the conversation
-and the whole one, so per-turn label masking cannot be derived from it; ``<|end|>`` is what the
-history shows after every final message. Generation therefore stops on ``<|end|>`` as well as
-``<|return|>`` / ``<|call|>`` (:data:`STOP_TOKENS`), and :func:`set_generation_stops` writes
-those ids into the model's ``generation_config`` so a saved run stops there in plain
-``transformers`` too.
+**Trained end token.** The last message's ``final`` message ends with ``<|return|>``, the token
+the model emits when its answer is complete (and the one inference servers stop on); in a
+history it ends with ``<|end|>``. ``<|end|>`` is *not* a stop token: it also closes the
+``analysis`` message that precedes the answer. Because an earlier turn renders differently in a
+history, every trained turn before the last is trained in a row of its own that ends with it
+(:class:`HarmonyRows`); :func:`set_generation_stops` writes the stop ids into the model's
+``generation_config`` so a saved run stops in plain ``transformers`` too.
 
 Tools are not rendered by this template (harmony describes them as a TypeScript namespace in the
 developer message); plugtune's documented fallback for templates without tools applies
@@ -45,9 +44,9 @@ log = logging.getLogger(__name__)
 #: 200003 in the real tokenizer); added to a tokenizer that lacks them
 SPECIAL_TOKENS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
                   "<|constrain|>")
-#: tokens that end an assistant response: ``<|return|>`` (final answer at inference),
-#: ``<|call|>`` (tool call), ``<|end|>`` (every trained turn, see the module docstring)
-STOP_TOKENS = ("<|return|>", "<|call|>", "<|end|>")
+#: tokens that end an assistant response: ``<|return|>`` (the answer is complete) and
+#: ``<|call|>`` (a tool call); not ``<|end|>``, which also ends the reasoning before the answer
+STOP_TOKENS = ("<|return|>", "<|call|>")
 #: ``reasoning_effort`` values harmony's system message accepts
 EFFORTS = ("low", "medium", "high")
 DEFAULT_EFFORT = "medium"
@@ -57,7 +56,7 @@ _SYSTEM = ("You are ChatGPT, a large language model trained by OpenAI.\n"
 _CHANNELS = ("# Valid channels: analysis, commentary, final. "
              "Channel must be included for every message.")
 
-#: first line of plugtune's template (how :class:`HarmonyRows` recognises it)
+#: first line of plugtune's template (tells it apart from a checkpoint's own)
 MARKER = "{#- plugtune harmony template -#}"
 
 _BODY = (
@@ -82,7 +81,8 @@ _BODY = (
     "{%- if r and loop.index0 == ns.last and not add_generation_prompt -%}"
     "{{- '<|start|>assistant<|channel|>analysis<|message|>' + r | trim + '<|end|>' -}}"
     "{%- endif -%}"
-    "{{- '<|start|>assistant<|channel|>final<|message|>' + m['content'] | trim + '<|end|>' -}}"
+    "{{- '<|start|>assistant<|channel|>final<|message|>' + m['content'] | trim -}}"
+    "{{- '<|return|>' if loop.last and not add_generation_prompt else '<|end|>' -}}"
     "{%- elif m['role'] == 'tool' -%}"
     "{{- '<|start|>functions.' + (m['name'] if m['name'] is defined and m['name'] else 'tool')"
     " + ' to=assistant<|channel|>commentary<|message|>' + m['content'] + '<|end|>' -}}"
@@ -113,26 +113,18 @@ def harmony_template(effort: str | None = None) -> str:
     return "{%- set reasoning_effort = '" + effort + "' -%}" + HARMONY
 
 
-def is_plugtune_template(tokenizer) -> bool:
-    """Whether ``tokenizer``'s chat template is this module's (any ``reasoning_effort``)."""
-    return MARKER in (getattr(tokenizer, "chat_template", None) or "")
-
-
 @dataclass(frozen=True)
 class HarmonyRows:
     """The ``plugtune_chat_rows`` answer: the conversations to tokenize for one example so that
     every trained assistant turn is trained as it is rendered when it is the turn generated.
 
-    Harmony keeps no reasoning of earlier turns, so an assistant turn renders one way as the
-    last message (its ``analysis`` message, then ``final``) and another way in a later history
-    (``final`` only; the checkpoint's own template also swaps ``<|return|>`` for ``<|end|>``).
-    A trained turn that renders differently later gets a row of its own that ends with it; the
-    last row is the whole conversation with those turns as context (``"train": False``). In
-    every row, reasoning is kept on the row's last turn only.
-
-    With plugtune's template (:func:`is_plugtune_template`) only non-last turns that carry
-    ``reasoning_content`` render differently; with any other template every non-last trained
-    turn gets its own row. A conversation with reasoning on its last turn only is one row.
+    Harmony renders an assistant turn one way as the last message (its ``analysis`` message,
+    then ``final`` ending with ``<|return|>``) and another way in a later history (``final``
+    only, ending with ``<|end|>``). So each trained turn before the last gets a row of its own
+    that ends with it; the last row is the whole conversation with those turns as context
+    (``"train": False``; core folds a context turn into the next prompt as the history renders
+    it). In every row, reasoning is kept on the row's last turn only. A conversation with one
+    trained turn is one row.
 
     Picklable (a frozen dataclass without fields); called as ``rows(tokenizer, messages, tools)``.
     """
@@ -140,13 +132,9 @@ class HarmonyRows:
     def __call__(self, tokenizer, messages: list[dict], tools: list[dict] | None = None
                  ) -> list[list[dict]]:
         turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-        if not turns:
-            return [messages]
-        ours = is_plugtune_template(tokenizer)
-        own_row = [i for i in turns[:-1] if messages[i].get("train") is not False
-                   and (not ours or messages[i].get("reasoning_content"))]
+        own_row = [i for i in turns[:-1] if messages[i].get("train") is not False]
         rows = [_row(messages[: i + 1], {j for j in turns if j < i}) for i in own_row]
-        rows.append(_row(messages, set(own_row)))
+        rows.append(_row(messages, set(turns[:-1])))
         return rows
 
 
@@ -185,6 +173,46 @@ def install_template(tokenizer, effort: str | None = None, force: bool = False) 
         log.warning("reasoning_effort: %s applies to plugtune's harmony template; the tokenizer "
                     "ships its own chat template, which is kept", effort)
     return added
+
+
+#: what precedes the answer in a harmony response
+FINAL = "<|channel|>final<|message|>"
+
+
+@dataclass(frozen=True)
+class FinalText:
+    """The answer of a generated harmony response: the text of its last ``final`` message.
+
+    Called on a completion decoded *with* special tokens (padding after the stop included):
+    ``<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>Paris.<|return|>``
+    gives ``"Paris."``. A response with channels but no ``final`` message (cut off while
+    reasoning, or a tool call) gives ``""``; text without any harmony marker (a model that does
+    not speak harmony) is returned with the special tokens removed.
+
+    Attributes:
+        specials: the tokenizer's special token strings (the answer ends at the first one).
+    """
+
+    specials: tuple[str, ...]
+
+    def __call__(self, text: str) -> str:
+        if FINAL in text:
+            body = text.rsplit(FINAL, 1)[1]
+            cut = min((body.find(t) for t in self.specials if t and t in body), default=len(body))
+            return body[:cut].strip()
+        if "<|channel|>" in text:
+            return ""
+        for t in sorted(self.specials, key=len, reverse=True):
+            if t:
+                text = text.replace(t, "")
+        return text.strip()
+
+
+def final_text_parser(tokenizer) -> FinalText:
+    """:class:`FinalText` for ``tokenizer`` (its special and added tokens, harmony's included)."""
+    specials = set(tokenizer.all_special_tokens) | set(SPECIAL_TOKENS) | set(
+        getattr(tokenizer, "added_tokens_encoder", {}) or {})
+    return FinalText(tuple(sorted(specials)))
 
 
 def stop_ids(tokenizer) -> list[int]:

@@ -11,11 +11,12 @@ Quirks handled (helpers beside this file):
   passes the packed-sequence masks itself (packed == unpacked, tested);
 * the harmony chat format (``<|start|>role<|channel|>analysis|final<|message|>...<|end|>``),
   installed when the tokenizer ships no template; data reasoning (``reasoning_content`` /
-  ``thinking``) goes to the ``analysis`` channel, each turn with reasoning trained in a row that
-  ends with it (``plugtune_chat_rows``); the recipe key
+  ``thinking``) goes to the ``analysis`` channel; each earlier trained turn gets a row that ends
+  with it (``plugtune_chat_rows``); the recipe key
   ``reasoning_effort: low|medium|high`` sets ``Reasoning:`` in the system message
   (:mod:`plugtune_gpt_oss.harmony`);
-* generation stops on ``<|return|>``, ``<|call|>`` and ``<|end|>``;
+* the last turn's answer ends with ``<|return|>`` (``<|end|>`` in a history); generation stops
+  on ``<|return|>`` / ``<|call|>`` and returns the ``final`` channel's text (not the reasoning);
 * LoRA targets: the attention projections (``q_proj k_proj v_proj o_proj``) for ``auto`` and
   ``all-linear``: the experts are 3-D parameters and the router is not an ``nn.Linear``, so
   neither is a default target (experts are opt-in through core's MoE options).
@@ -44,7 +45,7 @@ FAMILY = Family(
         "MXFP4 checkpoints dequantized to bf16 for training",
         "packed rows: masks built from position_ids (transformers' gpt-oss ignores them)",
         "harmony chat template (analysis/final channels, earlier reasoning dropped)",
-        "reasoning_effort recipe key; stops on <|return|> <|call|> <|end|>",
+        "reasoning_effort recipe key; stops on <|return|> <|call|>, answers = the final channel",
         "LoRA auto/all-linear = attention projections (experts opt-in, router frozen)",
     ),
     packing="exact",
@@ -56,7 +57,8 @@ FAMILY = Family(
         _TESTS + "test_gpt_oss.py::test_mxfp4_config_is_dequantized_to_bf16",
         _TESTS + "test_gpt_oss.py::test_mxfp4_checkpoint_loads_dequantized_and_trains",
         _TESTS + "test_harmony.py::test_trained_labels_are_what_the_template_renders",
-        _TESTS + "test_harmony.py::test_earlier_reasoning_is_trained_in_its_own_row",
+        _TESTS + "test_harmony.py::test_every_turn_is_trained_as_when_it_is_generated",
+        _TESTS + "test_harmony.py::test_generate_returns_the_final_channel",
         _TESTS + "test_harmony.py::test_generation_stops_at_harmony_end_tokens",
     ),
 )
@@ -148,8 +150,9 @@ def plugtune_target_modules(spec, model, method):
 
 @hookimpl(optionalhook=True)  # core's hook since the qwen3 merge; unknown to older cores
 def plugtune_chat_rows(spec, tokenizer):
-    """:class:`plugtune_gpt_oss.harmony.HarmonyRows`: a turn with reasoning before the last is
-    trained in its own row (harmony drops earlier reasoning from the history)."""
+    """:class:`plugtune_gpt_oss.harmony.HarmonyRows`: each trained turn before the last is
+    trained in a row of its own that ends with it (harmony renders a turn differently in a
+    history: no reasoning, ``<|end|>`` instead of ``<|return|>``)."""
     from plugtune_gpt_oss.harmony import HarmonyRows
 
     return HarmonyRows() if _mine(spec) else None
@@ -190,13 +193,15 @@ def plugtune_train_step(spec, model, batch, num_items_in_batch):
 @hookimpl
 def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens):
     """Left-padded batched generation stopping on EOS and the harmony end tokens
-    (:data:`plugtune_gpt_oss.harmony.STOP_TOKENS`)."""
+    (:data:`plugtune_gpt_oss.harmony.STOP_TOKENS`); each completion is the answer of the
+    harmony response (:class:`plugtune_gpt_oss.harmony.FinalText`), not its reasoning."""
     from plugtune.modeling import generate_causal
-    from plugtune_gpt_oss.harmony import STOP_TOKENS
+    from plugtune_gpt_oss.harmony import STOP_TOKENS, final_text_parser
 
     if not _mine(spec):
         return None
     g = spec.recipe.generation
     kwargs = dict(temperature=g.temperature, top_p=g.top_p) if g.do_sample else {}
     return generate_causal(model, tokenizer, prompts, max_new_tokens, do_sample=g.do_sample,
-                           extra_stop_tokens=STOP_TOKENS, **kwargs)
+                           extra_stop_tokens=STOP_TOKENS, skip_special_tokens=False,
+                           postprocess=final_text_parser(tokenizer), **kwargs)
