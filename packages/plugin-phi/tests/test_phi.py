@@ -23,8 +23,8 @@ TWO_TURNS = [{"role": "user", "content": "Capital of France?"},
              {"role": "assistant", "content": "Rome."}]
 
 
-#: a template with Phi-3-mini's layout, EOS after the last message included (written for the
-#: tests from the format: <|role|>\n text <|end|>\n)
+#: templates with the layouts of Phi-3-mini (newlines) and Phi-4-mini (none), EOS after the last
+#: message included (written for the tests from the format: <|role|> text <|end|>)
 PHI3_MINI_LIKE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
@@ -32,6 +32,11 @@ PHI3_MINI_LIKE = (
     "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI4_MINI_LIKE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}"
+    "{% endif %}"
 )
 
 
@@ -136,32 +141,35 @@ def test_trains_and_merge_matches_the_adapter(tiny_dirs, chat_jsonl, tmp_path, p
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_labels_end_with_end_of_turn(tiny_dirs, pm):
-    """The tokenizer ships Phi-3-mini's layout with an EOS after the last message: core cannot
-    split its multi-turn renders; the plugin's load swaps it, and every trained turn decodes to
-    exactly the answer + <|end|>."""
+@pytest.mark.parametrize("template,tail", [(PHI3_MINI_LIKE, "<|assistant|>\nRome.<|end|>\n"),
+                                           (PHI4_MINI_LIKE, "<|assistant|>Rome.<|end|>")])
+def test_labels_end_with_end_of_turn(tiny_dirs, template, tail):
+    """The tokenizer ships a Phi-3 / Phi-4-mini layout with an EOS after the last message: core
+    cannot split its multi-turn renders; without that EOS every trained turn decodes to exactly
+    the answer + <|end|>, and the rest of the template is unchanged."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dirs["phi3"])
-    tok.chat_template = PHI3_MINI_LIKE
+    tok.chat_template = template
+    original = tok.apply_chat_template(TWO_TURNS, tokenize=False)
     with pytest.raises(TemplateRenderError):
         tokenize_chat(tok, TWO_TURNS, probe_template(tok), 256)
     assert _fused.prefix_stable_template(tok)
+    assert tok.apply_chat_template(TWO_TURNS, tokenize=False) + tok.eos_token == original
+    assert original.endswith(tail + tok.eos_token)
     info = probe_template(tok)
     assert info.end_of_turn == "<|end|>"
     row = tokenize_chat(tok, TWO_TURNS, info, 256)
     spans = [tok.decode(s) for s in trained_spans(row["input_ids"], row["labels"])]
     assert spans == ["Paris.<|end|>", "Rome.<|end|>"]
-    # the same turns as the original template, without its trailing EOS
-    assert tok.apply_chat_template(TWO_TURNS, tokenize=False) + tok.eos_token == (
-        tok.__class__.from_pretrained(tiny_dirs["phi3"], chat_template=PHI3_MINI_LIKE)
-        .apply_chat_template(TWO_TURNS, tokenize=False))
-    # and through plugtune_load: a tokenizer without a template gets the same one
+
+
+def test_load_gives_a_template_and_a_pad_that_is_no_stop(tiny_dirs, pm):
     spec, pm = make_spec("phi3", path=str(tiny_dirs["phi3"]), pm=pm)
-    loaded = pm.hook.plugtune_load(spec=spec)
-    assert loaded.tokenizer.apply_chat_template(TWO_TURNS, tokenize=False).endswith(
+    tok = pm.hook.plugtune_load(spec=spec).tokenizer
+    assert tok.apply_chat_template(TWO_TURNS, tokenize=False).endswith(
         "<|assistant|>\nRome.<|end|>\n")
-    assert loaded.tokenizer.pad_token == "<unk>"
+    assert tok.pad_token == "<unk>"
 
 
 def test_a_template_of_another_layout_is_kept(phi_tok):

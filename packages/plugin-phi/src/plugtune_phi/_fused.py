@@ -11,11 +11,11 @@ queries, keys and values together (its update spans all three output blocks), so
 ``q_proj`` alone trains more than the name says: the notice says so.
 
 Templates. Phi-3 / Phi-3.5 / Phi-4-mini turns are ``<|role|>`` + text + ``<|end|>``
-(Phi-3: a newline after the role and after ``<|end|>``); Phi-3-mini's own template appends the
-EOS ``<|endoftext|>`` after the *last* message when no generation prompt is asked for, so a
-conversation's turns render differently in a prefix and in the whole conversation (multi-turn
-label masking cannot be derived from it). :func:`prefix_stable_template` swaps exactly that
-template for core's ``phi_3`` template, which renders the same turns without the trailing EOS.
+(Phi-3: a newline after the role and after ``<|end|>``; Phi-4-mini: none). Their own templates
+append the EOS after the *last* message when no generation prompt is asked for, so a turn renders
+differently in a prefix and in the whole conversation (multi-turn label masking cannot be
+derived from it). :func:`prefix_stable_template` removes that EOS from the tokenizer's own
+template (checked by rendering), keeping everything else; the trained turns end with ``<|end|>``.
 """
 
 from __future__ import annotations
@@ -84,37 +84,43 @@ def check_regex_targets(model, pattern: str) -> None:
             "fused)")
 
 
+#: the tail of Phi-3 / Phi-3.5 / Phi-4-mini templates that appends the EOS when no generation
+#: prompt is asked for: ``{% if add_generation_prompt %}...{% else %}{{ eos_token }}{% endif %}``
+TRAILING_EOS = re.compile(r"\{%-?\s*else\s*-?%\}\s*\{\{-?\s*eos_token\s*-?\}\}\s*(\{%-?\s*endif\s*-?%\})")
+
+
 def prefix_stable_template(tokenizer) -> bool:
-    """Swap a Phi-3 template that appends the EOS after the last message for core's ``phi_3``
-    template (the same turns, no trailing EOS). Returns whether it was swapped.
+    """Drop the EOS a Phi-3-family template appends after the last message (the ``else`` branch
+    of its ``add_generation_prompt`` test, :data:`TRAILING_EOS`). Returns whether it was dropped.
 
-    The check renders one two-turn conversation with both templates; only a template whose
-    output equals ``phi_3``'s plus the EOS (a BOS prefix allowed) is swapped.
+    The edit is kept only when, for a two-turn conversation, the edited template renders
+    exactly the original text without its final EOS, and the generation prompt is unchanged;
+    any other template is left alone. The turns, roles and tool syntax of the tokenizer's own
+    template stay as they are.
     """
-    from plugtune.data.templates import BOS_PREFIX, PHI3
-
     own = getattr(tokenizer, "chat_template", None)
     eos = tokenizer.eos_token
-    if not own or not eos or own in (PHI3, BOS_PREFIX + PHI3):
+    if not isinstance(own, str) or not eos:
+        return False
+    edited = TRAILING_EOS.sub(r"\1", own, count=1)
+    if edited == own:
         return False
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
             {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
             {"role": "assistant", "content": "a2"}]
+
+    def render(template, gen):
+        return tokenizer.apply_chat_template(msgs[:4] if gen else msgs, tokenize=False,
+                                             add_generation_prompt=gen, chat_template=template)
+
     try:
-        mine = tokenizer.apply_chat_template(msgs, tokenize=False)
-        tokenizer.chat_template = PHI3
-        ref = tokenizer.apply_chat_template(msgs, tokenize=False)
+        same = (render(own, False) == render(edited, False) + eos
+                and render(own, True) == render(edited, True))
     except Exception:  # a template that cannot render this conversation is left alone
-        tokenizer.chat_template = own
         return False
-    bos = tokenizer.bos_token or ""
-    if mine == ref + eos:
-        tokenizer.chat_template = PHI3
-    elif bos and mine == bos + ref + eos:
-        tokenizer.chat_template = BOS_PREFIX + PHI3
-    else:
-        tokenizer.chat_template = own
+    if not same:
         return False
+    tokenizer.chat_template = edited
     log.info("phi3: the tokenizer's chat template appends %s after the last message (not "
-             "prefix-stable for multi-turn labels); using the same turns without it", eos)
+             "prefix-stable for multi-turn labels); using it without that EOS", eos)
     return True

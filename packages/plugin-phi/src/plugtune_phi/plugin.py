@@ -1,5 +1,7 @@
 """plugtune-phi: Phi-3 / Phi-3.5 / Phi-4 / Phi-4-mini (``model_type: phi3``), hook impls only.
 
+Phi-3-small (remote code, ``phi3small``) is not claimed.
+
 Quirks handled (helpers in :mod:`plugtune_phi._fused`):
 
 * fused ``qkv_proj`` / ``gate_up_proj``: Llama-style ``lora_target_modules`` (``q_proj``,
@@ -7,8 +9,8 @@ Quirks handled (helpers in :mod:`plugtune_phi._fused`):
   regex that matches nothing is an error, never an adapter on nothing; ``all-linear`` lists the
   fused layers; ``auto`` is ``qkv_proj``;
 * chat template: ``<|user|>\\n...<|end|>\\n<|assistant|>\\n...<|end|>\\n`` (core's ``phi_3``)
-  when the tokenizer ships none, and in place of Phi-3-mini's own template, which appends an EOS
-  after the last message; trained turns end with ``<|end|>``;
+  when the tokenizer ships none; the Phi-3 / Phi-4-mini templates' EOS after the last message is
+  removed from the tokenizer's own template; trained turns end with ``<|end|>``;
 * generation stops on ``<|end|>``, ``<|endoftext|>`` and ``<|assistant|>`` (Phi-3's generation
   config); a pad token that is one of them is replaced by ``<unk>`` when the vocabulary has it.
 
@@ -35,7 +37,7 @@ FAMILY = Family(
     quirks=(
         "q_proj/k_proj/v_proj -> qkv_proj, gate_proj/up_proj -> gate_up_proj (one notice)",
         "all-linear includes qkv_proj and gate_up_proj; auto = qkv_proj",
-        "<|end|>-terminated turns (Phi-3 template without its trailing EOS)",
+        "<|end|>-terminated turns (own template without its trailing EOS)",
         "stops on <|end|> <|endoftext|> <|assistant|>",
     ),
     packing="auto",
@@ -44,6 +46,7 @@ FAMILY = Family(
         _TESTS + "test_phi.py::test_all_linear_includes_the_fused_layers",
         _TESTS + "test_phi.py::test_trains_and_merge_matches_the_adapter",
         _TESTS + "test_phi.py::test_labels_end_with_end_of_turn",
+        _TESTS + "test_phi.py::test_load_gives_a_template_and_a_pad_that_is_no_stop",
         _TESTS + "test_phi.py::test_generation_stops_at_end_of_turn",
     ),
 )
@@ -63,8 +66,9 @@ def plugtune_families():
 
 @hookimpl
 def plugtune_load(spec):
-    """Tokenizer (Phi-3 template when it has none or appends a trailing EOS; pad not a stop
-    token) + model (core's loader: sdpa, dtype policy, quantization)."""
+    """Tokenizer (Phi-3 template when it has none; its own without the EOS it appends after the
+    last message; pad not a stop token) + model (core's loader: sdpa, dtype policy,
+    quantization)."""
     from plugtune.data.templates import ensure_chat_template
     from plugtune.modeling import load_model, load_tokenizer
     from plugtune_phi import _fused
