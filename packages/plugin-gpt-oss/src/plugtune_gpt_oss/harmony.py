@@ -14,9 +14,7 @@ the ``openai/harmony`` renderer's documented output), not copied from the checkp
 * the reasoning of earlier turns is dropped from the history (the format's rule); only the last
   assistant message renders its ``analysis`` message, from the message's ``reasoning_content``
   (plugtune's canonical key, filled from ``reasoning_content`` / ``thinking`` / ``reasoning``
-  data fields) or ``thinking`` (the key Hugging Face's gpt-oss template reads). A turn with
-  reasoning before the last is trained in a row of its own that ends with it
-  (:class:`HarmonyRows`, the plugin's ``plugtune_chat_rows`` answer);
+  data fields) or ``thinking`` (the key Hugging Face's gpt-oss template reads);
 * the final message of the last assistant turn ends with ``<|return|>`` (tool calls with
   ``<|call|>``); in a history it ends with ``<|end|>``.
 
