@@ -20,7 +20,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PLUGINS = ["t5", "llama", "falcon", "mistral", "vision", "gemma", "qwen3"]
+PLUGINS = ["t5", "llama", "falcon", "mistral", "vision", "gemma", "qwen3", "gpt-oss", "phi"]
 CONSTRAINTS = ("-c", os.path.join(ROOT, "constraints.txt"))
 PYTEST = ("pytest", "-q", "-ra", "-p", "no:cacheprovider")
 

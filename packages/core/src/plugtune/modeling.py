@@ -12,7 +12,7 @@ import inspect
 import logging
 import re
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -322,12 +322,18 @@ def stop_token_ids(tokenizer, model=None, extra: Sequence[str | int] = ()) -> li
 @torch.no_grad()
 def generate_causal(model, tokenizer, prompts: Sequence[str | list[dict]], max_new_tokens: int,
                     do_sample: bool = False, batch_size: int = 8,
-                    extra_stop_tokens: Sequence[str | int] = (), **gen_kwargs: Any) -> list[str]:
+                    extra_stop_tokens: Sequence[str | int] = (), skip_special_tokens: bool = True,
+                    postprocess: Callable[[str], str] | None = None,
+                    **gen_kwargs: Any) -> list[str]:
     """Batched generation for decoder-only models: left padding, stop on EOS/end-of-turn.
 
     ``extra_stop_tokens`` adds a family's stop tokens (see :func:`stop_token_ids`).
+    ``skip_special_tokens=False`` keeps special tokens in the decoded text (padding after the
+    stop included) for ``postprocess``, a family's parser of its response format (gpt-oss:
+    the ``final`` channel's text of a harmony response).
 
-    Returns one completion per prompt, without the prompt, special tokens skipped.
+    Returns one completion per prompt, without the prompt: ``postprocess(text)`` when given,
+    else the text (special tokens skipped) stripped of surrounding whitespace.
     """
     texts = prompt_texts(tokenizer, prompts)
     ensure_pad_token(tokenizer)
@@ -348,11 +354,11 @@ def generate_causal(model, tokenizer, prompts: Sequence[str | list[dict]], max_n
                 **enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                 eos_token_id=stops or None, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
             new = gen[:, enc["input_ids"].shape[1]:]
-            outs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            outs.extend(tokenizer.batch_decode(new, skip_special_tokens=skip_special_tokens))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return [o.strip() for o in outs]
+    return [postprocess(o) if postprocess else o.strip() for o in outs]
 
 
 def loss_from_batch(model, batch: dict, num_items_in_batch=None, **extra: Any) -> torch.Tensor:

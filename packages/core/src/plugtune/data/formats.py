@@ -130,6 +130,7 @@ FUNCTION_CALL = "function_call"
 #: source role -> canonical role (ShareGPT, OpenAI, LLaMA-Factory, axolotl defaults)
 DEFAULT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                  "model": "assistant", "bot": "assistant", "system": "system",
+                 "developer": "system",  # OpenAI's newer name for system (harmony's instructions)
                  "function_call": FUNCTION_CALL, "observation": "tool", "tool": "tool",
                  "ipython": "tool", "function": "tool"}
 _SHAREGPT_ROLES = DEFAULT_ROLES  # kept for callers of the old name
@@ -275,17 +276,29 @@ def _turns(value: Any, key: str, role_key: str | None = None, content_key: str |
     return msgs
 
 
+#: message keys that hold an assistant turn's reasoning apart from its answer, first found wins:
+#: ``reasoning_content`` (Qwen3 / DeepSeek-R1 templates, OpenAI-compatible servers),
+#: ``thinking`` (Hugging Face's gpt-oss template), ``reasoning`` (OpenRouter-style exports)
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
 def _reasoning(turn: Mapping, where: str) -> dict:
     """``{"reasoning_content": str}`` when an assistant turn carries its reasoning apart from
-    its answer (the field Qwen3's / DeepSeek-R1's chat templates read; OpenAI-compatible
-    servers return it), else ``{}``. Family plugins decide how it is rendered and trained
-    (``plugtune_chat_rows``); templates that do not read the field ignore it."""
-    value = turn.get("reasoning_content")
-    if value is None:
-        return {}
-    if not isinstance(value, str):
-        raise BadRecord(f"{where}.reasoning_content", f"expected a string, got {type(value).__name__}")
-    return {"reasoning_content": value}
+    its answer under one of :data:`REASONING_KEYS` (``thinking`` / ``reasoning`` are renamed),
+    else ``{}``. Family plugins decide how it is rendered and trained (``plugtune_chat_rows``);
+    templates that do not read the field ignore it.
+
+    Raises:
+        BadRecord: the value is not a string (names the turn and key).
+    """
+    for k in REASONING_KEYS:
+        value = turn.get(k)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise BadRecord(f"{where}.{k}", f"expected a string, got {type(value).__name__}")
+        return {"reasoning_content": value} if value.strip() else {}
+    return {}
 
 
 def _trained(turn: Mapping, where: str, shape: Shape) -> bool:

@@ -343,3 +343,16 @@ def trained_spans(ids: list[int], labels: list[int]) -> list[list[int]]:
     if cur:
         spans.append(cur)
     return spans
+
+
+def force_next_token(model, token_id: int):
+    """Replace ``model``'s output head by one that always predicts ``token_id`` (a biased
+    ``nn.Linear`` with zero weights), to test where generation stops. Returns ``model``."""
+    head = model.get_output_embeddings()
+    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.bias.fill_(-10.0)
+        new.bias[token_id] = 10.0
+    model.set_output_embeddings(new.to(head.weight.device))
+    return model
