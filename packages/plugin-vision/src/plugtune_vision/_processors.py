@@ -196,8 +196,9 @@ IMAGE_ONLY = {"qwen2_vl": ImageOnlyQwen2VLProcessor, "qwen2_5_vl": ImageOnlyQwen
 def load_processor(src: str, model_type: str, revision: str | None = None):
     """The processor saved in ``src`` (a model folder or run directory).
 
-    ``AutoProcessor`` first; when it fails for want of torchvision (video processors), the
-    image-only subclass of the family's stock processor (see module docstring).
+    ``AutoProcessor`` first; when it fails (for want of torchvision: video processors; of
+    ``num2words``: SmolVLM), or cannot work because torchvision is missing, the image-only
+    subclass of the family's stock processor (see module docstring).
 
     Raises:
         plugtune.modeling.ModelLoadError: no processor can be built from ``src``.
@@ -207,7 +208,9 @@ def load_processor(src: str, model_type: str, revision: str | None = None):
     from plugtune.modeling import ModelLoadError
 
     first: Exception | None = None
-    if model_type != "molmo2" or is_torchvision_available():
+    # without torchvision the stock processors of the IMAGE_ONLY types cannot load (their video
+    # processor needs it): go straight to the image-only class (saves one tokenizer load)
+    if model_type not in IMAGE_ONLY or is_torchvision_available():
         try:
             return AutoProcessor.from_pretrained(src, revision=revision)
         except Exception as exc:  # typically: the video processor needs torchvision
