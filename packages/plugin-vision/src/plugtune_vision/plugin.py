@@ -73,15 +73,16 @@ VISION_TOWER = re.compile(
 
 
 def _ours(spec) -> bool:
-    return spec.model_type in _OURS
+    return spec.model_type in _OURS or spec.family.name == GENERIC
 
 
 def _real_type(spec) -> str:
-    """The checkpoint's own ``config.model_type`` (``spec.model_type`` is ``image_text`` on
-    the generic route); it selects the :data:`._processors.FAMILIES` row, if any."""
-    if spec.model_type != GENERIC:
+    """The checkpoint's own ``config.model_type`` on the generic route (where
+    ``spec.model_type`` is ``image_text``); it selects the :data:`._processors.FAMILIES` row,
+    if any. ``image_text`` when unknown (the facts then come from the processor)."""
+    if spec.family.name != GENERIC:
         return spec.model_type
-    return getattr(spec.hf_config, "model_type", None) or GENERIC
+    return getattr(spec.hf_config, "model_type", None) or spec.model_type
 
 
 def _facts(spec, processor):
@@ -137,7 +138,7 @@ def plugtune_load(spec):
         return Loaded(model=model, tokenizer=processor.tokenizer, processor=processor)
     from transformers import AutoModelForImageTextToText
 
-    if spec.model_type == GENERIC:
+    if spec.family.name == GENERIC:
         import logging
 
         logging.getLogger(__name__).warning(
