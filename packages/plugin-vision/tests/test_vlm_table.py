@@ -205,3 +205,46 @@ def test_generic_route_refuses_a_processor_without_image_expansion():
 
     with pytest.raises(ModelLoadError, match="image_token=None"):
         derive_family(NoImage())
+
+
+#: a chat template in SmolVLM's style, written for this test: it reads list content only
+PARTS_ONLY = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def test_a_parts_only_chat_template_renders_string_content_as_parts():
+    """SmolVLM's own template reads ``message['content']`` as a list of parts: plain strings
+    would lose their text. The plugin prepends a preamble that turns strings into parts
+    (``<image>`` -> an image part), so the rendering equals the model's own for list content
+    and the labels train exactly the responses + ``<end_of_utterance>``."""
+    from plugtune_vision._encode import encode_example
+    from plugtune_vision._processors import FAMILIES, chat_template_for_strings
+
+    tok, proc, fam = _setup("smolvlm")
+    saved = tok.chat_template
+    try:
+        tok.chat_template = PARTS_ONLY
+        assert "hi" not in tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                   tokenize=False)
+        assert "as parts" in chat_template_for_strings(proc, tok, FAMILIES["smolvlm"].placeholder)
+        assert chat_template_for_strings(proc, tok, "<image>") is None  # idempotent
+        as_parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Kane."}]}]
+        as_string = [{"role": "user", "content": "<image>Who?"},
+                     {"role": "assistant", "content": "Kane."}]
+        assert (tok.apply_chat_template(as_string, tokenize=False)
+                == tok.apply_chat_template(as_parts, tokenize=False)
+                == "<|im_start|>User:<image>Who?<end_of_utterance>\nAssistant: Kane.<end_of_utterance>\n")
+        info = probe_template(tok)
+        assert info.end_of_turn == "<end_of_utterance>"
+        row = encode_example(proc, tok, fam, _chat(), 4096, info)
+        trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE_INDEX]
+        # the generation prompt ends "Assistant:" and the template writes ": " + the answer,
+        # so each trained response starts with that space, as the model will generate it
+        assert tok.decode(trained) == "".join(f" {a}<end_of_utterance>" for a in ANSWERS)
+    finally:
+        tok.chat_template = saved

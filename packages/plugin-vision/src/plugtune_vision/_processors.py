@@ -17,6 +17,7 @@ tensors (``F.interpolate(mode="bilinear", align_corners=False)``, ``(x - mean) /
 
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass
 
@@ -320,3 +321,56 @@ def family_for(model_type: str, processor) -> VisionFamily:
 
 
 _DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _string_as_parts(placeholder: str) -> str:
+    """Jinja preamble that turns string message content into parts, for chat templates that
+    only read list content (SmolVLM's iterates ``message['content']`` as parts): each
+    ``placeholder`` becomes an ``{"type": "image"}`` part, the text between them text parts,
+    so the template renders images exactly as for the model's own list content. List content
+    passes unchanged."""
+    p = json.dumps(placeholder)
+    return (
+        "{%- set ns = namespace(msgs=[]) -%}{%- for m in messages -%}"
+        "{%- if m['content'] is string -%}{%- set c = namespace(items=[]) -%}"
+        "{%- for chunk in m['content'].split(" + p + ") -%}"
+        "{%- if not loop.first -%}{%- set c.items = c.items + [{'type': 'image'}] -%}{%- endif -%}"
+        "{%- if chunk -%}{%- set c.items = c.items + [{'type': 'text', 'text': chunk}] -%}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- set ns.msgs = ns.msgs + [dict(m, content=c.items or [{'type': 'text', 'text': ''}])] -%}"
+        "{%- else -%}{%- set ns.msgs = ns.msgs + [m] -%}{%- endif -%}{%- endfor -%}"
+        "{%- set messages = ns.msgs -%}")
+
+
+def _renders(tokenizer, content) -> str | None:
+    try:
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             tokenize=False)
+    except Exception:
+        return None
+
+
+def chat_template_for_strings(processor, tokenizer, placeholder: str) -> str | None:
+    """Make ``tokenizer``'s chat template render plain-string message content.
+
+    plugtune renders conversations with string content (``<image>`` placeholders replaced by
+    the family's ``placeholder`` text). A processor's template that only reads list content
+    (parts) would drop that text silently; such a template gets the :func:`_string_as_parts`
+    preamble. A tokenizer without a template takes the processor's. Returns a one-line notice
+    when the template was changed, else ``None``.
+    """
+    if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
+        tokenizer.chat_template = processor.chat_template
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return None
+    mark = "PLUGTUNEMARK"
+    plain = _renders(tokenizer, mark)
+    if plain is not None and mark in plain:
+        return None
+    parts = _renders(tokenizer, [{"type": "text", "text": mark}])
+    if parts is None or mark not in parts:
+        return None
+    tokenizer.chat_template = _string_as_parts(placeholder) + template
+    return ("the chat template reads list content only: string content is passed to it as "
+            f"parts ({placeholder!r} -> an image part)")

@@ -119,7 +119,7 @@ def plugtune_load(spec):
         ModelLoadError: original Molmo without ``trust_remote_code: true``; unloadable files.
     """
     from plugtune.modeling import ModelLoadError, load_model
-    from plugtune_vision._processors import load_processor
+    from plugtune_vision._processors import chat_template_for_strings, family_for, load_processor
 
     if not _ours(spec):
         return None
@@ -147,6 +147,14 @@ def plugtune_load(spec):
             "image token", spec.path, _real_type(spec))
     processor = load_processor(src, _real_type(spec), spec.recipe.revision)
     tok = processor.tokenizer
+    if not getattr(tok, "chat_template", None) and getattr(processor, "chat_template", None):
+        tok.chat_template = processor.chat_template
+    fam = family_for(_real_type(spec), processor)  # before any change to the template
+    notice = chat_template_for_strings(processor, tok, fam.placeholder)
+    if notice:
+        import logging
+
+        logging.getLogger(__name__).warning("plugtune: %s: %s", spec.path, notice)
     if tok.pad_token is None:
         if "<|finetune_right_pad_id|>" in tok.get_vocab():
             tok.pad_token = "<|finetune_right_pad_id|>"
