@@ -1,5 +1,5 @@
 """Today's VLMs, one table: Qwen2.5-VL, Qwen3-VL, Gemma 3, SmolVLM and (no family row, the
-generic ``image_text`` route) LLaVA.
+generic ``image_text`` route) LLaVA and LLaVA-NeXT.
 
 Per row, on a tiny random model from transformers' config classes, its real (or nearest real)
 tokenizer and the real images of ../shared/data: encoding masks labels (trained tokens decode
@@ -14,13 +14,13 @@ import json
 import math
 
 import pytest
-from conftest import TABLE, caption_image, demo_image, tokenizer_for
+from conftest import GENERIC_ONLY, TABLE, caption_image, demo_image, tokenizer_for
 
 from plugtune.data.tokenize import IGNORE_INDEX, probe_template
 from plugtune.testing import make_spec, shared_path
 
-#: model types with a family row; the others (llava) go through the generic route
-SPECIFIC = [m for m in TABLE if m != "llava"]
+#: model types with a family row; the others (LLaVA, LLaVA-NeXT) go through the generic route
+SPECIFIC = [m for m in TABLE if m not in GENERIC_ONLY]
 ANSWERS = ("They're Kane and Gretzka.\n\nBoth play for Bayern.", "They are celebrating.")
 
 
@@ -91,7 +91,7 @@ def test_encode_masks_labels(model_type):
         assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
         assert tok.decode(ids[:3]) == "<bos><start_of_turn>user"
         assert eot == "<end_of_turn>"
-    if model_type == "llava":  # derived from the processor: no family row
+    if model_type in GENERIC_ONLY:  # derived from the processor: no family row
         assert fam.placeholder == proc.image_token == "<image>"
 
 
@@ -161,10 +161,11 @@ def test_lora_trains_and_stops(model_type, tiny_dirs, tmp_path):
     assert outs == ["Paris"]
 
 
-@pytest.mark.parametrize("model_type", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("model_type", [*GENERIC_ONLY, "qwen2_5_vl"])
 def test_generic_route_trains(model_type, tiny_dirs, tmp_path, caplog):
-    """``model_type: image_text`` (core routes unclaimed image-text types there): LLaVA has
-    no family row (facts from its processor); Qwen2.5-VL's row is found through its config."""
+    """``model_type: image_text`` (core routes unclaimed image-text types there): LLaVA and
+    LLaVA-NeXT have no family row (facts from their processors); Qwen2.5-VL's row is found
+    through its config."""
     from plugtune.plugins import get_plugin_manager
     from plugtune.train import build_spec
     from plugtune_vision._processors import FAMILIES, family_for

@@ -5,8 +5,9 @@ with a real tokenizer: Llama 3.2's for ``mllama`` (``<|image|>`` added, id 12825
 3.2 Vision) and ``smolvlm`` (SmolVLM's tile tags added), Qwen2.5's for ``qwen2_vl`` /
 ``qwen2_5_vl`` and ``llava`` (``<image>`` added), Qwen3's for ``qwen3_vl`` (the Qwen vision
 tokens are already in both vocabularies), Gemma 3's for ``gemma3`` (its image tokens are in the
-real vocabulary) and Qwen2.5's for ``molmo2`` (Molmo2's image tokens added). Model configs use
-those ids. ``llava`` has no family row: it is served by the generic ``image_text`` route.
+real vocabulary), Qwen2.5's for ``llava_next`` (``<image>`` added) and ``molmo2`` (Molmo2's
+image tokens added). Model configs use those ids. ``llava`` and ``llava_next`` have no family
+row: the generic ``image_text`` route serves them.
 
     python -m plugtune_vision.tiny qwen2_vl /tmp/tiny-qwen2-vl   # then --set base_model=...
 
@@ -28,7 +29,7 @@ from plugtune_vision._processors import (
 
 TOKENIZER_OF = {"mllama": "llama3_2", "qwen2_vl": "qwen2_5", "qwen2_5_vl": "qwen2_5",
                 "qwen3_vl": "qwen3", "gemma3": "gemma3", "smolvlm": "llama3_2",
-                "llava": "qwen2_5", "molmo2": "qwen2_5"}
+                "llava": "qwen2_5", "llava_next": "qwen2_5", "molmo2": "qwen2_5"}
 #: a Qwen3-VL-Instruct-style ChatML template written for the tiny models: no default system
 #: prompt, no reasoning block; ``{"type": "image"}`` parts render as the vision placeholder
 QWEN3_VL_TEMPLATE = (
@@ -38,7 +39,9 @@ QWEN3_VL_TEMPLATE = (
     "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 #: tokens of model types without a family row (generic route)
-_EXTRA = {"llava": ("<image>",)}
+_EXTRA = {"llava": ("<image>",), "llava_next": ("<image>",)}
+#: LLaVA-NeXT's any-resolution grid of the tiny processor and config (28 px tiles)
+_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
 
 
 def prepare_tokenizer(model_type: str, tokenizer):
@@ -62,8 +65,8 @@ def tiny_processor(model_type: str, tokenizer):
     merge, more for wide images), Qwen3-VL the same with 16 px patches (64-128 px), Gemma 3
     32 px (4 patches of 8 px a side pooled to 4 soft tokens), SmolVLM images resized to 64 px
     on the long side and split into tiles of 32 px (up to 2x2 + the global view, 4 ``<image>``
-    tokens each), LLaVA 28 px (4 patches of 14 px, CLS dropped), Molmo2 crops of 56 px (up to
-    2 crops).
+    tokens each), LLaVA 28 px (4 patches of 14 px, CLS dropped), LLaVA-NeXT 28 px tiles on a
+    grid of up to 2x2 plus the base image, Molmo2 crops of 56 px (up to 2 crops).
 
     Raises:
         ValueError: no tiny processor for ``model_type``.
@@ -119,6 +122,18 @@ def tiny_processor(model_type: str, tokenizer):
         ip = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
         return LlavaProcessor(ip, tokenizer, patch_size=14, vision_feature_select_strategy="default",
                               num_additional_image_tokens=1, chat_template=chat)
+    if model_type == "llava_next":
+        from transformers import LlavaNextProcessor
+        from transformers.models.llava_next.image_processing_pil_llava_next import (
+            LlavaNextImageProcessorPil,
+        )
+
+        ip = LlavaNextImageProcessorPil(size={"shortest_edge": 28},
+                                        crop_size={"height": 28, "width": 28},
+                                        image_grid_pinpoints=_PINPOINTS)
+        return LlavaNextProcessor(ip, tokenizer, patch_size=14,
+                                  vision_feature_select_strategy="default",
+                                  num_additional_image_tokens=1, chat_template=chat)
     if model_type == "molmo2":
         ip = Molmo2ImageProcessorTorch(size={"height": 56, "width": 56}, max_crops=2,
                                        overlap_margins=[1, 1])
@@ -211,16 +226,19 @@ def tiny_config(model_type: str, tokenizer):
             text_config=dict(small_text, model_type="llama", vocab_size=len(tokenizer),
                              pad_token_id=tokenizer.pad_token_id),
             scale_factor=2, image_token_id=ids("<image>"))
-    if model_type == "llava":
-        from transformers import LlavaConfig
+    if model_type in ("llava", "llava_next"):
+        from transformers import LlavaConfig, LlavaNextConfig
 
-        return LlavaConfig(
+        common = dict(
             vision_config=dict(model_type="clip_vision_model", hidden_size=32,
                                intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                image_size=28, patch_size=14, projection_dim=32),
             text_config=dict(small_text, model_type="qwen2", vocab_size=len(tokenizer)),
             image_token_index=ids("<image>"), vision_feature_select_strategy="default",
             vision_feature_layer=-1)
+        if model_type == "llava":
+            return LlavaConfig(**common)
+        return LlavaNextConfig(**common, image_grid_pinpoints=_PINPOINTS)
     if model_type == "molmo2":
         from transformers import Molmo2Config
 
