@@ -249,3 +249,19 @@ def test_a_parts_only_chat_template_renders_string_content_as_parts():
         assert tok.decode(trained) == "".join(f" {a}<end_of_utterance>" for a in ANSWERS)
     finally:
         tok.chat_template = saved
+
+
+def test_every_family_declares_packing_quirks_and_existing_tests():
+    """``plugtune families`` lists these fields: each family of the plugin fills them, and
+    each declared test exists."""
+    from pathlib import Path
+
+    from plugtune_vision.plugin import FAMILIES as CLAIMED
+
+    root = Path(__file__).resolve().parents[3]
+    for fam in CLAIMED:
+        assert fam.quirks and fam.packing == "refused" and "never packed" in fam.packing_reason
+        assert fam.tests, fam.name
+        for test in fam.tests:
+            path, name = test.split("::")
+            assert f"def {name}(" in (root / path).read_text(), test

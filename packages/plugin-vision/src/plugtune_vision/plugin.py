@@ -23,8 +23,9 @@ _T = "packages/plugin-vision/tests/"
 _ROWS = _T + "test_vlm_table.py::"
 _NOT_PACKED = ("image rows are never packed: core packs text tasks only (image positions, "
                "M-RoPE grids and image attention masks are per row)")
-_COMMON = ("image tokens and prompt masked with -100", "vision tower frozen; LoRA on the language "
-           "model only", "image-only processor when torchvision is missing")
+_COMMON = ("image tokens and prompt masked with -100", "LoRA on the language model only; vision "
+           "tower frozen for full fine-tuning")
+_NO_TV = "image-only processor when torchvision is missing"
 FAMILIES = [
     Family("mllama", ("mllama",), "vision", "Llama 3.2 Vision (cross-attention adapters)",
            quirks=(*_COMMON, "<|image|> + cross-attention mask per tile; cross-attention "
@@ -33,7 +34,7 @@ FAMILIES = [
            tests=(_T + "test_encode_collate.py::test_mixed_text_only_and_multi_image_batch",)),
     Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), "vision",
            "Qwen2-VL / Qwen2.5-VL / Qwen3-VL",
-           quirks=(*_COMMON, "<|image_pad|> x grid_t*grid_h*grid_w/merge^2 per image",
+           quirks=(*_COMMON, _NO_TV, "<|image_pad|> x grid_t*grid_h*grid_w/merge^2 per image",
                    "mm_token_type_ids for M-RoPE"),
            packing="refused", packing_reason=_NOT_PACKED,
            tests=(_ROWS + "test_encode_masks_labels", _ROWS + "test_lora_trains_and_stops")),
@@ -44,13 +45,15 @@ FAMILIES = [
            packing="refused", packing_reason=_NOT_PACKED,
            tests=(_ROWS + "test_encode_masks_labels", _ROWS + "test_lora_trains_and_stops")),
     Family("idefics3", ("smolvlm", "idefics3"), "vision", "SmolVLM / Idefics3",
-           quirks=(*_COMMON, "image split into rows x cols tiles + global view, "
-                   "<fake_token_around_image><row_r_col_c> tags", "no num2words needed"),
+           quirks=(*_COMMON, _NO_TV, "image split into rows x cols tiles + global view, "
+                   "<fake_token_around_image><row_r_col_c> tags", "no num2words needed",
+                   "a list-content-only chat template gets string content as parts"),
            packing="refused", packing_reason=_NOT_PACKED,
-           tests=(_ROWS + "test_encode_masks_labels", _ROWS + "test_lora_trains_and_stops")),
+           tests=(_ROWS + "test_encode_masks_labels", _ROWS + "test_lora_trains_and_stops",
+                  _ROWS + "test_a_parts_only_chat_template_renders_string_content_as_parts")),
     Family("molmo", ("molmo2", "molmo"), "vision",
            "Molmo 2 (native); original Molmo via remote code (trust_remote_code: true)",
-           quirks=(*_COMMON, "mm_token_type_ids required for training"),
+           quirks=(*_COMMON, _NO_TV, "mm_token_type_ids required for training"),
            packing="refused", packing_reason=_NOT_PACKED,
            tests=(_T + "test_encode_collate.py::test_mixed_text_only_and_multi_image_batch",)),
     Family("image_text", ("image_text",), "vision",
