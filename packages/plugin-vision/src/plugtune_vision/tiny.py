@@ -2,7 +2,7 @@
 
 The processors pair each family's image processor (built from its class, small image sizes)
 with a real tokenizer: Llama 3.2's for ``mllama`` (``<|image|>`` added, id 128256 as in Llama
-3.2 Vision) and ``smolvlm`` (SmolVLM's tile tags added), Qwen2.5's for ``qwen2_vl`` /
+3.2 Vision) and ``smolvlm`` / ``idefics3`` (their tile tags added), Qwen2.5's for ``qwen2_vl`` /
 ``qwen2_5_vl`` and ``llava`` (``<image>`` added), Qwen3's for ``qwen3_vl`` (the Qwen vision
 tokens are already in both vocabularies), Gemma 3's for ``gemma3`` (its image tokens are in the
 real vocabulary), Qwen2.5's for ``llava_next`` (``<image>`` added) and ``molmo2`` (Molmo2's
@@ -29,6 +29,7 @@ from plugtune_vision._processors import (
 
 TOKENIZER_OF = {"mllama": "llama3_2", "qwen2_vl": "qwen2_5", "qwen2_5_vl": "qwen2_5",
                 "qwen3_vl": "qwen3", "gemma3": "gemma3", "smolvlm": "llama3_2",
+                "idefics3": "llama3_2",
                 "llava": "qwen2_5", "llava_next": "qwen2_5", "molmo2": "qwen2_5"}
 #: a Qwen3-VL-Instruct-style ChatML template written for the tiny models: no default system
 #: prompt, no reasoning block; ``{"type": "image"}`` parts render as the vision placeholder
@@ -65,7 +66,7 @@ def tiny_processor(model_type: str, tokenizer):
     merge, more for wide images), Qwen3-VL the same with 16 px patches (64-128 px), Gemma 3
     32 px (4 patches of 8 px a side pooled to 4 soft tokens), SmolVLM images resized to 64 px
     on the long side and split into tiles of 32 px (up to 2x2 + the global view, 4 ``<image>``
-    tokens each), LLaVA 28 px (4 patches of 14 px, CLS dropped), LLaVA-NeXT 28 px tiles on a
+    tokens each; Idefics3 the same), LLaVA 28 px (4 patches of 14 px, CLS dropped), LLaVA-NeXT 28 px tiles on a
     grid of up to 2x2 plus the base image, Molmo2 crops of 56 px (up to 2 crops).
 
     Raises:
@@ -115,6 +116,15 @@ def tiny_processor(model_type: str, tokenizer):
                                       max_image_size={"longest_edge": 32})
         return IMAGE_ONLY[model_type](image_processor=ip, tokenizer=tokenizer, image_seq_len=4,
                                       chat_template=chat)
+    if model_type == "idefics3":
+        from transformers import Idefics3Processor
+        from transformers.models.idefics3.image_processing_pil_idefics3 import (
+            Idefics3ImageProcessorPil,
+        )
+
+        ip = Idefics3ImageProcessorPil(size={"longest_edge": 64},
+                                       max_image_size={"longest_edge": 32})
+        return Idefics3Processor(ip, tokenizer, image_seq_len=4, chat_template=chat)
     if model_type == "llava":
         from transformers import LlavaProcessor
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -217,10 +227,11 @@ def tiny_config(model_type: str, tokenizer):
                                num_attention_heads=2, image_size=32, patch_size=8),
             mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"),
             eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"))
-    if model_type == "smolvlm":
-        from transformers import SmolVLMConfig
+    if model_type in ("smolvlm", "idefics3"):
+        from transformers import Idefics3Config, SmolVLMConfig
 
-        return SmolVLMConfig(
+        cls = SmolVLMConfig if model_type == "smolvlm" else Idefics3Config
+        return cls(
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=2, image_size=32, patch_size=8),
             text_config=dict(small_text, model_type="llama", vocab_size=len(tokenizer),
