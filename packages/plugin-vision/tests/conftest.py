@@ -8,7 +8,11 @@ import pytest
 
 from plugtune.testing import load_shared_tokenizer, shared_path
 
-MODEL_TYPES = ["mllama", "qwen2_vl", "qwen2_5_vl", "molmo2"]
+MODEL_TYPES = ["mllama", "qwen2_vl", "qwen2_5_vl", "molmo2", "qwen3_vl", "gemma3", "smolvlm"]
+#: the model types of today's VLM table (test_vlm_table.py); llava and llava_next have no
+#: family row and go through the generic image_text route
+TABLE = ["qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm", "idefics3", "llava", "llava_next"]
+GENERIC_ONLY = ("llava", "llava_next")
 
 
 @functools.cache

@@ -9,26 +9,32 @@ from plugtune.testing import PluginContract
 
 class _VisionContract(PluginContract):
     plugin_name = "plugtune-vision"
+    #: the checkpoint's model type (differs from ``model_type`` on the generic route)
+    tiny_type = ""
+
+    @property
+    def _tiny(self) -> str:
+        return self.tiny_type or self.model_type
 
     def make_tokenizer(self):
-        return tokenizer_for(self.model_type)
+        return tokenizer_for(self._tiny)
 
     def make_model(self):
         from plugtune_vision.tiny import tiny_model
 
-        return tiny_model(self.model_type, tokenizer_for(self.model_type))
+        return tiny_model(self._tiny, tokenizer_for(self._tiny))
 
     def make_processor(self, tokenizer):
         from plugtune_vision.tiny import tiny_processor
 
-        return tiny_processor(self.model_type, tokenizer)
+        return tiny_processor(self._tiny, tokenizer)
 
     def sample_features(self, spec, tokenizer) -> list[dict]:
         """An image/caption sample, a two-image chat sample and a text-only one."""
         from plugtune.data.templates import ensure_chat_template
         from plugtune.data.tokenize import probe_template
         from plugtune_vision._encode import encode_example
-        from plugtune_vision._processors import FAMILIES
+        from plugtune_vision._processors import family_for
 
         proc = self.make_processor(tokenizer)
         ensure_chat_template(tokenizer, spec.recipe.chat_template)
@@ -43,8 +49,8 @@ class _VisionContract(PluginContract):
             {"messages": [{"role": "user", "content": "What is the capital of France?"},
                           {"role": "assistant", "content": "Paris."}], "images": []},
         ]
-        return [encode_example(proc, tokenizer, FAMILIES[self.model_type], ex, 512, info)
-                for ex in examples]
+        fam = family_for(self.model_type, proc)
+        return [encode_example(proc, tokenizer, fam, ex, 512, info) for ex in examples]
 
 
 class TestMllamaContract(_VisionContract):
@@ -61,3 +67,22 @@ class TestQwen25VLContract(_VisionContract):
 
 class TestMolmo2Contract(_VisionContract):
     model_type = "molmo2"
+
+
+class TestQwen3VLContract(_VisionContract):
+    model_type = "qwen3_vl"
+
+
+class TestGemma3Contract(_VisionContract):
+    model_type = "gemma3"
+
+
+class TestSmolVLMContract(_VisionContract):
+    model_type = "smolvlm"
+
+
+class TestGenericImageTextContract(_VisionContract):
+    """The generic ``image_text`` route on LLaVA (no family row: facts from its processor)."""
+
+    model_type = "image_text"
+    tiny_type = "llava"

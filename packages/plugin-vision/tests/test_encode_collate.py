@@ -64,6 +64,10 @@ def _image_ids(model_type, tok, proc) -> set[int]:
 
     ids = {i for i in proc.image_token_ids if i is not None}
     ids |= set(tok(FAMILIES[model_type].placeholder, add_special_tokens=False)["input_ids"])
+    if model_type == "smolvlm":  # tile tags and the global-view tag
+        ids |= set(tok.convert_tokens_to_ids(list(FAMILIES[model_type].extra_tokens)))
+    if model_type == "gemma3":
+        ids |= {tok.convert_tokens_to_ids("<end_of_image>")}
     return ids
 
 
@@ -114,7 +118,9 @@ def test_mixed_text_only_and_multi_image_batch(model_type):
     text, _, _ = _encode(model_type, TEXT_ONLY)
     assert text["images"] == []
     rows = [two, text, caption]
-    batch = VisionCollator(proc, tok.pad_token_id, FAMILIES[model_type].collate)(rows)
+    fam = FAMILIES[model_type]
+    batch = VisionCollator(proc, tok.pad_token_id, fam.collate,
+                           token_types_key=fam.token_types_key)(rows)
     ids = batch["input_ids"]
     assert ids.shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["attention_mask"][1].sum() == len(text["input_ids"])
@@ -134,6 +140,24 @@ def test_mixed_text_only_and_multi_image_batch(model_type):
         assert batch["image_grids"].shape == (3, 4) and batch["image_num_crops"].shape == (3,)
         assert batch["mm_token_type_ids"][1].sum() == 0
         assert batch["mm_token_type_ids"][0].sum() == is_img[0].sum()  # <|image|> is replaced
+    elif model_type == "qwen3_vl":
+        grid = batch["image_grid_thw"]
+        merge = proc.image_processor.merge_size ** 2
+        pads = (ids == proc.image_token_id).sum(1)
+        assert pads.tolist() == [int(grid[:2].prod(1).sum()) // merge, 0, int(grid[2].prod()) // merge]
+        assert batch["pixel_values"].shape == (int(grid.prod(1).sum()), 3 * 2 * 16 * 16)
+    elif model_type == "gemma3":  # one 32x32 image per <start_of_image>, 4 soft tokens each
+        assert batch["pixel_values"].shape == (3, 3, 32, 32) and "mm_token_type_ids" not in batch
+        soft = ids == tok.convert_tokens_to_ids("<image_soft_token>")
+        assert torch.equal(batch["token_type_ids"].bool(), soft)
+        assert soft.sum(1).tolist() == [8, 0, 4]
+    elif model_type == "smolvlm":  # tiles of every image in one padded list, in row order
+        tags = ids == tok.convert_tokens_to_ids("<fake_token_around_image>")
+        groups = int(tags.sum()) - 2 * 3  # each image's tag run ends with one closing tag ...
+        n_tiles = batch["pixel_values"].shape[1]
+        assert batch["pixel_values"].shape == (1, n_tiles, 3, 32, 32)
+        assert (ids == proc.image_token_id).sum() == 4 * n_tiles  # image_seq_len per tile
+        assert groups + 3 == n_tiles  # ... so tags - closing = tiles incl. the global views
     else:  # mllama: per-row images, tiles and the cross-attention mask
         b, n_img, tiles = batch["aspect_ratio_mask"].shape
         assert (b, n_img) == (3, 2) and batch["pixel_values"].shape[:3] == (3, 2, tiles)

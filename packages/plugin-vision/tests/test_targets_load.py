@@ -11,7 +11,7 @@ from conftest import MODEL_TYPES, caption_image, demo_image, tokenizer_for
 
 from plugtune.testing import make_spec
 
-VISION = re.compile(r"(vision_model|vision_tower|visual|multi_modal_projector)")
+VISION = re.compile(r"(vision_model|vision_tower|visual|multi_modal_projector|connector)")
 
 
 def _model(model_type):
@@ -32,8 +32,11 @@ def test_auto_targets_are_the_language_model_linears_only(model_type):
     regex = pm.hook.plugtune_target_modules(spec=spec, model=model, method="auto")
     assert regex == pm.hook.plugtune_target_modules(spec=spec, model=model, method="all-linear")
     hit = _matched(model, regex)
+    from plugtune_vision._targets import language_model_prefix
+
+    prefix = language_model_prefix(model) + "."
     lm = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-          and n.startswith("model.language_model.")]
+          and n.startswith(prefix)]
     assert hit and not any(VISION.search(n) for n in hit)
     assert not any(n.endswith("lm_head") for n in hit)
     if model_type == "mllama":  # layer 1 is the gated cross-attention layer of the tiny config
@@ -45,7 +48,7 @@ def test_auto_targets_are_the_language_model_linears_only(model_type):
 
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=regex))
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    assert trainable and all("lora_" in n and prefix in n for n in trainable)
 
 
 def test_mllama_cross_attention_layers_on_request():

@@ -8,6 +8,7 @@ import torch
 
 from plugtune.data.collate import Collator
 from plugtune_vision._images import open_image
+from plugtune_vision._processors import image_kwargs
 
 
 class VisionCollator:
@@ -20,9 +21,14 @@ class VisionCollator:
       through ``processor.image_processor`` at once; its outputs are added unchanged
       (``pixel_values`` + ``image_grid_thw`` for Qwen2-VL, shape ``(sum patches, C*T*P*P)`` and
       ``(n_images, 3)``; ``pixel_values``, ``image_token_pooling``, ``image_grids``,
-      ``image_num_crops`` for Molmo2). ``mm_token_type_ids`` ``(batch, seq)`` (1 on image
-      tokens) comes from ``processor.create_mm_token_type_ids`` when the processor returns it
-      (Qwen2-VL's M-RoPE needs it; Molmo2 requires it for training).
+      ``image_num_crops`` for Molmo2; ``pixel_values`` ``(n_images, 3, H, W)`` for Gemma 3 and
+      LLaVA; ``pixel_values`` ``(1, n_tiles, 3, H, W)`` + ``pixel_attention_mask`` for SmolVLM /
+      Idefics3, whose tiles of every image in the batch are one padded list that the model
+      scatters into the ``<image>`` tokens in order). The per-token modality ids ``(batch,
+      seq)`` (1 on image tokens) come from ``processor.create_mm_token_type_ids`` when the
+      processor returns them, under ``token_types_key`` (Qwen-VL's M-RoPE needs them, Molmo2
+      requires them for training; Gemma 3 reads them as ``token_type_ids`` for its
+      bidirectional attention inside each image).
     * ``mode="mllama"``: per-row image lists; ``pixel_values`` ``(batch, max_images,
       max_tiles, 3, H, W)``, ``aspect_ratio_ids`` ``(batch, max_images)``,
       ``aspect_ratio_mask`` ``(batch, max_images, max_tiles)`` and ``cross_attention_mask``
@@ -34,14 +40,20 @@ class VisionCollator:
         pad_token_id: id used for padding ``input_ids``.
         mode: ``"flat"`` or ``"mllama"``.
         padding_side: ``"right"`` (training) or ``"left"`` (generation).
+        token_types_key: batch key of the per-token modality ids (``"mm_token_type_ids"`` or
+            ``"token_type_ids"``, see :class:`~plugtune_vision._processors.VisionFamily`).
+
+    Raises:
+        ValueError: an unknown ``mode``.
     """
 
     def __init__(self, processor, pad_token_id: int, mode: str = "flat",
-                 padding_side: str = "right"):
+                 padding_side: str = "right", token_types_key: str = "mm_token_type_ids"):
         if mode not in ("flat", "mllama"):
             raise ValueError(f"mode must be 'flat' or 'mllama', got {mode!r}")
         self.processor = processor
         self.mode = mode
+        self.token_types_key = token_types_key
         self.text = Collator(pad_token_id=pad_token_id, padding_side=padding_side)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -53,11 +65,15 @@ class VisionCollator:
         else:
             flat = [im for row in images for im in row]
             if flat:
-                out = self.processor.image_processor(flat, return_tensors="pt")
-                batch.update({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
+                kwargs = {**image_kwargs(self.processor), "return_tensors": "pt"}
+                kwargs.pop("return_row_col_info", None)  # only the expansion needs the tiling
+                out = self.processor.image_processor(flat, **kwargs)
+                unused = set(getattr(self.processor, "unused_input_names", ()) or ())
+                batch.update({k: v for k, v in out.items()
+                              if isinstance(v, torch.Tensor) and k not in unused})
             if getattr(self.processor, "return_mm_token_type_ids", False):
                 types = self.processor.create_mm_token_type_ids(batch["input_ids"].tolist())
-                batch["mm_token_type_ids"] = torch.as_tensor(types, dtype=torch.long)
+                batch[self.token_types_key] = torch.as_tensor(types, dtype=torch.long)
         return batch
 
     def _mllama(self, batch: dict, images: list[list]) -> None:

@@ -12,7 +12,9 @@ the images spliced in before tokenization:
    ``grid_t*grid_h*grid_w / merge_size**2`` pads, Molmo2's low-res + high-res patch/column
    layout, Mllama's single ``<|image|>``), so the token count after expansion is known here;
 4. the text is tokenized once with offsets (:func:`~plugtune.data.tokenize.tokenize_segments`);
-   labels are ``-100`` outside assistant turns and on every image token id;
+   labels are ``-100`` outside assistant turns and on every token of an image's expansion
+   (each expansion is an untrained segment: masked by position, not by token id, so text such
+   as Gemma's ``\\n\\n`` stays trained in responses);
 5. an over-long row loses prompt tokens from the left only where no image token lies in the cut
    span (a row is never cut inside an image's tokens); otherwise it is dropped and counted.
 """
@@ -28,8 +30,12 @@ from plugtune_vision._processors import VisionFamily
 
 
 def image_expansion(processor, image) -> str:
-    """The text that replaces ``processor.image_token`` for one RGB ``PIL`` image."""
-    inputs = processor.image_processor([image])
+    """The text that replaces ``processor.image_token`` for one RGB ``PIL`` image: the stock
+    ``replace_image_token`` on the image processor's output for it (with the processor's default
+    ``images_kwargs``, e.g. SmolVLM's row/column tiling info)."""
+    from plugtune_vision._processors import image_kwargs
+
+    inputs = processor.image_processor([image], **image_kwargs(processor))
     inputs = {k: (v.tolist() if hasattr(v, "tolist") and k != "pixel_values" else v)
               for k, v in inputs.items()}
     for key in ("image_grid_thw", "image_grids"):
@@ -51,6 +57,10 @@ def expand_segments(segments: list[tuple[str, bool]], image_token: str,
                     expansions: list[str]) -> tuple[list[tuple[str, bool]], int]:
     """Replace the n-th ``image_token`` of the segment texts by ``expansions[n]``.
 
+    Each expansion becomes its own untrained segment, so every token that starts inside an
+    image's text (image tokens, Gemma 3's ``\\n\\n`` around them, SmolVLM's tile tags and row
+    breaks) gets label ``-100`` by construction, whatever turn the image sits in.
+
     Returns:
         ``(segments, n_used)``. Raises ``ValueError`` when the texts hold more image tokens
         than there are expansions.
@@ -58,23 +68,24 @@ def expand_segments(segments: list[tuple[str, bool]], image_token: str,
     out, k = [], 0
     for text, train in segments:
         parts = text.split(image_token)
-        if len(parts) > 1:
-            pieces = [parts[0]]
-            for rest in parts[1:]:
-                if k >= len(expansions):
-                    raise ValueError(f"the rendered text holds more {image_token} tokens than "
-                                     f"the {len(expansions)} image(s) of the sample")
-                pieces += [expansions[k], rest]
-                k += 1
-            text = "".join(pieces)
-        out.append((text, train))
-    return out, k
+        out.append((parts[0], train))
+        for rest in parts[1:]:
+            if k >= len(expansions):
+                raise ValueError(f"the rendered text holds more {image_token} tokens than "
+                                 f"the {len(expansions)} image(s) of the sample")
+            out += [(expansions[k], False), (rest, train)]
+            k += 1
+    return [(t, train) for t, train in out if t], k
 
 
 def image_token_ids(tokenizer, fam: VisionFamily, expansions: list[str]) -> set[int]:
-    """Ids of every token of the placeholder and expansion texts (all image tokens)."""
+    """Ids of the special (added) tokens of the placeholder and expansion texts: the image
+    tokens and their tags. Ordinary text inside an expansion (Gemma 3's ``\\n\\n``, SmolVLM's
+    row breaks) is left out, so a response using the same text is never mistaken for an
+    image."""
     text = fam.placeholder + "".join(dict.fromkeys(expansions))
-    return set(tokenizer(text, add_special_tokens=False)["input_ids"])
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(tokenizer.all_special_ids)
+    return {t for t in tokenizer(text, add_special_tokens=False)["input_ids"] if t in added}
 
 
 def fit_length(ids: list[int], labels: list[int], max_len: int, policy: str, keep_prefix: int,
@@ -130,7 +141,6 @@ def encode_example(processor, tokenizer, fam: VisionFamily, example: dict, max_l
         segments = [(bos, False), *segments]
     ids, labels = tokenize_segments(tokenizer, segments, template)
     img_ids = image_token_ids(tokenizer, fam, expansions)
-    labels = [IGNORE_INDEX if t in img_ids else lab for t, lab in zip(ids, labels)]
     keep = 1 if ids and (bos or (template.bos_id is not None and ids[0] == template.bos_id)) else 0
     ids, labels, status = fit_length(list(ids), labels, max_len, policy, keep, img_ids)
     return {"input_ids": ids, "labels": labels, "length": len(ids), "status": status,
@@ -159,8 +169,9 @@ def prompt_features(processor, tokenizer, fam: VisionFamily, messages: list[dict
     pil = [open_image(im, sample) for im in images]
     text = tokenizer.apply_chat_template(with_placeholders(messages, fam), tokenize=False,
                                          add_generation_prompt=True)
-    (text, _), = expand_segments([(text, False)], processor.image_token,
-                                 [image_expansion(processor, im) for im in pil])[0]
+    expanded, _ = expand_segments([(text, False)], processor.image_token,
+                                  [image_expansion(processor, im) for im in pil])
+    text = "".join(t for t, _ in expanded)
     bos = _bos_segment(tokenizer, fam, text)
     if bos:
         text = bos + text

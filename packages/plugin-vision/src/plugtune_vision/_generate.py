@@ -51,7 +51,7 @@ def generate_with_images(model, processor, tokenizer, fam: VisionFamily, prompts
     per = images_per_prompt(prompts, images)
     ensure_pad_token(tokenizer)
     collate = VisionCollator(processor, tokenizer.pad_token_id, mode=fam.collate,
-                             padding_side="left")
+                             padding_side="left", token_types_key=fam.token_types_key)
     feats = []
     for p, ims in zip(prompts, per):
         msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
