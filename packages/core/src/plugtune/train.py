@@ -27,7 +27,13 @@ import transformers
 from plugtune.config import Recipe
 from plugtune.data import prepare
 from plugtune.kbit import cpu_4bit_fallback, cpu_4bit_training_guard, kbit_dtype
-from plugtune.plugins import PluginError, get_plugin_manager, resolve_family, resolve_method
+from plugtune.plugins import (
+    PluginError,
+    get_plugin_manager,
+    resolve_family,
+    resolve_method,
+    route_model,
+)
 from plugtune.rundir import _atomic_write, save_run
 from plugtune.runstate import RunStateError, TrainingInterrupted, prepare_output_dir
 from plugtune.spec import Method, ModelSpec, resolve_dtype
@@ -53,7 +59,7 @@ from plugtune.trainer import (
 __all__ = [  # re-exported: tests and plugins import these from plugtune.train
     "COMPLETE_MARKER", "CompleteCheckpointCallback", "MethodContext", "PlugtuneSeq2SeqTrainer",
     "PlugtuneTrainer", "RunResult", "TrainingError", "_atomic_write", "_deepspeed_config",
-    "apply_adapter", "build_spec", "count_parameters", "last_complete_checkpoint", "lora_config",
+    "apply_adapter", "build_spec", "check_packing", "count_parameters", "last_complete_checkpoint", "lora_config",
     "prepare_base", "prepare_run", "read_model_type", "resolve_run_method", "save_run", "train",
     "training_arguments", "training_kwargs", "TrainingInterrupted"]
 
@@ -106,14 +112,42 @@ def build_spec(recipe: Recipe, pm) -> ModelSpec:
     if path != recipe.base_model:
         recipe = recipe.model_copy(update={"base_model": path})
     model_type, cfg = read_model_type(path, recipe.trust_remote_code, recipe.revision)
-    route = resolve_family(pm, recipe.model_type or model_type)
+    if recipe.model_type:  # the override routes by name, as before
+        route, route_note = resolve_family(pm, recipe.model_type), ""
+    else:  # a claiming plugin, else the generic route decided from the config
+        route, route_note = route_model(pm, model_type, cfg)  # prepare_run says the note
+    check_packing(recipe, recipe.model_type or model_type, cfg, route.family)
     dtype, note = kbit_dtype(resolve_dtype(recipe.dtype), recipe.quantization)
     if note:
         log.warning(note)
+    extra: dict[str, Any] = {"gguf_source": str(src)} if src else {}
+    if route_note:
+        extra["route_note"] = route_note
     return ModelSpec(path=path, model_type=recipe.model_type or model_type, family=route.family,
                      plugin=route.plugin, recipe=recipe, hf_config=cfg, torch_dtype=dtype,
-                     quantization=recipe.quantization,
-                     extra={"gguf_source": str(src)} if src else {})
+                     quantization=recipe.quantization, extra=extra)
+
+
+def check_packing(recipe: Recipe, model_type: str, config: Any, family) -> None:
+    """Refuse ``sample_packing`` / ``eval_sample_packing: true`` before the model loads when
+    packed samples would not get the logits they have alone
+    (:func:`plugtune.architectures.packing_support`).
+
+    Raises:
+        TrainingError: names the model type, the layer kind and the fix (``sample_packing:
+            false``).
+    """
+    from plugtune.architectures import packing_support
+
+    keys = [k for k in ("sample_packing", "eval_sample_packing") if getattr(recipe, k)]
+    if not keys:
+        return
+    verdict = packing_support(config, family)
+    if not verdict.exact:
+        raise TrainingError(
+            f"{recipe.base_model}: {' / '.join(f'{k}: true' for k in keys)} is refused for "
+            f"{model_type}: {verdict.reason}. Set {' and '.join(f'{k}: false' for k in keys)} "
+            f"(samples are then padded one per row and trained exactly)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +232,8 @@ def prepare_run(recipe: Recipe, pm=None, resume=False, console=None) -> MethodCo
     transformers.set_seed(recipe.seed)
     user_recipe, recipe = recipe, spec.recipe  # user_recipe keeps demo:// names (portable)
 
+    if spec.extra.get("route_note"):
+        say(f"plugtune: {spec.extra['route_note']}")
     say(f"plugtune: {spec.path}: model_type={spec.model_type} family={spec.family.name} "
         f"(plugin {spec.plugin}) dtype={str(spec.torch_dtype).replace('torch.', '')} "
         f"adapter={recipe.adapter}{' ' + spec.quantization if spec.quantization else ''}")
