@@ -174,6 +174,15 @@ def route_line(model_type: str, route: GenericRoute, plugin: str) -> str:
             f"{route.architecture}, plugin {plugin})")
 
 
+def _text_config(config: Any) -> Any:
+    """``config.get_text_config()`` (the decoder's config of composite models), or ``config``
+    where there is none or it is ambiguous (several text configs)."""
+    try:
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError:
+        return config
+
+
 def layer_kinds(config: Any) -> list[str]:
     """The kind of every layer of ``config`` (``[]`` when the config does not list them).
 
@@ -181,7 +190,7 @@ def layer_kinds(config: Any) -> list[str]:
     Falcon-H1, Zamba) or ``block_types``; for composite configs the text config's
     (``config.get_text_config()``).
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     for cfg in (text, config):
         for name in _LAYER_KIND_FIELDS:
             kinds = getattr(cfg, name, None)
@@ -224,12 +233,11 @@ def packing_support(config: Any, family: Any = None) -> Packing:
                            f"the next; position-id restarts separate samples only in softmax "
                            f"attention")
     else:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        for attr, kind in _RECURRENT_ATTRS:
-            if getattr(text, attr, None) is not None:
-                return Packing(False, f"{kind} layers (config.{attr}) carry state from one "
-                               f"packed sample into the next; position-id restarts separate "
-                               f"samples only in softmax attention")
+        recurrent = _recurrent_attr(config)
+        if recurrent:
+            return Packing(False, f"{recurrent[1]} layers (config.{recurrent[0]}) carry state "
+                           f"from one packed sample into the next; position-id restarts "
+                           f"separate samples only in softmax attention")
     sees = mask_sees_position_ids(config)
     if sees is False:
         return Packing(False, f"{_base_class_name(config)}.forward builds its attention masks "
@@ -247,7 +255,7 @@ def _base_class(config: Any) -> type | None:
     """The bare model class (``AutoModel``) of the text part of ``config``, or ``None``."""
     from transformers import AutoModel
 
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     for cfg in (text, config):
         try:
             return AutoModel._model_mapping[type(cfg)]
@@ -288,13 +296,21 @@ def mask_sees_position_ids(config: Any) -> bool | None:
         elif (isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and v.func.attr == "copy"
               and isinstance(v.func.value, ast.Name)):  # sliding_kwargs = mask_kwargs.copy()
             dicts[node.targets[0].id] = set(dicts.get(v.func.value.id, ()))
+    aliases = set()  # mask_function = create_causal_mask if ... else create_sliding_window_...
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)
+                and any(isinstance(n, ast.Name) and _MASK_BUILDER.fullmatch(n.id)
+                        for n in ast.walk(node.value))
+                and not isinstance(node.value, (ast.Call, ast.Dict))):
+            aliases.add(node.targets[0].id)
     calls = 0
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         f = node.func
         name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
-        if not _MASK_BUILDER.fullmatch(name) or "bidirectional" in name:
+        if not (_MASK_BUILDER.fullmatch(name) or name in aliases) or "bidirectional" in name:
             continue
         calls += 1
         if not any(kw.arg == "position_ids" or (kw.arg is None and isinstance(kw.value, ast.Name)
@@ -302,6 +318,15 @@ def mask_sees_position_ids(config: Any) -> bool | None:
                    for kw in node.keywords):
             return False
     return True if calls else None
+
+
+def _recurrent_attr(config: Any) -> tuple[str, str] | None:
+    """``(attribute, layer kind)`` of the first :data:`_RECURRENT_ATTRS` entry ``config``
+    defines (its class can build such layers), else ``None``."""
+    if config is None:
+        return None
+    text = _text_config(config)
+    return next(((a, k) for a, k in _RECURRENT_ATTRS if getattr(text, a, None) is not None), None)
 
 
 def model_class(config: Any, auto_class: Any = None) -> type | None:
@@ -336,3 +361,62 @@ def supported_attention(config: Any, requested: str, auto_class: Any = None) -> 
     return fallback, (f"{mt}: {cls.__name__} does not support {requested} attention; using "
                       f"{fallback} (packed rows stay exact: transformers builds the per-sample "
                       f"mask from position_ids for {fallback} too)")
+
+
+def family_rows(pm: Any) -> list[dict[str, Any]]:
+    """What ``plugtune families`` lists: one dict per model type claimed by an installed plugin,
+    plus the :data:`CONTRACT_TYPES` no plugin claims (served by the generic route).
+
+    Keys: ``model_type``, ``route`` (``"<plugin> (family <name>)"`` or ``"generic: ..."``),
+    ``quirks`` (list), ``packing`` (``"exact"`` / ``"refused"`` / ``"unknown"``),
+    ``packing_reason``, ``attn_implementation``, ``test`` (test ids, ``"; "``-joined).
+    The packing and attention columns are read from ``transformers``' default config of each
+    type (:func:`packing_support`, :func:`supported_attention`); a checkpoint whose config
+    differs (e.g. a layer mix) is judged again from its own config when it trains.
+    """
+    from transformers import AutoConfig
+
+    from plugtune.plugins import routing_table
+
+    table = routing_table(pm)
+    generic = table.get(CAUSAL_LM)
+    rows: list[dict[str, Any]] = []
+    types = [mt for mt in table if mt not in (CAUSAL_LM, IMAGE_TEXT)]
+    types += [mt for mt in CONTRACT_TYPES if mt not in table]
+    for mt in sorted(types):
+        route = table.get(mt)
+        fam = route.family if route is not None else (generic.family if generic else None)
+        try:
+            cfg = AutoConfig.for_model(mt)
+        except (ValueError, KeyError):
+            cfg = None
+        if cfg is None and (fam is None or fam.packing == "auto"):
+            packing, reason = "unknown", "transformers has no config class for this type"
+        else:
+            verdict = packing_support(cfg, fam)
+            packing, reason = ("exact" if verdict.exact else "refused"), verdict.reason
+            recurrent = _recurrent_attr(cfg) if verdict.exact and verdict.source == "config" \
+                else None
+            if recurrent:  # LFM2: the default config is all attention, checkpoints are not
+                packing = "per checkpoint"
+                reason = (f"exact when the checkpoint's config.layer_types lists only softmax "
+                          f"attention; refused when it lists {recurrent[1]} layers "
+                          f"(config.{recurrent[0]}), as released checkpoints do")
+        attn = (fam.attn_implementation if fam is not None and fam.attn_implementation
+                else supported_attention(cfg, "sdpa")[0])
+        tests = list(fam.tests) if route is not None and fam is not None else []
+        if route is None and mt in CONTRACT_TYPES:
+            tests.append(f"{CONTRACT_TEST}[{mt}]")
+        if route is not None:
+            where = f"{route.plugin} (family {route.family.name})"
+        else:
+            try:
+                g = generic_route(mt, cfg)
+                where = f"generic {g.model_type} ({g.auto_class})"
+            except ArchitectureError as exc:
+                where = f"refused: {exc}"
+        rows.append({"model_type": mt, "route": where,
+                     "quirks": list(fam.quirks) if route is not None and fam else [],
+                     "packing": packing, "packing_reason": reason,
+                     "attn_implementation": attn, "test": "; ".join(tests)})
+    return rows

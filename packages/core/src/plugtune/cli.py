@@ -112,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plugins", help="list installed plugins")
     pl.add_argument("--json", action="store_true")
 
+    fa = sub.add_parser("families", help="model types: route (plugin or generic), quirks, "
+                                         "packing exact/refused, attention, the test that shows it")
+    fa.add_argument("--json", action="store_true")
+
     sub.add_parser("recipes", help="list bundled example recipes")
 
     rc = sub.add_parser("recipe", help="work with recipes and other tools' configs")
@@ -498,6 +502,25 @@ def cmd_plugins(args, console: Console) -> int:
     return 0
 
 
+def cmd_families(args, console: Console) -> int:
+    from plugtune.architectures import family_rows
+    from plugtune.plugins import get_plugin_manager
+
+    rows = family_rows(get_plugin_manager())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:  # a block per type: readable at any terminal width
+        console.print(f"{r['model_type']}: {r['route']}; packing {r['packing']}; attention "
+                      f"{r['attn_implementation']}", markup=False, highlight=False)
+        for key in ("quirks", "packing_reason", "test"):
+            val = "; ".join(r[key]) if isinstance(r[key], list) else r[key]
+            if val:
+                console.print(f"    {key.replace('_', ' ')}: {val}", markup=False,
+                              highlight=False)
+    return 0
+
+
 def cmd_recipes(args, console: Console) -> int:
     import yaml
 
@@ -588,7 +611,7 @@ def cmd_estimate(args, console: Console) -> int:
 
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
-            "plugins": cmd_plugins, "recipes": cmd_recipes, "recipe": cmd_recipe, "merge": cmd_merge,
+            "plugins": cmd_plugins, "families": cmd_families, "recipes": cmd_recipes, "recipe": cmd_recipe, "merge": cmd_merge,
             "export": cmd_export, "chat": cmd_chat,
             "quantize": cmd_quantize, "estimate": cmd_estimate}
 
