@@ -132,7 +132,8 @@ def test_encoder_only_is_refused_through_the_router():
     ("zamba", {}, False, "'hybrid'"),
     ("mamba", {}, False, "'linear_attention'"),
     ("rwkv", {}, False, "RWKV"),
-    ("gpt_oss", {}, False, "without position_ids"),
+    ("gpt_oss", {}, True, "plugtune builds them with position_ids"),
+    ("bloom", {}, False, "without position_ids"),
 ])
 def test_packing_verdict_from_the_config(model_type, kw, exact, named):
     verdict = packing_support(AutoConfig.for_model(model_type, **kw))
@@ -154,6 +155,28 @@ def test_mask_builders_get_position_ids(model_type, sees):
     """Read from the model's source; ``test_contract`` measures the consequence (gpt_oss
     |Δlogit| ~0.5 packed vs alone)."""
     assert mask_sees_position_ids(AutoConfig.for_model(model_type)) is sees
+
+
+def test_install_packed_masks_makes_gpt_oss_exact():
+    """gpt_oss builds its masks without position_ids: packed samples leak (|Δ| ~0.5) until
+    plugtune hands it masks built with them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from plugtune.architectures import install_packed_masks
+    from plugtune.testing.architectures import COMMON, TINY, packed_logit_gap
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gpt_oss", **{**COMMON, **TINY["gpt_oss"][1], "vocab_size": 300,
+                                            "pad_token_id": 0, "eos_token_id": 1})
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    samples = [list(range(10, 21)), list(range(40, 49))]
+    assert packed_logit_gap(model, samples) > 1e-2
+    assert install_packed_masks(model)
+    assert packed_logit_gap(model, samples) <= 1e-5
+    tiny_qwen3 = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen3", **{**COMMON, "vocab_size": 300}))
+    assert not install_packed_masks(tiny_qwen3)  # its forward passes position_ids itself
 
 
 def _tiny_dir(tmp_path, model_type, **kw):

@@ -239,6 +239,11 @@ def packing_support(config: Any, family: Any = None) -> Packing:
                            f"from one packed sample into the next; position-id restarts "
                            f"separate samples only in softmax attention")
     sees = mask_sees_position_ids(config)
+    if sees is False and takes_prepared_masks(config):
+        return Packing(True, f"{_base_class_name(config)}.forward builds its attention masks "
+                       f"without position_ids; plugtune builds them with position_ids "
+                       f"(transformers' own builders, install_packed_masks), so each packed "
+                       f"sample gets its own causal mask")
     if sees is False:
         return Packing(False, f"{_base_class_name(config)}.forward builds its attention masks "
                        f"without position_ids, so transformers cannot find the packed samples "
@@ -267,6 +272,73 @@ def _base_class(config: Any) -> type | None:
 def _base_class_name(config: Any) -> str:
     cls = _base_class(config)
     return cls.__name__ if cls is not None else type(config).__name__
+
+
+#: the transformers mask builder of each softmax layer kind (``masking_utils``)
+_MASK_BUILDERS = {"full_attention": "create_causal_mask",
+                  "sliding_attention": "create_sliding_window_causal_mask",
+                  "chunked_attention": "create_chunked_causal_mask"}
+
+
+def takes_prepared_masks(config: Any) -> bool:
+    """Whether the bare model's ``forward`` accepts ``attention_mask`` as a ready mapping
+    ``{layer kind: mask}`` (``isinstance(causal_mask_mapping := attention_mask, dict)``, as
+    ``generate`` passes it) and every layer kind has a transformers mask builder, so
+    :func:`install_packed_masks` can hand it masks built with ``position_ids``."""
+    cls = _base_class(config)
+    kinds = set(layer_kinds(config))
+    if cls is None or not kinds or not kinds <= set(_MASK_BUILDERS):
+        return False
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "isinstance(causal_mask_mapping := attention_mask, dict)" in src
+
+
+def install_packed_masks(model: Any) -> bool:
+    """Make packed rows exact for a model whose forward builds its masks without
+    ``position_ids`` (:func:`mask_sees_position_ids` ``False``, e.g. ``gpt_oss``).
+
+    A forward pre-hook on the bare model: when a call has ``position_ids`` that restart inside
+    a row (packed samples), no ``attention_mask`` and no cache (training; ``generate`` always
+    passes a mask), it builds ``{layer kind: mask}`` with transformers' own builders
+    (``create_causal_mask``, ``create_sliding_window_causal_mask`` ...) *with* the
+    ``position_ids``, which is what the model would have built had it passed them. Installed
+    once; returns ``True`` when installed (``False``: not needed or not possible).
+    """
+    config = getattr(model, "config", None)
+    if config is None or mask_sees_position_ids(config) is not False or \
+            not takes_prepared_masks(config):
+        return False
+    base = getattr(model, "base_model", model)
+    if getattr(base, "_plugtune_packed_masks", False):
+        return True
+    import torch
+    from transformers import masking_utils
+
+    kinds = sorted(set(layer_kinds(config)))
+
+    def build(module, args, kwargs):
+        pos = kwargs.get("position_ids")
+        if (pos is None or kwargs.get("attention_mask") is not None or args
+                or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+                or masking_utils.find_packed_sequence_indices(pos) is None):
+            return None
+        ref = kwargs.get("inputs_embeds")
+        if ref is None:
+            ids = kwargs["input_ids"]
+            ref = torch.empty(*ids.shape, 0, dtype=module.get_input_embeddings().weight.dtype,
+                              device=ids.device)  # the builders read batch, dtype, device only
+        kwargs["attention_mask"] = {
+            k: getattr(masking_utils, _MASK_BUILDERS[k])(
+                config=module.config, inputs_embeds=ref, attention_mask=None, cache=None,
+                position_ids=pos) for k in kinds}
+        return args, kwargs
+
+    base.register_forward_pre_hook(build, with_kwargs=True)
+    base._plugtune_packed_masks = True
+    return True
 
 
 def mask_sees_position_ids(config: Any) -> bool | None:

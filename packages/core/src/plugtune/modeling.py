@@ -212,6 +212,12 @@ def load_model(spec: ModelSpec, auto_class=None, **kwargs: Any):
         model = auto_class.from_pretrained(spec.path, **args)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {spec.path!r} with {auto_class.__name__}: {exc}") from exc
+    if spec.recipe.sample_packing or spec.recipe.eval_sample_packing:
+        from plugtune.architectures import install_packed_masks
+
+        if install_packed_masks(model):  # gpt_oss: its forward drops position_ids for masks
+            log.info("packed rows: %s attention masks built with position_ids",
+                     type(model).__name__)
     if (args.get("attn_implementation") == "sdpa" and spec.recipe.sample_packing
             and spec.task == "causal" and not torch.cuda.is_available()):
         # packed rows on CPU: sdpa per packed sample, not over the whole masked row
