@@ -435,9 +435,11 @@ def supported_attention(config: Any, requested: str, auto_class: Any = None) -> 
                       f"mask from position_ids for {fallback} too)")
 
 
-def family_rows(pm: Any) -> list[dict[str, Any]]:
+def family_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
     """What ``plugtune families`` lists: one dict per model type claimed by an installed plugin,
     plus the :data:`CONTRACT_TYPES` no plugin claims (served by the generic route).
+
+    ``table``: :func:`plugtune.plugins.routing_table` (``model_type -> Route``).
 
     Keys: ``model_type``, ``route`` (``"<plugin> (family <name>)"`` or ``"generic: ..."``),
     ``quirks`` (list), ``packing`` (``"exact"`` / ``"refused"`` / ``"unknown"``),
@@ -448,9 +450,6 @@ def family_rows(pm: Any) -> list[dict[str, Any]]:
     """
     from transformers import AutoConfig
 
-    from plugtune.plugins import routing_table
-
-    table = routing_table(pm)
     generic = table.get(CAUSAL_LM)
     rows: list[dict[str, Any]] = []
     types = [mt for mt in table if mt not in (CAUSAL_LM, IMAGE_TEXT)]

@@ -504,9 +504,9 @@ def cmd_plugins(args, console: Console) -> int:
 
 def cmd_families(args, console: Console) -> int:
     from plugtune.architectures import family_rows
-    from plugtune.plugins import get_plugin_manager
+    from plugtune.plugins import get_plugin_manager, routing_table
 
-    rows = family_rows(get_plugin_manager())
+    rows = family_rows(routing_table(get_plugin_manager()))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
