@@ -188,7 +188,7 @@ def _tiny_dir(tmp_path, model_type, **kw):
 def test_refused_packing_stops_before_the_model_loads(tmp_path, monkeypatch):
     from plugtune import modeling
     from plugtune.config import validate_recipe
-    from plugtune.train import TrainingError, build_spec
+    from plugtune.train import TrainingError, build_spec, prepare_run
 
     base = _tiny_dir(tmp_path, "lfm2")
     monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("model loaded"))
@@ -196,8 +196,8 @@ def test_refused_packing_stops_before_the_model_loads(tmp_path, monkeypatch):
                            "datasets": [{"path": "x.jsonl", "type": "alpaca"}]})
     with pytest.raises(TrainingError, match=r"sample_packing: true is refused for lfm2: layer "
                                             r"kinds 'conv' .*Set sample_packing: false"):
-        build_spec(rec, _core_pm())
-    spec = build_spec(rec.model_copy(update={"sample_packing": False}), _core_pm())
+        prepare_run(rec, _core_pm())
+    spec = build_spec(rec, _core_pm())  # merge / generate of a run are not refused
     assert (spec.model_type, spec.family.name) == ("lfm2", "causal_lm")
     assert spec.extra["route_note"].startswith("lfm2: no family plugin claims it")
 

@@ -100,7 +100,18 @@ def read_model_type(path: str, trust_remote_code: bool = False, revision: str | 
 
 
 def build_spec(recipe: Recipe, pm) -> ModelSpec:
-    """Resolve the family for ``recipe.base_model`` and the dtype/quantization policy."""
+    """Resolve the family for ``recipe.base_model`` and the dtype/quantization policy.
+
+    The route: ``recipe.model_type`` when set (an override, routed by name); else the plugin
+    that claims ``config.model_type``; else the generic route decided from the config
+    (:func:`plugtune.plugins.route_model`), whose one-line note is kept in
+    ``spec.extra["route_note"]``. ``spec.model_type`` stays the checkpoint's own
+    ``config.model_type`` (e.g. ``"qwen3"``) while ``spec.family`` is the generic one.
+
+    Raises:
+        plugtune.plugins.UnknownModelError: no route (encoder-only, no generative class ...).
+        TrainingError: no config.json, unreadable GGUF.
+    """
     from plugtune import demo
     from plugtune.export import gguf
 
@@ -116,7 +127,6 @@ def build_spec(recipe: Recipe, pm) -> ModelSpec:
         route, route_note = resolve_family(pm, recipe.model_type), ""
     else:  # a claiming plugin, else the generic route decided from the config
         route, route_note = route_model(pm, model_type, cfg)  # prepare_run says the note
-    check_packing(recipe, recipe.model_type or model_type, cfg, route.family)
     dtype, note = kbit_dtype(resolve_dtype(recipe.dtype), recipe.quantization)
     if note:
         log.warning(note)
@@ -229,6 +239,8 @@ def prepare_run(recipe: Recipe, pm=None, resume=False, console=None) -> MethodCo
 
     pm = pm or get_plugin_manager()
     spec = build_spec(recipe, pm)
+    # before the model loads; only for training (a packed run's merge/generate never packs)
+    check_packing(spec.recipe, spec.model_type, spec.hf_config, spec.family)
     transformers.set_seed(recipe.seed)
     user_recipe, recipe = recipe, spec.recipe  # user_recipe keeps demo:// names (portable)
 
