@@ -152,6 +152,10 @@ def check_packing(recipe: Recipe, model_type: str, config: Any, family) -> None:
     keys = [k for k in ("sample_packing", "eval_sample_packing") if getattr(recipe, k)]
     if not keys:
         return
+    if config is None and getattr(family, "packing", "auto") == "auto":
+        # transformers cannot read it, so only a plugin routes it (the generic route refuses
+        # such configs) and that plugin maps the config itself (legacy Falcon ``RefinedWeb``)
+        return
     verdict = packing_support(config, family)
     if not verdict.exact:
         raise TrainingError(
