@@ -57,6 +57,23 @@ def test_contract(model_type, tmp_path):
     print(json.dumps(res.row()))  # the per-architecture table (pytest -s)
 
 
+@pytest.mark.parametrize("model_type", CONTRACT_TYPES)
+def test_contract_with_installed_plugins(model_type, tmp_path):
+    """The same row through the plugin that claims it where one is installed (the integration
+    session installs every plugin); rows no plugin claims are covered by ``test_contract``."""
+    from plugtune.plugins import routing_table
+    from plugtune.testing.architectures import run_contract
+
+    pm = get_plugin_manager(env={})  # every installed plugin, whatever conftest selects
+    route = routing_table(pm).get(model_type)
+    if route is None:
+        pytest.skip(f"no installed plugin claims {model_type} (test_contract covers it)")
+    if model_type in NEEDS_MOE_BRANCH:
+        pytest.xfail("needs the moe branch (MoE LoRA targets)")
+    res = run_contract(model_type, tmp_path, pm=pm, expect_plugin=route.plugin)
+    assert res.route_line == "" and res.plugin == route.plugin
+
+
 # --- the route ---------------------------------------------------------------------------------
 
 
