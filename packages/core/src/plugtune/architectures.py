@@ -19,7 +19,9 @@ Everything here reads ``transformers``' own tables rather than lists of names ke
   ../shared/FINDINGS.md), so packing is refused for them, naming the layer kind.
 * **Attention** (:func:`supported_attention`): plugtune asks for ``sdpa``; a model class with
   ``_supports_sdpa = False`` (``gpt_oss``) gets ``eager``. The packed-sequence mask above is
-  built for every mask interface (``sdpa``, ``eager``, ``flex``), so packing stays exact.
+  built for every mask interface (``sdpa``, ``eager``, ``flex``), but only when the model hands
+  ``position_ids`` to the mask builders (:func:`mask_sees_position_ids`); ``gpt_oss`` does not,
+  so :func:`install_packed_masks` builds its masks with them.
 
 This module imports ``transformers`` only inside functions.
 """
@@ -431,8 +433,7 @@ def supported_attention(config: Any, requested: str, auto_class: Any = None) -> 
         else "eager"
     mt = getattr(config, "model_type", "?")
     return fallback, (f"{mt}: {cls.__name__} does not support {requested} attention; using "
-                      f"{fallback} (packed rows stay exact: transformers builds the per-sample "
-                      f"mask from position_ids for {fallback} too)")
+                      f"{fallback} (packing is judged separately: packing_support)")
 
 
 def family_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
