@@ -210,9 +210,12 @@ def packing_support(config: Any, family: Any = None) -> Packing:
             ``"refused"`` + ``packing_reason``) overrides; ``"auto"`` decides from the config.
 
     Returns:
-        :class:`Packing`. Exact for softmax attention (full, sliding, chunked) with any MLP/MoE;
-        refused, naming the layer kind, when a layer is linear attention, recurrent,
-        convolutional or state-space, or when the config cannot be read.
+        :class:`Packing`. Exact for softmax attention (full, sliding, chunked) with any MLP/MoE
+        whose forward hands ``position_ids`` to transformers' mask builders, or takes masks
+        prepared by :func:`install_packed_masks` (which ``plugtune.modeling.load_model`` installs
+        for packed runs); refused, naming the layer kind, when a layer is linear attention,
+        recurrent, convolutional or state-space, when the masks cannot see the samples, or
+        when the config cannot be read.
 
     The verdicts are checked by comparing packed with per-sample logits in
     ``packages/core/tests/test_architectures.py`` (:func:`plugtune.testing.architectures.packed_logit_gap`).
