@@ -244,7 +244,8 @@ def prepare_run(recipe: Recipe, pm=None, resume=False, console=None) -> MethodCo
     pm = pm or get_plugin_manager()
     spec = build_spec(recipe, pm)
     # before the model loads; only for training (a packed run's merge/generate never packs)
-    check_packing(spec.recipe, spec.model_type, spec.hf_config, spec.family)
+    check_packing(spec.recipe, getattr(spec.hf_config, "model_type", None) or spec.model_type,
+                  spec.hf_config, spec.family)
     transformers.set_seed(recipe.seed)
     user_recipe, recipe = recipe, spec.recipe  # user_recipe keeps demo:// names (portable)
 
