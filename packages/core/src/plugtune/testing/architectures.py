@@ -316,7 +316,7 @@ def run_contract(model_type: str, workdir: str | Path, pm=None, expect_plugin: s
     handle = merged.get_output_embeddings().register_forward_hook(force_eot)
     try:
         outs = pm.hook.plugtune_generate(spec=mspec, model=merged, tokenizer=mtok,
-                                         prompts=[CHATS[1][:1]], max_new_tokens=6)
+                                         prompts=[CHATS[1][:1]], max_new_tokens=6, images=None)
     finally:
         handle.remove()
     assert outs is not None and len(outs) == 1
