@@ -111,7 +111,6 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plugins", help="list installed plugins")
     pl.add_argument("--json", action="store_true")
-
     fa = sub.add_parser("families", help="model types: route (plugin or generic), quirks, "
                                          "packing exact/refused, attention, the test that shows it")
     fa.add_argument("--json", action="store_true")
