@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plugins", help="list installed plugins")
     pl.add_argument("--json", action="store_true")
+    fa = sub.add_parser("families", help="model types: route (plugin or generic), quirks, "
+                                         "packing exact/refused, attention, the test that shows it")
+    fa.add_argument("--json", action="store_true")
 
     rs = sub.add_parser("recipes", help="list, show or copy the bundled example recipes")
     rs.add_argument("--json", action="store_true", help="the list as JSON")
@@ -525,6 +528,25 @@ def cmd_plugins(args, console: Console) -> int:
     return 0
 
 
+def cmd_families(args, console: Console) -> int:
+    from plugtune.architectures import family_rows
+    from plugtune.plugins import get_plugin_manager, routing_table
+
+    rows = family_rows(routing_table(get_plugin_manager()))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:  # a block per type: readable at any terminal width
+        console.print(f"{r['model_type']}: {r['route']}; packing {r['packing']}; attention "
+                      f"{r['attn_implementation']}", markup=False, highlight=False)
+        for key in ("quirks", "packing_reason", "test"):
+            val = "; ".join(r[key]) if isinstance(r[key], list) else r[key]
+            if val:
+                console.print(f"    {key.replace('_', ' ')}: {val}", markup=False,
+                              highlight=False)
+    return 0
+
+
 def cmd_recipes(args, console: Console) -> int:
     from plugtune import bundled
     from plugtune.config import list_bundled_recipes
@@ -667,7 +689,7 @@ def cmd_estimate(args, console: Console) -> int:
 
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval,
-            "plugins": cmd_plugins, "recipes": cmd_recipes, "recipe": cmd_recipe, "merge": cmd_merge,
+            "plugins": cmd_plugins, "families": cmd_families, "recipes": cmd_recipes, "recipe": cmd_recipe, "merge": cmd_merge,
             "export": cmd_export, "chat": cmd_chat,
             "quantize": cmd_quantize, "estimate": cmd_estimate}
 

@@ -28,25 +28,40 @@ class ModelLoadError(RuntimeError):
     """The model or tokenizer cannot be loaded; the message says which path and why."""
 
 
-def attn_implementation(spec: ModelSpec) -> str | None:
-    """``flash_attention_2`` when asked for and usable (CUDA + flash_attn installed), else sdpa.
+def attn_implementation(spec: ModelSpec, auto_class=None) -> str | None:
+    """The attention implementation to load ``spec`` with.
 
-    Prints a one-line notice when ``flash_attention: true`` or ``attn_implementation:
-    flash_attention_2`` (axolotl's configs set it) cannot be honoured; any other
-    ``attn_implementation`` is passed to transformers as is.
+    In order: the recipe's ``attn_implementation`` (other than ``flash_attention_2``) as is;
+    ``flash_attention_2`` when asked for (``flash_attention: true``) and usable (CUDA +
+    flash_attn installed), else a one-line notice; the family's
+    :attr:`plugtune.spec.Family.attn_implementation`; ``sdpa``. The choice is then checked
+    against what the model class supports (``_supports_sdpa`` / ``_supports_flash_attn`` of the
+    class ``auto_class`` builds from ``spec.hf_config``, see
+    :func:`plugtune.architectures.supported_attention`): gpt-oss has no ``sdpa`` and gets
+    ``eager``, with one notice.
     """
+    from plugtune.architectures import supported_attention
+
     rec = spec.recipe
     if rec.attn_implementation and rec.attn_implementation != "flash_attention_2":
         return rec.attn_implementation
+    wanted = spec.family.attn_implementation or "sdpa"
     if rec.flash_attention or rec.attn_implementation == "flash_attention_2":
         import importlib.util
 
         if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-        why = "no CUDA device" if not torch.cuda.is_available() else "flash-attn is not installed"
-        log.warning("flash_attention_2 asked for but %s; using sdpa "
-                    "(pip install 'plugtune[flash-attn]')", why)
-    return "sdpa"
+            wanted = "flash_attention_2"
+        else:
+            why = "no CUDA device" if not torch.cuda.is_available() else "flash-attn is not installed"
+            log.warning("flash_attention_2 asked for but %s; using %s "
+                        "(pip install 'plugtune[flash-attn]')", why, wanted)
+    impl, notice = supported_attention(spec.hf_config, wanted, auto_class)
+    if notice:
+        log.warning("%s", notice)
+    elif spec.family.attn_implementation and impl == spec.family.attn_implementation:
+        log.info("%s: %s attention (family %s, plugin %s)", spec.model_type, impl,
+                 spec.family.name, spec.plugin)
+    return impl
 
 
 def quantization_config(spec: ModelSpec):
@@ -181,7 +196,8 @@ def load_model(spec: ModelSpec, auto_class=None, **kwargs: Any):
         revision=spec.recipe.revision,
         use_safetensors=use_safetensors,
     )
-    impl = attn_implementation(spec)
+    # a plugin that passes attn_implementation (BLOOM: eager) decides; else the policy above
+    impl = kwargs.get("attn_implementation") or attn_implementation(spec, auto_class)
     if impl:
         args["attn_implementation"] = impl
     if qc is not None:
@@ -196,6 +212,12 @@ def load_model(spec: ModelSpec, auto_class=None, **kwargs: Any):
         model = auto_class.from_pretrained(spec.path, **args)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {spec.path!r} with {auto_class.__name__}: {exc}") from exc
+    if spec.recipe.sample_packing or spec.recipe.eval_sample_packing:
+        from plugtune.architectures import install_packed_masks
+
+        if install_packed_masks(model):  # gpt_oss: its forward drops position_ids for masks
+            log.info("packed rows: %s attention masks built with position_ids",
+                     type(model).__name__)
     if (args.get("attn_implementation") == "sdpa" and spec.recipe.sample_packing
             and spec.task == "causal" and not torch.cuda.is_available()):
         # packed rows on CPU: sdpa per packed sample, not over the whole masked row

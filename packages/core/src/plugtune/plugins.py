@@ -221,15 +221,58 @@ def resolve_family(pm: pluggy.PluginManager, model_type: str) -> Route:
     table = routing_table(pm)
     if model_type in table:
         return table[model_type]
+    raise UnknownModelError(
+        f"no installed plugtune plugin claims model_type {model_type!r}. "
+        f"Installed families: {_listing(table)}. Install the plugin for this family "
+        f"(e.g. pip install plugtune-<family>) or set model_type in the recipe."
+    )
+
+
+def route_model(pm: pluggy.PluginManager, model_type: str, config=None) -> tuple[Route, str]:
+    """The route for a model: the plugin that claims ``model_type``, else the generic route
+    decided from its config (:func:`plugtune.architectures.generic_route`).
+
+    Args:
+        model_type: ``config.json``'s ``model_type`` (or the recipe's override).
+        config: the ``transformers`` config, ``None`` when transformers cannot build it.
+
+    Returns:
+        ``(route, note)``: ``note`` is ``""`` when a plugin claims ``model_type``, else the one
+        line that says which generic route was taken.
+
+    Raises:
+        UnknownModelError: the model cannot take any route (encoder-only, encoder-decoder
+            without a plugin, no generative class, unreadable config), or it is an image-text
+            model and no installed plugin claims the generic ``image_text`` route
+            ("install plugtune-vision"). The message says why and lists installed families.
+        PluginConflictError: two plugins claim one model type.
+    """
+    from plugtune.architectures import IMAGE_TEXT, ArchitectureError, generic_route, route_line
+
+    table = routing_table(pm)
+    if model_type in table:
+        return table[model_type], ""
+    try:
+        generic = generic_route(model_type, config)
+    except ArchitectureError as exc:
+        raise UnknownModelError(f"{exc}. Installed families: {_listing(table)}") from None
+    if generic.model_type not in table:
+        hint = ("pip install plugtune-vision (it serves image-text models through "
+                "AutoModelForImageTextToText + AutoProcessor)" if generic.model_type == IMAGE_TEXT
+                else f"install a plugin that claims {generic.model_type!r}")
+        raise UnknownModelError(
+            f"{model_type} ({generic.architecture}) takes the generic {generic.model_type!r} "
+            f"route, which no installed plugtune plugin claims: {hint}. "
+            f"Installed families: {_listing(table)}")
+    route = table[generic.model_type]
+    return route, route_line(model_type, generic, route.plugin)
+
+
+def _listing(table: dict[str, Route]) -> str:
     fams: dict[str, list[str]] = {}
     for mt, route in table.items():
         fams.setdefault(f"{route.plugin}:{route.family.name}", []).append(mt)
-    listing = "; ".join(f"{k} ({', '.join(sorted(v))})" for k, v in sorted(fams.items()))
-    raise UnknownModelError(
-        f"no installed plugtune plugin claims model_type {model_type!r}. "
-        f"Installed families: {listing or 'none'}. Install the plugin for this family "
-        f"(e.g. pip install plugtune-<family>) or set model_type in the recipe."
-    )
+    return "; ".join(f"{k} ({', '.join(sorted(v))})" for k, v in sorted(fams.items())) or "none"
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict]:

@@ -28,7 +28,13 @@ from plugtune import moe
 from plugtune.config import Recipe
 from plugtune.data import prepare
 from plugtune.kbit import cpu_4bit_fallback, cpu_4bit_training_guard, kbit_dtype
-from plugtune.plugins import PluginError, get_plugin_manager, resolve_family, resolve_method
+from plugtune.plugins import (
+    PluginError,
+    get_plugin_manager,
+    resolve_family,
+    resolve_method,
+    route_model,
+)
 from plugtune.rundir import _atomic_write, save_run
 from plugtune.runstate import RunStateError, TrainingInterrupted, prepare_output_dir
 from plugtune.spec import Method, ModelSpec, resolve_dtype
@@ -54,7 +60,7 @@ from plugtune.trainer import (
 __all__ = [  # re-exported: tests and plugins import these from plugtune.train
     "COMPLETE_MARKER", "CompleteCheckpointCallback", "MethodContext", "PlugtuneSeq2SeqTrainer",
     "PlugtuneTrainer", "RunResult", "TrainingError", "_atomic_write", "_deepspeed_config",
-    "apply_adapter", "build_spec", "count_parameters", "last_complete_checkpoint", "lora_config",
+    "apply_adapter", "build_spec", "check_packing", "count_parameters", "last_complete_checkpoint", "lora_config",
     "prepare_base", "prepare_run", "read_model_type", "resolve_run_method", "save_run", "train",
     "training_arguments", "training_kwargs", "TrainingInterrupted"]
 
@@ -95,7 +101,18 @@ def read_model_type(path: str, trust_remote_code: bool = False, revision: str | 
 
 
 def build_spec(recipe: Recipe, pm) -> ModelSpec:
-    """Resolve the family for ``recipe.base_model`` and the dtype/quantization policy."""
+    """Resolve the family for ``recipe.base_model`` and the dtype/quantization policy.
+
+    The route: ``recipe.model_type`` when set (an override, routed by name); else the plugin
+    that claims ``config.model_type``; else the generic route decided from the config
+    (:func:`plugtune.plugins.route_model`), whose one-line note is kept in
+    ``spec.extra["route_note"]``. ``spec.model_type`` stays the checkpoint's own
+    ``config.model_type`` (e.g. ``"qwen3"``) while ``spec.family`` is the generic one.
+
+    Raises:
+        plugtune.plugins.UnknownModelError: no route (encoder-only, no generative class ...).
+        TrainingError: no config.json, unreadable GGUF.
+    """
     from plugtune import demo
     from plugtune.export import gguf
 
@@ -107,14 +124,45 @@ def build_spec(recipe: Recipe, pm) -> ModelSpec:
     if path != recipe.base_model:
         recipe = recipe.model_copy(update={"base_model": path})
     model_type, cfg = read_model_type(path, recipe.trust_remote_code, recipe.revision)
-    route = resolve_family(pm, recipe.model_type or model_type)
+    if recipe.model_type:  # the override routes by name, as before
+        route, route_note = resolve_family(pm, recipe.model_type), ""
+    else:  # a claiming plugin, else the generic route decided from the config
+        route, route_note = route_model(pm, model_type, cfg)  # prepare_run says the note
     dtype, note = kbit_dtype(resolve_dtype(recipe.dtype), recipe.quantization)
     if note:
         log.warning(note)
+    extra: dict[str, Any] = {"gguf_source": str(src)} if src else {}
+    if route_note:
+        extra["route_note"] = route_note
     return ModelSpec(path=path, model_type=recipe.model_type or model_type, family=route.family,
                      plugin=route.plugin, recipe=recipe, hf_config=cfg, torch_dtype=dtype,
-                     quantization=recipe.quantization,
-                     extra={"gguf_source": str(src)} if src else {})
+                     quantization=recipe.quantization, extra=extra)
+
+
+def check_packing(recipe: Recipe, model_type: str, config: Any, family) -> None:
+    """Refuse ``sample_packing`` / ``eval_sample_packing: true`` before the model loads when
+    packed samples would not get the logits they have alone
+    (:func:`plugtune.architectures.packing_support`).
+
+    Raises:
+        TrainingError: names the model type, the layer kind and the fix (``sample_packing:
+            false``).
+    """
+    from plugtune.architectures import packing_support
+
+    keys = [k for k in ("sample_packing", "eval_sample_packing") if getattr(recipe, k)]
+    if not keys:
+        return
+    if config is None and getattr(family, "packing", "auto") == "auto":
+        # transformers cannot read it, so only a plugin routes it (the generic route refuses
+        # such configs) and that plugin maps the config itself (legacy Falcon ``RefinedWeb``)
+        return
+    verdict = packing_support(config, family)
+    if not verdict.exact:
+        raise TrainingError(
+            f"{recipe.base_model}: {' / '.join(f'{k}: true' for k in keys)} is refused for "
+            f"{model_type}: {verdict.reason}. Set {' and '.join(f'{k}: false' for k in keys)} "
+            f"(samples are then padded one per row and trained exactly)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,9 +250,14 @@ def prepare_run(recipe: Recipe, pm=None, resume=False, console=None) -> MethodCo
 
     pm = pm or get_plugin_manager()
     spec = build_spec(recipe, pm)
+    # before the model loads; only for training (a packed run's merge/generate never packs)
+    check_packing(spec.recipe, getattr(spec.hf_config, "model_type", None) or spec.model_type,
+                  spec.hf_config, spec.family)
     transformers.set_seed(recipe.seed)
     user_recipe, recipe = recipe, spec.recipe  # user_recipe keeps demo:// names (portable)
 
+    if spec.extra.get("route_note"):
+        say(f"plugtune: {spec.extra['route_note']}")
     say(f"plugtune: {spec.path}: model_type={spec.model_type} family={spec.family.name} "
         f"(plugin {spec.plugin}) dtype={str(spec.torch_dtype).replace('torch.', '')} "
         f"adapter={recipe.adapter}{' ' + spec.quantization if spec.quantization else ''}")

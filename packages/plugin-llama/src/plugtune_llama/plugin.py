@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 FAMILIES = [
     Family("llama", ("llama",), "causal", "Llama 2 / Llama 3.x"),
     Family("qwen2", ("qwen2",), "causal", "Qwen2 / Qwen2.5"),
-    Family("bloom", ("bloom",), "causal", "BLOOM / BLOOMZ (fused query_key_value)"),
+    # ALiBi + a mask built without position_ids: packed rows would leak across samples, so
+    # the UnpackingCollator (_bloom.py) splits them back into one row per sample: exact
+    Family("bloom", ("bloom",), "causal", "BLOOM / BLOOMZ (fused query_key_value)",
+           packing="exact"),
 ]
 
 #: ``lora_target_modules: auto`` per family (this plugin's rows of peft's
