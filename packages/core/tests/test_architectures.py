@@ -28,10 +28,6 @@ from plugtune.spec import Family
 
 GENERIC_PLUGIN = "plugtune.default_plugins.causal_lm"
 
-#: rows that fail only in MoE LoRA target selection (a target module returning a tuple; the
-#: experts' raw parameters wrapped by lora.ParamWrapper with lora_dropout): fixed on the `moe`
-#: branch. The lead empties this set at merge (strict xfail: a row that passes fails the run).
-NEEDS_MOE_BRANCH = {"llama4_text", "deepseek_v3"}
 
 
 def _core_pm():
@@ -45,12 +41,6 @@ def test_contract(model_type, tmp_path):
 
     pytest.importorskip("peft")
     assert model_type in TINY, f"no tiny config for {model_type}"
-    if model_type in NEEDS_MOE_BRANCH:
-        try:
-            run_contract(model_type, tmp_path, pm=_core_pm(), expect_plugin=GENERIC_PLUGIN)
-        except Exception as exc:  # noqa: BLE001 - the MoE target-selection failures
-            pytest.xfail(f"needs the moe branch (MoE LoRA targets): {type(exc).__name__}: {exc}")
-        pytest.fail(f"{model_type} passes: remove it from NEEDS_MOE_BRANCH")
     res = run_contract(model_type, tmp_path, pm=_core_pm(), expect_plugin=GENERIC_PLUGIN)
     assert res.route_line.startswith(f"{model_type}: no family plugin claims it; generic "
                                       f"causal-LM route (AutoModelForCausalLM")
@@ -68,8 +58,6 @@ def test_contract_with_installed_plugins(model_type, tmp_path):
     route = routing_table(pm).get(model_type)
     if route is None:
         pytest.skip(f"no installed plugin claims {model_type} (test_contract covers it)")
-    if model_type in NEEDS_MOE_BRANCH:
-        pytest.xfail("needs the moe branch (MoE LoRA targets)")
     res = run_contract(model_type, tmp_path, pm=pm, expect_plugin=route.plugin)
     assert res.route_line == "" and res.plugin == route.plugin
 
