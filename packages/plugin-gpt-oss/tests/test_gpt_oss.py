@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from plugtune.architectures import install_packed_masks
 from plugtune.config import validate_recipe
 from plugtune.modeling import ModelLoadError
 from plugtune.plugins import resolve_family
@@ -104,14 +105,15 @@ def test_packed_logits_equal_each_sample_alone(pm):
     a, b = (torch.randint(5, 300, (n,), generator=g).tolist() for n in (13, 9))
     ids = torch.tensor([a + b])
     pos = torch.tensor([list(range(13)) + list(range(9))])
-    masks = _load.packed_masks(model, {"input_ids": ids, "position_ids": pos})
     with torch.no_grad():
-        packed = model(input_ids=ids, position_ids=pos, attention_mask=masks, use_cache=False).logits[0]
         leaky = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+    assert install_packed_masks(model)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
         alone = [model(input_ids=torch.tensor([s]), use_cache=False).logits[0] for s in (a, b)]
     torch.testing.assert_close(packed[:13], alone[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(packed[13:], alone[1], atol=1e-5, rtol=0)
-    assert (leaky[13:] - alone[1]).abs().max() > 1e-2, "the quirk is gone: revisit packed_masks"
+    assert (leaky[13:] - alone[1]).abs().max() > 1e-2, "the quirk is gone: revisit install_packed_masks"
     # and through the plugin's hooks: packed loss == unpacked loss
     spec, pm = make_spec("gpt_oss", pm=pm)
     lp, lu = packed_and_unpacked_loss(pm, spec, model, _PadTok(), [a, b], 32)
@@ -122,6 +124,7 @@ def test_packed_loss_with_router_aux_loss_equals_unpacked(pm):
     """With the router auxiliary loss on (``output_router_logits``, as core's MoE setup turns it
     on), a full packed row (no padding tail) gives the unpacked loss, auxiliary term included."""
     model = _model()
+    install_packed_masks(model)
     model.config.output_router_logits = True
     g = torch.Generator().manual_seed(4)
     a, b = (torch.randint(5, 300, (n,), generator=g).tolist() for n in (11, 7))

@@ -19,9 +19,10 @@ Packing. ``GptOssModel.forward`` builds its causal masks without ``position_ids`
 (``create_causal_mask(config, inputs_embeds, attention_mask, cache)``), so a packed row (position
 ids restarting at 0, no attention mask) lets every sample attend to the samples before it
 (measured on a tiny model: max |logit difference| 0.39 against the sample alone).
-:func:`packed_masks` builds the masks transformers' own mask functions make when they are given
-the position ids, and the plugin's train step passes them as the model's mask mapping, so packed
-rows train exactly like unpacked ones.
+Core's :func:`plugtune.architectures.install_packed_masks` (a forward pre-hook that
+``plugtune.modeling.load_model`` installs for packed runs) builds the masks transformers' own mask
+functions make when they are given the position ids, so packed rows train exactly like unpacked
+ones; the router auxiliary loss then counts every position of a packed row, as with no mask.
 """
 
 from __future__ import annotations
@@ -122,50 +123,3 @@ def load_kwargs(spec) -> tuple[dict[str, Any], list[tuple[int, str]]]:
         notes.append((logging.WARNING, "gpt-oss: MXFP4 checkpoint dequantized to bf16 for "
                       "training (transformers Mxfp4Config(dequantize=True))"))
     return kwargs, notes
-
-
-class PackedMasks(dict):
-    """The ``{"full_attention": mask, "sliding_attention": mask}`` mapping ``GptOssModel.forward``
-    takes as a precomputed ``attention_mask``.
-
-    ``GptOssForCausalLM.forward`` also hands its ``attention_mask`` to transformers'
-    ``load_balancing_loss_func`` (the router auxiliary loss, on when ``output_router_logits``),
-    which reads it as the 2-D token mask (``attention_mask.reshape(-1)``): :meth:`reshape`
-    answers with the all-ones ``(batch, seq)`` mask, i.e. every position of a packed row counts,
-    as when no mask is given (a row's padding tail included: rows are packed to capacity).
-    """
-
-    def __init__(self, masks: dict, shape: tuple[int, int], device) -> None:
-        import torch
-
-        super().__init__(masks)
-        self.tokens = torch.ones(shape, device=device)
-
-    def reshape(self, *shape):
-        return self.tokens.reshape(*shape)
-
-
-def packed_masks(model, batch: dict) -> dict | None:
-    """The :class:`PackedMasks` mapping that keeps each packed sample to itself, or ``None`` when
-    the batch is not packed.
-
-    Built with transformers' ``create_causal_mask`` / ``create_sliding_window_causal_mask``
-    given the batch's ``position_ids`` (shape ``(batch, seq)``, restarting at 0 per sample), for
-    the model's configured attention implementation; ``GptOssModel.forward`` takes a precomputed
-    mapping as its ``attention_mask``.
-    """
-    if "position_ids" not in batch or batch.get("attention_mask") is not None:
-        return None
-    import torch
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    ids = batch["input_ids"]
-    emb = model.get_input_embeddings().weight
-    # the mask functions read only the shape, dtype and device of the embeddings
-    probe = torch.empty((*ids.shape, 1), dtype=emb.dtype, device=ids.device)
-    cfg = model.config
-    kw = dict(config=cfg, inputs_embeds=probe, attention_mask=None, cache=None,
-              position_ids=batch["position_ids"])
-    return PackedMasks({"full_attention": create_causal_mask(**kw),
-                        "sliding_attention": create_sliding_window_causal_mask(**kw)},
-                       tuple(ids.shape), ids.device)

@@ -7,8 +7,9 @@ Quirks handled (helpers beside this file):
   ``flash_attention: true`` becomes the vllm-flash-attn3 hub kernel on CUDA when ``kernels`` is
   installed (:mod:`plugtune_gpt_oss._load`);
 * MXFP4 checkpoints: dequantized to bf16 at load (``Mxfp4Config(dequantize=True)``), one line;
-* packing: transformers builds gpt-oss's masks without ``position_ids``, so the train step
-  passes the packed-sequence masks itself (packed == unpacked, tested);
+* packing: transformers builds gpt-oss's masks without ``position_ids``; core's
+  :func:`plugtune.architectures.install_packed_masks` (installed by ``load_model`` for packed
+  runs, on any route) builds them from the position ids (packed == unpacked, tested here);
 * the harmony chat format (``<|start|>role<|channel|>analysis|final<|message|>...<|end|>``),
   installed when the tokenizer ships no template; data reasoning (``reasoning_content`` /
   ``thinking``) goes to the ``analysis`` channel; each earlier trained turn gets a row that ends
@@ -167,27 +168,6 @@ def plugtune_collate(spec, tokenizer):
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Collator(pad_token_id=pad, padding_side="right")
-
-
-@hookimpl
-def plugtune_train_step(spec, model, batch, num_items_in_batch):
-    """The model's loss (router auxiliary loss included when the config turns it on).
-
-    A packed batch (``position_ids``, no ``attention_mask``) gets the packed-sequence masks
-    from :func:`plugtune_gpt_oss._load.packed_masks`, which gpt-oss's forward does not build.
-    """
-    from plugtune.modeling import loss_from_batch
-    from plugtune_gpt_oss._load import packed_masks
-
-    if not _mine(spec):
-        return None
-    masks = packed_masks(model, batch)
-    if masks is None:
-        return loss_from_batch(model, batch, num_items_in_batch, use_cache=False)
-    kwargs = {**batch, "attention_mask": masks, "use_cache": False}
-    if num_items_in_batch is not None:
-        kwargs["num_items_in_batch"] = num_items_in_batch
-    return model(**kwargs).loss
 
 
 @hookimpl
