@@ -141,7 +141,8 @@ def plugtune_load(spec):
         return Loaded(model=model, tokenizer=processor.tokenizer, processor=processor)
     from transformers import AutoModelForImageTextToText
 
-    if spec.family.name == GENERIC:
+    if spec.family.name == GENERIC and spec.model_type == GENERIC:
+        # recipe override (model_type: image_text); the automatic route already said it
         import logging
 
         logging.getLogger(__name__).warning(
