@@ -65,15 +65,8 @@ class PlugtuneTrainer(Trainer):
         return opt
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """The Trainer's log, plus ``aux_loss``: the mean router auxiliary loss of the training
-        forwards since the last log, for MoE models that compute one (:mod:`plugtune.moe`)."""
-        if "loss" in logs:
-            from plugtune.moe import pop_aux_loss
-
-            aux = pop_aux_loss(self.model)
-            if aux is not None:
-                logs = {**logs, "aux_loss": round(aux, 6)}
-        super().log(logs, *args, **kwargs)
+        """The Trainer's log, plus ``aux_loss`` (:func:`with_aux_loss`)."""
+        super().log(with_aux_loss(self, logs), *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         # group_by_length from a seeded generator: a resumed run replays the epoch's order
@@ -101,6 +94,19 @@ class PlugtuneTrainer(Trainer):
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
+def with_aux_loss(trainer, logs: dict[str, float]) -> dict[str, float]:
+    """``logs`` plus ``aux_loss`` at training logging steps: the mean router auxiliary loss of
+    the training forwards since the last log, for MoE models that compute one
+    (:mod:`plugtune.moe`); ``logs`` unchanged otherwise."""
+    if "loss" in logs:
+        from plugtune.moe import pop_aux_loss
+
+        aux = pop_aux_loss(trainer.model)
+        if aux is not None:
+            return {**logs, "aux_loss": round(aux, 6)}
+    return logs
+
+
 try:  # seq2seq variant for encoder-decoder families (T5)
     from transformers import Seq2SeqTrainer
 
@@ -114,7 +120,10 @@ try:  # seq2seq variant for encoder-decoder families (T5)
             self.spec = spec
 
         compute_loss = PlugtuneTrainer.compute_loss
-        log = PlugtuneTrainer.log
+
+        def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+            """The Trainer's log, plus ``aux_loss`` (:func:`with_aux_loss`)."""
+            super().log(with_aux_loss(self, logs), *args, **kwargs)
         _get_train_sampler = PlugtuneTrainer._get_train_sampler
 except ImportError:  # pragma: no cover
     PlugtuneSeq2SeqTrainer = PlugtuneTrainer  # type: ignore[misc,assignment]
