@@ -191,3 +191,29 @@ def test_context_turn_the_template_rewrites_is_part_of_the_next_prompt():
     assert [tok.decode(s) for s in spans] == ["<think>\nAdd again.\n</think>\n\n6<|im_end|>"]
     with pytest.raises(TemplateRenderError, match="turn 3"):
         tokenize_chat(tok, plain, info, 512)
+
+
+def test_history_rewriting_template_is_split_into_the_views_it_forces():
+    """Generic route, no family plugin: Qwen3's template strips earlier turns' reasoning, so one
+    row is not prefix-stable; tokenize_chat_rows trains each turn in the row where it is the
+    turn being generated, exactly as the template renders it there (independently rendered)."""
+    from plugtune.data.tokenize import tokenize_chat_rows
+
+    tok = load_shared_tokenizer("qwen3")
+    info = probe_template(tok)
+    msgs = [{"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": "Add."},
+            {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "content": "6", "reasoning_content": "Add again."}]
+    rows = tokenize_chat_rows(tok, msgs, info, 512)
+    assert len(rows) == 2
+    for row, k in zip(rows, (1, 3), strict=True):
+        want = (tok.apply_chat_template(msgs[: k + 1], tokenize=False)
+                [len(tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)):])
+        spans = trained_spans(row["input_ids"], row["labels"])
+        assert [tok.decode(s) for s in spans] == [want.rstrip("\n")]
+        assert tok.decode(row["input_ids"]) == tok.apply_chat_template(msgs[: k + 1], tokenize=False)
+    # a prefix-stable template keeps one row
+    llama = load_shared_tokenizer("llama3_2")
+    plain = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in msgs]
+    assert len(tokenize_chat_rows(llama, plain, probe_template(llama), 512)) == 1

@@ -95,3 +95,20 @@ def test_special_tokens_are_set_and_new_ones_added():
     new = apply_special_tokens(tok, {"additional_special_tokens": ["<|tool|>"]})
     assert new == ["<|tool|>"] and len(tok) == n + 1
     assert tok.convert_tokens_to_ids("<|tool|>") == n
+
+
+def test_adapter_targets_line_names_what_lora_wraps():
+    """The console's trainable-parameters line says what the adapter wraps (users could only
+    find default targets in adapter_config.json)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from plugtune.trainer import adapter_targets
+
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=100))
+    assert adapter_targets(model) == ""
+    wrapped = get_peft_model(model, LoraConfig(target_modules=["v_proj", "q_proj"],
+                                               modules_to_save=["lm_head"]))
+    assert adapter_targets(wrapped) == " (LoRA on q_proj, v_proj; trained in full lm_head)"

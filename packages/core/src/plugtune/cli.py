@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show everything: debug logging and the library notices plugtune hides "
                         "by default (the list: plugtune.observe.QUIET_LOGS / QUIET_WARNINGS)")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars or plugtune info lines: warnings, errors, the "
+                        "Trainer's per-step log lines and the final summary")
     p.add_argument("--version", action=_VersionAction,
                    help="print plugtune's and each installed plugin's version")
     sub = p.add_subparsers(dest="command", required=True)
@@ -249,7 +252,8 @@ def cmd_train(args, console: Console) -> int:
     quiet(verbose=args.verbose, quantized=recipe.quantization is not None)
 
     try:
-        result = train(recipe, resume=resume, overwrite=args.overwrite, console=console)
+        result = train(recipe, resume=resume, overwrite=args.overwrite,
+                       console=Console(quiet=True) if args.quiet else console)
     except TrainingInterrupted as exc:
         Console(stderr=True).print(f"interrupted: {exc}", markup=False, highlight=False)
         return 130
@@ -700,13 +704,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    for chatty in ("matplotlib", "PIL", "httpcore", "fsspec"):  # debug chatter, not the run's
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it: no progress bars
     from plugtune.observe import quiet
 
     quiet(verbose=args.verbose)  # library notices that do not concern the run; -v shows them
     # piped output: plugtune's own lines are never wrapped at rich's default 80 columns
-    console = Console(stderr=False, soft_wrap=not sys.stdout.isatty())
+    piped = not sys.stdout.isatty()
+    # piped: tables are not cut or wrapped at rich's default 80 columns either
+    console = Console(stderr=False, soft_wrap=piped,
+                      width=int(os.environ.get("COLUMNS", 0)) or 240 if piped else None)
     try:
         return COMMANDS[args.command](args, console)
+    except BrokenPipeError:  # `plugtune recipes | head -1`: the reader left; not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     except Exception as exc:
         from plugtune.config import RecipeError
         from plugtune.runstate import RunStateError

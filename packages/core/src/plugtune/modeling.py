@@ -225,7 +225,7 @@ def load_model(spec: ModelSpec, auto_class=None, **kwargs: Any):
         from plugtune import attention
 
         if attention.enable(model):
-            log.info("packed rows use %s attention (per-sample sdpa on CPU)", attention.NAME)
+            log.debug("packed rows use %s attention (per-sample sdpa on CPU)", attention.NAME)
     return model
 
 

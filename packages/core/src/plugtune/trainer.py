@@ -334,6 +334,29 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
+def adapter_targets(model) -> str:
+    """What the adapter wraps, for the console: ``" (LoRA on q_proj, v_proj)"``, with
+    ``target_parameters`` (MoE experts) and ``modules_to_save`` when set; ``""`` for a model
+    without a peft adapter (full fine-tuning)."""
+    cfg = getattr(model, "peft_config", {}).get("default") if hasattr(model, "peft_config") else None
+    if cfg is None:
+        return ""
+
+    def names(value) -> str:
+        if value is None:
+            return ""
+        return value if isinstance(value, str) else ", ".join(sorted(value))
+
+    parts = [names(getattr(cfg, "target_modules", None))]
+    if getattr(cfg, "target_parameters", None):
+        parts.append(f"parameters {names(cfg.target_parameters)}")
+    if getattr(cfg, "modules_to_save", None):
+        parts.append(f"trained in full {names(cfg.modules_to_save)}")
+    kind = str(getattr(getattr(cfg, "peft_type", None), "value", "adapter"))
+    kind = {"LORA": "LoRA", "ADALORA": "AdaLoRA"}.get(kind, kind)
+    return f" ({kind} on {'; '.join(p for p in parts if p)})"
+
+
 # ---------------------------------------------------------------------------------------------
 # run
 
@@ -619,7 +642,7 @@ def fit_and_save(ctx: MethodContext, trainer, metrics: dict, stats: dict,
     metrics.update(trainable_params=trainable, total_params=total,
                    trainable_share=round(trainable / max(total, 1), 6))
     ctx.say(f"plugtune: {ctx.method.name}: reference: {metrics.get('reference')}; "
-            f"trainable parameters: {trainable:,} / {total:,}")
+            f"trainable parameters: {trainable:,} / {total:,}{adapter_targets(trainer.model)}")
     from plugtune.run_control import fix_train_loss_entry, whole_run_loss
 
     ckpt = ctx.resume_checkpoint()

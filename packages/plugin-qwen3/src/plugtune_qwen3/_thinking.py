@@ -55,6 +55,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from plugtune.data.tokenize import rows_as_rendered
+
 #: the reasoning delimiters of Qwen3 / Qwen3.5 / SmolLM3 (special tokens in their vocabularies)
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _PROBE_REASONING = "PLUGTUNE_PROBE_REASONING"
@@ -129,46 +131,6 @@ def place_reasoning(messages: list[dict], enable_thinking: bool | None, field: b
                     m["content"] = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n{answer}"
         out.append(m)
     return out
-
-
-def _render(tokenizer, messages: list[dict], tools: list[dict] | None) -> str:
-    kwargs = {"tools": tools} if tools else {}
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
-                                         **kwargs)
-
-
-def rows_as_rendered(tokenizer, messages: list[dict], tools: list[dict] | None = None
-                     ) -> list[list[dict]]:
-    """Split a conversation into rows in which every trained turn is what the template renders
-    when that turn is the one being generated (see the module docstring).
-
-    A trained assistant turn *i* (no ``"train": False``) can be trained in the row that ends
-    with turn *e* when ``render(messages[:i+1])`` is a prefix of ``render(messages[:e+1])``:
-    the row then holds turn *i* exactly as it is rendered as the last turn. Rows are built from
-    the last trained turn backwards; every turn goes into the row of the latest turn that can
-    hold it. In a row, the other assistant turns are marked ``"train": False`` (context).
-
-    Returns:
-        Message lists in conversation order (one, the conversation itself, when the template
-        never rewrites an earlier turn or nothing is trained).
-    """
-    trained = [i for i, m in enumerate(messages)
-               if m.get("role") == "assistant" and m.get("train") is not False]
-    if not trained:
-        return [messages]
-    as_last = {i: _render(tokenizer, messages[: i + 1], tools) for i in trained}
-    rows: list[list[dict]] = []
-    left = list(trained)
-    while left:
-        end = left[-1]
-        here = {i for i in left if as_last[end].startswith(as_last[i])}
-        rows.append([dict(m, train=False) if i in trained and i not in here else m
-                     for i, m in enumerate(messages[: end + 1])])
-        left = [i for i in left if i not in here]
-    rows.reverse()
-    if len(rows) == 1 and len(rows[0]) == len(messages):
-        return [messages]
-    return rows
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,7 @@ FAMILIES = [
            packing_reason=(
                "Qwen3.5's linear-attention (gated delta rule) layers carry their state from one "
                "packed sample into the next, which position-id restarts do not reset (a tiny "
-               "qwen3_5_text: |logit difference| 5.6e-2 packed vs alone); set "
-               "sample_packing: false"),
+               "qwen3_5_text: |logit difference| 5.6e-2 packed vs alone)"),
            tests=(*_THINKING_TESTS, _TESTS + "test_train.py::test_lora_trains[qwen3_5_text]",
                   _TESTS + "test_train.py::test_packing_exact_or_refused[qwen3_5_text-False]")),
     Family("smollm3", ("smollm3",), "causal", "SmolLM3 (hybrid thinking, /think and /no_think)",
@@ -106,22 +105,14 @@ def plugtune_recipe_keys():
 @hookimpl
 def plugtune_load(spec):
     """Core's tokenizer and model loading; the chat template's ``enable_thinking`` default set
-    from the recipe (:func:`plugtune_qwen3._thinking.set_thinking_default`).
-
-    Raises:
-        ModelLoadError: the recipe packs samples (``sample_packing`` / ``eval_sample_packing``)
-            for a family whose packing is refused (Qwen3.5), with the reason.
-    """
-    from plugtune.modeling import ModelLoadError, load_model, load_tokenizer
+    from the recipe (:func:`plugtune_qwen3._thinking.set_thinking_default`). Packing for
+    Qwen3.5 (``Family.packing = "refused"``) is refused by core before this runs
+    (``plugtune.train.check_packing``)."""
+    from plugtune.modeling import load_model, load_tokenizer
     from plugtune_qwen3._thinking import set_thinking_default
 
     if not _owns(spec):
         return None
-    rec = spec.recipe
-    packs = rec.sample_packing or bool(rec.eval_sample_packing)
-    if spec.family.packing == "refused" and packs:
-        raise ModelLoadError(f"{spec.path}: sample packing is refused for {spec.model_type}: "
-                             f"{spec.family.packing_reason}")
     tok = load_tokenizer(spec)
     set_thinking_default(tok, _enable_thinking(spec))
     return Loaded(model=load_model(spec), tokenizer=tok)

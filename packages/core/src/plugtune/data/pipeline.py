@@ -25,6 +25,7 @@ from plugtune.data.tokenize import (
     TemplateInfo,
     probe_template,
     tokenize_chat,
+    tokenize_chat_rows,
     tokenize_seq2seq,
     tokenize_text,
 )
@@ -255,8 +256,11 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, recipe: Recipe, task: str,
                 rows = [tokenize_seq2seq(tokenizer, *_seq2seq_view(ex), max_len)]
             elif "messages" in ex:
                 msgs, tools = chat_for_template(tokenizer, ex)
-                convs = chat_rows(tokenizer, msgs, tools) if chat_rows is not None else [msgs]
-                rows = [tokenize_chat(tokenizer, c, info, max_len, toi, policy, tools) for c in convs]
+                if chat_rows is not None:  # the family decides the rows
+                    rows = [tokenize_chat(tokenizer, c, info, max_len, toi, policy, tools)
+                            for c in chat_rows(tokenizer, msgs, tools)]
+                else:  # one row, or the template's own views where it rewrites history
+                    rows = tokenize_chat_rows(tokenizer, msgs, info, max_len, toi, policy, tools)
                 if eos_policy != "turn":
                     for r in rows:
                         r["labels"] = apply_train_on_eos(

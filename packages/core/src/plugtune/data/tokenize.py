@@ -163,7 +163,9 @@ def render_segments(tokenizer, messages: list[dict], info: TemplateInfo,
         if not prompt.startswith(prev) or not full.startswith(prompt):
             raise TemplateRenderError(
                 f"chat template is not prefix-stable at turn {i}: cannot split prompt and "
-                "response; choose a named template (chat_template: chatml | alpaca | ...)")
+                "response; a family plugin may split such conversations (plugtune_chat_rows; "
+                "`plugtune families` lists what is installed), or choose a named template "
+                "(chat_template: chatml | alpaca | ...)")
         resp = full[len(prompt):]
         body = resp.rstrip()
         trailing = resp[len(body):]
@@ -316,6 +318,69 @@ def tokenize_chat(tokenizer, messages: list[dict], info: TemplateInfo, max_len: 
         ids, labels, status = (*fitted, "truncated") if fitted else ([], [], "dropped")
     return {"input_ids": ids, "labels": labels, "length": len(ids), "status": status,
             "cut_tokens": n - len(ids) if status == "truncated" else 0}
+
+
+def rows_as_rendered(tokenizer, messages: list[dict], tools: list[dict] | None = None
+                     ) -> list[list[dict]]:
+    """Split a conversation into rows in which every trained turn is what the template renders
+    when that turn is the one being generated.
+
+    For templates that rewrite history (Qwen3 strips ``<think>...</think>`` from assistant turns
+    before the last user turn): when the model answers turn *k* it sees the earlier turns as the
+    template renders them *then*, so each trained turn is trained on that view; turns the
+    template never rewrites share a row. Used by :func:`tokenize_chat_rows` whenever one row is
+    not prefix-stable, and by family plugins (``plugtune_chat_rows``, e.g. plugtune-qwen3).
+
+    A trained assistant turn *i* (no ``"train": False``) can be trained in the row that ends
+    with turn *e* when ``render(messages[:i+1])`` is a prefix of ``render(messages[:e+1])``:
+    the row then holds turn *i* exactly as it is rendered as the last turn. Rows are built from
+    the last trained turn backwards; every turn goes into the row of the latest turn that can
+    hold it. In a row, the other assistant turns are marked ``"train": False`` (context).
+
+    Returns:
+        Message lists in conversation order (one, the conversation itself, when the template
+        never rewrites an earlier turn or nothing is trained). Costs one extra render per
+        trained turn.
+    """
+    trained = [i for i, m in enumerate(messages)
+               if m.get("role") == "assistant" and m.get("train") is not False]
+    if not trained:
+        return [messages]
+    as_last = {i: _render(tokenizer, messages[: i + 1], False, tools) for i in trained}
+    rows: list[list[dict]] = []
+    left = list(trained)
+    while left:
+        end = left[-1]
+        here = {i for i in left if as_last[end].startswith(as_last[i])}
+        rows.append([dict(m, train=False) if i in trained and i not in here else m
+                     for i, m in enumerate(messages[: end + 1])])
+        left = [i for i in left if i not in here]
+    rows.reverse()
+    if len(rows) == 1 and len(rows[0]) == len(messages):
+        return [messages]
+    return rows
+
+
+def tokenize_chat_rows(tokenizer, messages: list[dict], info: TemplateInfo, max_len: int,
+                       train_on_inputs: bool = False, policy: str = "prompt_then_drop",
+                       tools: list[dict] | None = None) -> list[dict]:
+    """:func:`tokenize_chat` of one conversation as one row; when the template rewrites an
+    earlier trained turn later on (not prefix-stable, e.g. Qwen3's reasoning stripping on the
+    generic route), the rows of :func:`rows_as_rendered` instead: one per view the template
+    forces, each turn trained exactly as the template renders it when generated.
+
+    Raises:
+        TemplateRenderError: not even the split rows can be rendered turn by turn (a template
+            that changes a turn's own text between renders); the message says what to do.
+    """
+    try:
+        return [tokenize_chat(tokenizer, messages, info, max_len, train_on_inputs, policy, tools)]
+    except TemplateRenderError:
+        convs = rows_as_rendered(tokenizer, messages, tools)
+        if len(convs) == 1:
+            raise
+    return [tokenize_chat(tokenizer, c, info, max_len, train_on_inputs, policy, tools)
+            for c in convs]
 
 
 def tokenize_text(tokenizer, text: str, max_len: int, info: TemplateInfo) -> list[dict]:

@@ -53,6 +53,7 @@ def run(ctx):
         PlugtuneSeq2SeqTrainer,
         PlugtuneTrainer,
         RunResult,
+        adapter_targets,
         apply_adapter,
         attach,
         count_parameters,
@@ -90,7 +91,8 @@ def run(ctx):
     trainable, total = count_parameters(model)
     metrics.update(trainable_params=trainable, total_params=total,
                    trainable_share=round(trainable / max(total, 1), 6))
-    ctx.say(f"plugtune: trainable parameters: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    ctx.say(f"plugtune: trainable parameters: {trainable:,} / {total:,} "
+            f"({100 * trainable / max(total, 1):.3f}%){adapter_targets(model)}")
 
     collate = pm.hook.plugtune_collate(spec=spec, tokenizer=tokenizer, processor=ctx.processor)
     seq2seq = spec.task == "seq2seq"
