@@ -121,8 +121,10 @@ def check_bundled(name: str, data: dict) -> None:
     missing = missing_files(data, Path.cwd())
     if missing:
         raise RecipeError(
-            f"bundled recipe {name!r} needs files that are not on this machine (paths are "
-            f"relative to the plugtune repository root):\n  " + "\n  ".join(missing)
+            f"bundled recipe {name!r} needs files that are not here (its relative paths are "
+            f"read from the current folder, {Path.cwd()}; they are written for a plugtune "
+            f"checkout's root, with the sample data in ../shared beside it):\n  "
+            + "\n  ".join(missing)
             + "\nPoint them elsewhere with --set KEY=PATH (e.g. --set base_model=... "
             "--set datasets.0.path=...), or `plugtune recipes copy "
             f"{name}` and edit the copy.")
