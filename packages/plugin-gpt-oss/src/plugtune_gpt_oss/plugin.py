@@ -160,17 +160,6 @@ def plugtune_chat_rows(spec, tokenizer):
 
 
 @hookimpl
-def plugtune_collate(spec, tokenizer):
-    """Right-padded batches (packed rows keep their ``position_ids``; see the train step)."""
-    from plugtune.data.collate import Collator
-
-    if not _mine(spec):
-        return None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Collator(pad_token_id=pad, padding_side="right")
-
-
-@hookimpl
 def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens):
     """Left-padded batched generation stopping on EOS and the harmony end tokens
     (:data:`plugtune_gpt_oss.harmony.STOP_TOKENS`); each completion is the answer of the

@@ -123,27 +123,6 @@ def plugtune_target_modules(spec, model, method):
 
 
 @hookimpl
-def plugtune_collate(spec, tokenizer):
-    """Right-padded batches; packed rows keep ``position_ids`` (Phi-3 masks from them)."""
-    from plugtune.data.collate import Collator
-
-    if not _mine(spec):
-        return None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Collator(pad_token_id=pad, padding_side="right")
-
-
-@hookimpl
-def plugtune_train_step(spec, model, batch, num_items_in_batch):
-    """The model's token loss with ``use_cache=False`` (packed rows need it)."""
-    from plugtune.modeling import loss_from_batch
-
-    if not _mine(spec):
-        return None
-    return loss_from_batch(model, batch, num_items_in_batch, use_cache=False)
-
-
-@hookimpl
 def plugtune_generate(spec, model, tokenizer, prompts, max_new_tokens):
     """Left-padded batched generation stopping on :data:`plugtune_phi._fused.STOP_TOKENS`."""
     from plugtune.modeling import generate_causal
