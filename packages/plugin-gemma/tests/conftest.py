@@ -3,16 +3,13 @@ not installed), the real Gemma 3 tokenizer, tiny saved Gemma models."""
 
 from __future__ import annotations
 
-import importlib.metadata as md
-
 import pytest
 
-from plugtune.testing import load_shared_tokenizer
+from plugtune.testing import load_shared_tokenizer, plugin_name
 
 #: the name ``plugtune.plugins`` registers this plugin under: its entry point when installed
 #: (nox, CI), else the module, imported through ``PLUGTUNE_LOAD_PLUGINS``
-INSTALLED = any(ep.name == "plugtune-gemma" for ep in md.entry_points(group="plugtune"))
-PLUGIN_NAME = "plugtune-gemma" if INSTALLED else "plugtune_gemma.plugin"
+PLUGIN_NAME = plugin_name("plugtune_gemma.plugin")
 
 
 @pytest.fixture(autouse=True)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
-
-from plugtune.testing import PluginContract, load_shared_tokenizer
+from plugtune.testing import PluginContract, load_shared_tokenizer, plugin_name
 
 #: the plugin as PLUGTUNE_LOAD_PLUGINS names it when the package is not installed (conftest)
 MODULE = "plugtune_gpt_oss.plugin"
-#: its name in the plugin manager: the entry-point name once installed (nox, CI), else MODULE
-PLUGIN_NAME = ("plugtune-gpt-oss" if any(ep.value == MODULE for ep in md.entry_points(group="plugtune"))
-               else MODULE)
+#: its name in the plugin manager (entry-point name once installed)
+PLUGIN_NAME = plugin_name(MODULE)
 
 
 class TestGptOssContract(PluginContract):

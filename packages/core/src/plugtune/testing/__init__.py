@@ -99,6 +99,16 @@ def _unpacked_tokenizer_dir(name: str) -> Path:
     return tmp
 
 
+def plugin_name(module: str) -> str:
+    """The name the plugin manager registers plugin ``module`` (``"plugtune_phi.plugin"``)
+    under: its entry-point name when the package is installed (nox, CI), else ``module`` itself
+    (loaded through ``PLUGTUNE_LOAD_PLUGINS=module`` from a source checkout)."""
+    import importlib.metadata as md
+
+    return next((ep.name for ep in md.entry_points(group="plugtune") if ep.value == module),
+                module)
+
+
 def load_shared_tokenizer(name: str):
     """A real tokenizer from ``../shared/data/tokenizers/<name>`` (skips when absent).
 
